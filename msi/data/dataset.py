@@ -1,0 +1,140 @@
+"""Reading a data set in the MMRec layout: ``<root>/<name>/<name>.inter`` plus one ``.npy`` per modality.
+
+``.inter`` is tab-separated with a header; required columns ``userID``, ``itemID``, ``x_label`` (any order),
+optional ``rating`` and ``timestamp`` (ignored). CRLF line endings are read. ``n_users = max(userID) + 1`` and
+``n_items = max(itemID) + 1`` over all splits. Valid/test rows of users without a train row are dropped, as MMRec
+does, and counted. Every problem is a :class:`DataError` that names the file (and the line for ``.inter``).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from msi.errors import DataError
+
+REQUIRED_COLUMNS = ("userID", "itemID", "x_label")
+SPLITS = {"train": 0, "valid": 1, "test": 2}
+
+
+@dataclass
+class Dataset:
+    """Interactions as int64 arrays of shape (n, 2) holding (user, item) rows, and float32 item features."""
+
+    name: str
+    path: Path
+    n_users: int
+    n_items: int
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> (n_items, F_m)
+    dropped: dict[str, int] = field(default_factory=dict)  # split -> rows dropped (user has no train row)
+
+    def split(self, name: str) -> np.ndarray:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    def summary(self) -> str:
+        dropped = sum(self.dropped.values())
+        feats = ", ".join(f"{m} {f.shape[1]}-d" for m, f in self.features.items()) or "no features"
+        return (
+            f"{self.name}: {self.n_users} users, {self.n_items} items, train/valid/test "
+            f"{len(self.train)}/{len(self.valid)}/{len(self.test)} ({feats}; "
+            f"{dropped} valid/test rows of users without train rows dropped)"
+        )
+
+
+def _scan_for_error(path: Path, lines: list[str], cols: list[int]) -> DataError:
+    """Slow path, run only when the fast parser failed: find the first bad line and say what is wrong with it."""
+    names = REQUIRED_COLUMNS
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) <= max(cols):
+            return DataError(f"{path}:{lineno}: expected at least {max(cols) + 1} tab-separated fields, got {len(parts)}")
+        for name, c in zip(names, cols):
+            raw = parts[c].strip()
+            try:
+                value = float(raw)
+            except ValueError:
+                return DataError(f"{path}:{lineno}: {name} {raw!r} is not an integer")
+            if not value.is_integer():
+                return DataError(f"{path}:{lineno}: {name} {raw!r} is not an integer")
+            if value < 0:
+                return DataError(f"{path}:{lineno}: {name} {raw!r} is negative")
+            if name == "x_label" and value not in (0, 1, 2):
+                return DataError(f"{path}:{lineno}: x_label {raw!r} is not 0 (train), 1 (valid) or 2 (test)")
+    return DataError(f"{path}: could not be parsed as a tab-separated .inter file")
+
+
+def read_inter(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read ``.inter`` -> (users, items, x_label), each an int64 array of shape (n,)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: interaction file not found")
+    with open(path, newline=None) as f:  # universal newlines: CRLF is read as LF
+        text = f.read()
+    lines = text.split("\n")
+    header = [h.strip() for h in lines[0].split("\t")]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} in header {header}")
+    cols = [header.index(c) for c in REQUIRED_COLUMNS]
+    try:
+        arr = np.loadtxt(io.StringIO(text), delimiter="\t", skiprows=1, usecols=cols, dtype=np.float64, ndmin=2)
+    except ValueError:
+        raise _scan_for_error(path, lines, cols) from None
+    ok = np.all(arr >= 0) and np.all(arr == np.floor(arr)) and np.all(np.isin(arr[:, 2], (0, 1, 2)))
+    if not ok:
+        raise _scan_for_error(path, lines, cols)
+    ids = arr.astype(np.int64)
+    return ids[:, 0], ids[:, 1], ids[:, 2]
+
+
+def load_features(path: str | Path, n_items: int) -> np.ndarray:
+    """Read an item-feature matrix (n_items, F) as float32; wrong shape or non-finite values are errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: feature file not found")
+    try:
+        feat = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npy array ({e})") from None
+    if feat.ndim != 2:
+        raise DataError(f"{path}: expected a 2-d array (n_items, dim), got shape {feat.shape}")
+    if feat.shape[0] != n_items:
+        raise DataError(f"{path}: has {feat.shape[0]} rows but the data set has {n_items} items (row r = itemID r)")
+    if not np.issubdtype(feat.dtype, np.floating) and not np.issubdtype(feat.dtype, np.integer):
+        raise DataError(f"{path}: dtype {feat.dtype} is not numeric")
+    feat = np.ascontiguousarray(feat, dtype=np.float32)
+    bad = ~np.isfinite(feat).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise DataError(f"{path}: {len(rows)} row(s) hold NaN or inf values (first: row {rows[0]})")
+    return feat
+
+
+def load_dataset(root: str | Path, name: str, modalities: dict[str, str] | None = None) -> Dataset:
+    """Read ``<root>/<name>/<name>.inter`` and the feature file of each modality (ordered name -> file)."""
+    folder = Path(root) / name
+    users, items, labels = read_inter(folder / f"{name}.inter")
+    inter_path = folder / f"{name}.inter"
+    if len(users) == 0 or not np.any(labels == 0):
+        raise DataError(f"{inter_path}: the train split (x_label 0) is empty")
+    n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
+    has_train = np.zeros(n_users, dtype=bool)
+    has_train[users[labels == 0]] = True
+    splits, dropped = {}, {}
+    for split, label in SPLITS.items():
+        rows = labels == label
+        keep = rows & has_train[users]
+        dropped[split] = int(rows.sum() - keep.sum())
+        splits[split] = np.stack([users[keep], items[keep]], axis=1)
+    features = {m: load_features(folder / file, n_items) for m, file in (modalities or {}).items()}
+    return Dataset(name, folder, n_users, n_items, features=features, dropped=dropped, **splits)
