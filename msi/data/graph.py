@@ -31,17 +31,28 @@ def normalized_adjacency(
     csr = sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
     csr.sort_indices()
     if layout == torch.sparse_csr:
-        with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense is all we use
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(
-                torch.from_numpy(csr.indptr.astype(np.int64)),
-                torch.from_numpy(csr.indices.astype(np.int64)),
-                torch.from_numpy(csr.data),
-                (n, n),
-                check_invariants=False,
-            )
+        return _to_torch_csr(csr)
     if layout == torch.sparse_coo:
         coo = csr.tocoo()
         index = torch.from_numpy(np.stack([coo.row, coo.col]).astype(np.int64))
         return torch.sparse_coo_tensor(index, torch.from_numpy(coo.data), (n, n), is_coalesced=True, check_invariants=False)
     raise ValueError(f"unsupported sparse layout {layout}")
+
+
+def interaction_csr(pairs: np.ndarray, n_users: int, n_items: int) -> torch.Tensor:
+    """(user, item) rows of shape (n, 2) -> a (U, I) sparse CSR 0/1 matrix, used to mask seen items."""
+    pairs = np.unique(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), axis=0)
+    csr = sp.csr_matrix((np.ones(len(pairs), np.float32), (pairs[:, 0], pairs[:, 1])), shape=(n_users, n_items))
+    return _to_torch_csr(csr)
+
+
+def _to_torch_csr(csr: sp.csr_matrix) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR @ dense and row slicing is all we use
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(csr.indptr.astype(np.int64)),
+            torch.from_numpy(csr.indices.astype(np.int64)),
+            torch.from_numpy(csr.data.astype(np.float32)),
+            csr.shape,
+            check_invariants=False,
+        )

@@ -1,0 +1,36 @@
+"""Models: MSI (and its ablations, BM3 among them) and the LightGCN baseline, behind one small interface."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+
+from msi.config import Config
+from msi.data.dataset import Dataset
+from msi.data.graph import normalized_adjacency
+from msi.models.base import Recommender, lightgcn_readout, mask_rows
+from msi.models.lightgcn import LightGCN
+from msi.models.msi import MSI
+
+
+def build_model(cfg: Config, dataset: Dataset, with_features: bool = True) -> Recommender:
+    """The model that ``cfg.model.name`` names, on the CPU, for ``dataset``.
+
+    ``with_features=False`` builds MSI from the feature widths only (the values come from a checkpoint).
+    """
+    m, lo = cfg.model, cfg.loss
+    adj = normalized_adjacency(dataset.train, dataset.n_users, dataset.n_items)
+    if m.name == "lightgcn":
+        return LightGCN(
+            dataset.n_users, dataset.n_items, adj, dataset.train,
+            embedding_dim=m.embedding_dim, n_layers=m.n_layers, gamma=lo.gamma,
+        )
+    features = {
+        name: torch.from_numpy(f) if with_features else f.shape[1] for name, f in dataset.features.items()
+    }
+    kwargs = {k: v for k, v in asdict(m).items() if k != "name"}
+    return MSI(dataset.n_users, dataset.n_items, adj, features, **kwargs, **asdict(lo))
+
+
+__all__ = ["MSI", "LightGCN", "Recommender", "build_model", "lightgcn_readout", "mask_rows"]

@@ -1,0 +1,77 @@
+"""The interface every model offers to the trainer, the evaluator and notebooks, and LightGCN propagation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def lightgcn_readout(adj: torch.Tensor, x0: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """Mean of Z_0..Z_L with Z_{l+1} = Â Z_l: (N, N) sparse Â, (N, k) dense Z_0 -> (N, k).
+
+    Several graphs that share Â go through in one call by stacking their node matrices along the columns.
+    """
+    out, z = x0, x0
+    for _ in range(n_layers):
+        z = torch.sparse.mm(adj, z)
+        out = out + z
+    return out / (n_layers + 1)
+
+
+def mask_rows(scores: torch.Tensor, users: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+    """Set scores[b, i] = -inf where ``exclude`` (a (U, I) sparse CSR 0/1 matrix) holds (users[b], i).
+
+    scores: (B, I), users: (B,) long, both on ``exclude``'s device. Modifies and returns ``scores``.
+    """
+    crow, col = exclude.crow_indices(), exclude.col_indices()
+    start, end = crow[users], crow[users + 1]
+    counts = end - start
+    rows = torch.repeat_interleave(torch.arange(len(users), device=scores.device), counts)
+    first = torch.repeat_interleave(start - (torch.cumsum(counts, 0) - counts), counts)
+    cols = col[first + torch.arange(len(rows), device=scores.device)]
+    scores[rows, cols] = float("-inf")
+    return scores
+
+
+class Recommender(nn.Module):
+    """What every model provides: ``embeddings()``, ``loss(users, items)``, ``score`` and ``recommend``.
+
+    Subclasses implement ``embeddings()`` -> {"user": (U, d), "id": (I, d), <modality>: (I, d), ...}, the final
+    representations whose inner products are the scores, and ``loss``. In eval mode everything is deterministic.
+    """
+
+    item_views: tuple[str, ...] = ("id",)
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score(
+        self, users: torch.Tensor, item_view: str = "id", emb: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Scores (B, I) of ``users`` (B,) against every item, items represented by ``item_view``.
+
+        ``emb`` lets a caller compute ``embeddings()`` once and score many user batches with it.
+        """
+        if item_view not in self.item_views:
+            raise ValueError(f"unknown item view {item_view!r}; this model has {', '.join(self.item_views)}")
+        emb = self.embeddings() if emb is None else emb
+        return emb["user"][users] @ emb[item_view].T
+
+    @torch.no_grad()
+    def recommend(
+        self,
+        users: torch.Tensor,
+        k: int,
+        exclude: torch.Tensor | None = None,
+        item_view: str = "id",
+        emb: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k (scores, items), each (B, k), for ``users`` (B,); ``exclude`` is a (U, I) sparse CSR mask."""
+        scores = self.score(users, item_view, emb)
+        if exclude is not None:
+            mask_rows(scores, users, exclude)
+        return torch.topk(scores, min(k, scores.shape[1]), dim=1)

@@ -1,0 +1,67 @@
+"""LightGCN (He et al., SIGIR 2020): the ID graph only, trained with BPR and one sampled negative per positive.
+
+    Z_{l+1} = Â Z_l,  Z = mean(Z_0..Z_L),  s(u, i) = <z_u, z_i>
+    L = BPR(s(u, i+), s(u, i-)) + gamma * (||z_u^0||^2 + ||z_i+^0||^2 + ||z_i-^0||^2) / (2B)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from msi.losses import bpr_loss
+from msi.models.base import Recommender, lightgcn_readout
+
+
+class LightGCN(Recommender):
+    """Args: sizes, the (N, N) normalized adjacency, the train pairs (n, 2) (negatives reject them)."""
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        adj: torch.Tensor,
+        train: np.ndarray | torch.Tensor,
+        embedding_dim: int = 64,
+        n_layers: int = 1,
+        gamma: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.n_users, self.n_items, self.n_layers, self.gamma = n_users, n_items, n_layers, gamma
+        self.register_buffer("adj", adj, persistent=False)
+        train = torch.as_tensor(np.asarray(train), dtype=torch.long).reshape(-1, 2)
+        keys = torch.unique(train[:, 0] * n_items + train[:, 1])  # sorted, for membership by searchsorted
+        self.register_buffer("train_keys", keys, persistent=False)
+        self.emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users + n_items, embedding_dim)))
+
+    def _propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        z = lightgcn_readout(self.adj, self.emb, self.n_layers)
+        return z[: self.n_users], z[self.n_users :]
+
+    @torch.no_grad()
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        user, item = self._propagate()
+        return {"user": user, "id": item}
+
+    def sample_negatives(self, users: torch.Tensor) -> torch.Tensor:
+        """One uniformly drawn item per user (B,), redrawn while it is one of the user's train items."""
+        neg = torch.randint(0, self.n_items, users.shape, device=users.device)
+        while True:
+            keys = users * self.n_items + neg
+            pos = torch.searchsorted(self.train_keys, keys).clamp(max=len(self.train_keys) - 1)
+            todo = self.train_keys[pos] == keys
+            if not bool(todo.any()):
+                return neg
+            neg = torch.where(todo, torch.randint(0, self.n_items, users.shape, device=users.device), neg)
+
+    def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        neg = self.sample_negatives(users)
+        user, item = self._propagate()
+        u = user[users]
+        bpr = bpr_loss((u * item[items]).sum(-1), (u * item[neg]).sum(-1))
+        ego = self.emb
+        reg = (
+            ego[users].pow(2).sum() + ego[self.n_users + items].pow(2).sum() + ego[self.n_users + neg].pow(2).sum()
+        ) / (2 * len(users))
+        return {"bpr": bpr, "reg": reg, "loss": bpr + self.gamma * reg}

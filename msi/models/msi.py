@@ -1,0 +1,159 @@
+"""MSI (ICMR 2024) and its ablations, BM3 among them, as one module configured by arguments.
+
+Forward pass (SPEC §2), d = embedding_dim, U users, I items, N = U + I:
+    h_m   = W_m x_m                           (I, d)   one linear map per modality from raw features x_m (I, F_m)
+    SSD:  mu_m, s_m = head_m(h_m); sigma_m = softplus(s_m) + 1e-6
+          z_r^m = mu_m + sigma_m * eps (training), mu_m (eval);   without SSD: z_r^m = h_m
+    IP:   Z_0 = [[z_u, z_u, z_u], [z_i, z_r^t, z_r^v]]   (N, 3d), one sparse product per layer for all three graphs
+          z_s = mean(Z_0..Z_L), item rows + Z_0 (residual);  keep the ID graph's users and every graph's items
+          without IP: only the ID graph is propagated and z_s^m = z_r^m
+    CVG:  online view P(z), target view dropout(z) without gradient
+    Score s(u, i) = <P(z_s^u), P(z_s^i)>; the modality probe uses P(z_s^m) for the items.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msi.losses import average_kl, cosine_loss, frobenius_reg, info_nce
+from msi.models.base import Recommender, lightgcn_readout
+
+
+class MSI(Recommender):
+    """MSI with switches for every ablation of the paper.
+
+    Args:
+        n_users, n_items: sizes of the data set.
+        adj: (N, N) sparse normalized adjacency of the train graph (``msi.data.normalized_adjacency``).
+        features: ordered modality name -> raw features (I, F_m) float tensor, or the width F_m alone (the
+            values then come from a checkpoint's state dict).
+        use_ssd: superfluous semantics discarding (needs exactly two modalities).
+        use_ip: interaction preserving (LightGCN over the modality graphs).
+        freeze_features: keep the raw features fixed (BM3 trains them).
+        alpha, beta, gamma, w_align, w_mask: loss weights (L_ssd, AKL inside L_ssd, L_reg, L_align, L_mask).
+    """
+
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        adj: torch.Tensor,
+        features: dict[str, torch.Tensor | int],
+        embedding_dim: int = 64,
+        n_layers: int = 1,
+        dropout: float = 0.3,
+        tau: float = 0.2,
+        use_ssd: bool = True,
+        use_ip: bool = True,
+        freeze_features: bool = False,
+        alpha: float = 0.1,
+        beta: float = 1e-4,
+        gamma: float = 0.1,
+        w_align: float = 1.0,
+        w_mask: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not features:
+            raise ValueError("MSI needs at least one modality; use LightGCN for an ID-only model")
+        if use_ssd and len(features) != 2:
+            raise ValueError(f"use_ssd needs exactly two modalities, got {len(features)}: {list(features)}")
+        self.n_users, self.n_items, self.n_layers = n_users, n_items, n_layers
+        self.dropout, self.tau, self.use_ssd, self.use_ip = dropout, tau, use_ssd, use_ip
+        self.alpha, self.beta, self.gamma, self.w_align, self.w_mask = alpha, beta, gamma, w_align, w_mask
+        self.modalities = tuple(features)
+        self.item_views = ("id", *self.modalities)
+        d = embedding_dim
+        self.register_buffer("adj", adj, persistent=False)
+        self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, d)))
+        self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
+        self.raw = nn.ParameterDict()
+        self.proj = nn.ModuleDict()
+        self.head = nn.ModuleDict()
+        for m, feat in features.items():
+            feat = torch.zeros(n_items, feat) if isinstance(feat, int) else feat.float()
+            if feat.shape[0] != n_items:
+                raise ValueError(f"features[{m!r}] has {feat.shape[0]} rows, expected n_items = {n_items}")
+            self.raw[m] = nn.Parameter(feat.clone(), requires_grad=not freeze_features)
+            self.proj[m] = nn.Linear(feat.shape[1], d)
+            nn.init.xavier_normal_(self.proj[m].weight)
+            if use_ssd:
+                self.head[m] = nn.Linear(d, 2 * d)  # -> (mu, pre-softplus scale)
+                nn.init.xavier_normal_(self.head[m].weight)
+                nn.init.zeros_(self.head[m].bias)
+        self.predictor = nn.Linear(d, d)
+        nn.init.xavier_normal_(self.predictor.weight)
+
+    def _modality_codes(self) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """z_r^m for each modality (I, d), and (mu_m, sigma_m) when SSD is on."""
+        codes: dict[str, torch.Tensor] = {}
+        gauss: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for m in self.modalities:
+            h = self.proj[m](self.raw[m])  # (I, d)
+            if self.use_ssd:
+                mu, s = self.head[m](h).chunk(2, dim=-1)
+                sigma = F.softplus(s) + 1e-6
+                gauss[m] = (mu, sigma)
+                h = mu + sigma * torch.randn_like(sigma) if self.training else mu
+            codes[m] = h
+        return codes, gauss
+
+    def _propagate(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, tuple]]:
+        """Pre-predictor representations {"user": (U, d), "id": (I, d), m: (I, d)}, the codes z_r^m and the
+        SSD Gaussians (mu_m, sigma_m)."""
+        codes, gauss = self._modality_codes()
+        U, d = self.n_users, self.item_emb.shape[1]
+        item_blocks = [self.item_emb] + ([codes[m] for m in self.modalities] if self.use_ip else [])
+        x0 = torch.cat(
+            [self.user_emb.repeat(1, len(item_blocks)), torch.cat(item_blocks, dim=1)], dim=0
+        )  # (N, g*d): g graphs side by side, one sparse product per layer
+        z = lightgcn_readout(self.adj, x0, self.n_layers)
+        items = z[U:] + x0[U:]  # residual of eq. 17 on item rows, every graph
+        out = {"user": z[:U, :d], "id": items[:, :d]}
+        for g, m in enumerate(self.modalities):
+            out[m] = items[:, (g + 1) * d : (g + 2) * d] if self.use_ip else codes[m]
+        return out, codes, gauss
+
+    @torch.no_grad()
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        """Final (post-predictor) representations used for scoring: user (U, d), id and each modality (I, d)."""
+        out, _, _ = self._propagate()
+        return {k: self.predictor(v) for k, v in out.items()}
+
+    def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss terms for a batch of positive pairs (B,) and (B,); the key "loss" holds the weighted total."""
+        out, codes, gauss = self._propagate()
+        P, p = self.predictor, self.dropout
+        u, i = out["user"][users], out["id"][items]  # (B, d)
+        with torch.no_grad():  # target views: stop-gradient, dropout always on
+            u_t, i_t = F.dropout(u, p, training=True), F.dropout(i, p, training=True)
+        terms = {"rec": cosine_loss(P(u), i_t) + cosine_loss(P(i), u_t)}
+        align = mask = torch.zeros((), device=u.device)
+        for m in self.modalities:
+            z = out[m][items]
+            with torch.no_grad():
+                z_t = F.dropout(z, p, training=True)
+            z_on = P(z)
+            align = align + cosine_loss(z_on, i_t)
+            mask = mask + cosine_loss(z_on, z_t)
+        terms["align"], terms["mask"] = align, mask
+        reg_mats = [out["user"], out["id"]] + ([out[m] for m in self.modalities] if self.use_ip else [])
+        terms["reg"] = frobenius_reg(*reg_mats, denominator=self.n_items)
+        total = terms["rec"] + self.w_align * align + self.w_mask * mask + self.gamma * terms["reg"]
+        if self.use_ssd:
+            terms.update(self._ssd_terms(items, codes, gauss))
+            total = total + self.alpha * terms["ssd"]
+        terms["loss"] = total
+        return terms
+
+    def _ssd_terms(
+        self, items: torch.Tensor, codes: dict[str, torch.Tensor], gauss: dict[str, tuple]
+    ) -> dict[str, torch.Tensor]:
+        """L_ssd = -I_NCE(z_r^a; z_r^b) + beta * AKL over the distinct items of the batch."""
+        uniq = torch.unique(items)
+        a, b = self.modalities
+        (mu_a, sd_a), (mu_b, sd_b) = (tuple(t[uniq] for t in gauss[m]) for m in (a, b))
+        nce = info_nce(codes[a][uniq], codes[b][uniq], self.tau)
+        akl = average_kl(mu_a, sd_a, mu_b, sd_b)
+        return {"nce": nce, "akl": akl, "ssd": -nce + self.beta * akl}
