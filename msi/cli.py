@@ -1,0 +1,206 @@
+"""Command-line tools: thin argparse wrappers, and the only place that reads argv.
+
+Every tool exits with status 2 and a one-line ``error: ...`` (no traceback) on a problem the user can fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from msi import __version__
+from msi.errors import MSIError
+
+EPILOG_OVERRIDES = (
+    "Overrides are dotted key=value pairs applied after the YAML file, e.g. "
+    "model.n_layers=2 loss.alpha=0.01 train.epochs=5 eval.ks=[10,20,50]. Run 'msi-train --list-keys' for all keys."
+)
+
+
+def _parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def _guard(fn: Callable[[list[str] | None], int | None], argv: list[str] | None) -> int:
+    try:
+        return fn(argv) or 0
+    except MSIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def _train(argv: list[str] | None) -> int:
+    p = _parser("msi-train", "Train a model; select it on the valid split; score test once.", EPILOG_OVERRIDES)
+    p.add_argument("--config", help="YAML config (relative paths inside resolve against its folder)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's train.device)")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: <train.out_dir>/<data>-<model>-<time>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("--list-keys", action="store_true", help="print every config key with its default, then exit")
+    args = p.parse_args(argv)
+    from msi.config import Config, load_config, valid_keys
+
+    if args.list_keys:
+        defaults = Config().to_dict()
+        for key in valid_keys():
+            section, name = key.split(".")
+            print(f"{key} = {defaults[section][name]!r}")
+        return 0
+    if args.resume and (args.config or args.overrides):
+        raise MSIError("--resume continues a run with its saved config; drop --config and overrides")
+    if not args.resume and not args.config:
+        p.error("--config is required (or --resume RUN_DIR); try --config configs/quickstart.yaml")
+    from msi.train import train
+
+    cfg = None if args.resume else load_config(args.config, args.overrides)
+    results = train(cfg, out=args.out, resume=args.resume, quiet=args.quiet, device=args.device)
+    print(json.dumps({"run_dir": results["run_dir"], "best_epoch": results["best_epoch"],
+                      "valid": results["valid"], "test": results["test"]}))
+    return 0
+
+
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by msi-train")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--mask-valid", action="store_true", help="at test, also mask each user's valid items")
+
+
+def _eval(argv: list[str] | None) -> int:
+    p = _parser("msi-eval", "Full-ranking evaluation of a checkpoint; prints JSON metrics.")
+    _checkpoint_args(p)
+    p.add_argument("--split", choices=("valid", "test"), default="test", help="which split to score")
+    p.add_argument("--item-view", default="id", help="represent items by 'id' or a modality name (the probe)")
+    p.add_argument("--ks", default=None, help="comma-separated cut-offs (default: the run's eval.ks)")
+    args = p.parse_args(argv)
+    from msi.evaluate import Evaluator
+    from msi.run import resolve_device, restore
+
+    device = resolve_device(args.device)
+    model, cfg, dataset = restore(args.checkpoint, device)
+    if args.item_view not in model.item_views:
+        raise MSIError(f"--item-view {args.item_view!r}: this model has {', '.join(model.item_views)}")
+    ks = _parse_ks(args.ks) if args.ks else cfg.eval.ks
+    mask_valid = args.mask_valid or cfg.eval.mask_valid_at_test
+    evaluator = Evaluator(dataset, device, ks, cfg.eval.batch_users, mask_valid)
+    metrics = evaluator(model, args.split, args.item_view)
+    print(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, "item_view": args.item_view,
+                      **metrics}, indent=2))
+    return 0
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise MSIError(f"--ks {text!r}: expected comma-separated positive integers, e.g. 10,20") from None
+    if not ks or min(ks) <= 0:
+        raise MSIError(f"--ks {text!r}: expected comma-separated positive integers, e.g. 10,20")
+    return ks
+
+
+def _recommend(argv: list[str] | None) -> int:
+    p = _parser(
+        "msi-recommend",
+        "Write the top-k items of each user to a TSV (userID, rank, itemID, score); seen items are excluded.",
+        "Ids are written as raw ids when the data folder has MMRec's u_id_mapping.csv / i_id_mapping.csv.",
+    )
+    _checkpoint_args(p)
+    p.add_argument("--users", default="all",
+                   help="'all', 'split' (the users with rows in --split), or a file of userIDs (as in .inter), "
+                        "one per line")
+    p.add_argument("--k", type=int, default=20, help="items per user")
+    p.add_argument("--split", choices=("valid", "test"), default="test",
+                   help="recommend as for this split: train items are excluded (and valid ones at test with "
+                        "--mask-valid)")
+    p.add_argument("--out", required=True, help="output TSV file")
+    args = p.parse_args(argv)
+    if args.k <= 0:
+        raise MSIError(f"--k must be > 0, got {args.k}")
+    from msi.recommend import write_recommendations
+    from msi.run import resolve_device, restore
+
+    device = resolve_device(args.device)
+    model, cfg, dataset = restore(args.checkpoint, device)
+    n = write_recommendations(model, dataset, args.out, users=args.users, k=args.k, split=args.split,
+                              mask_valid=args.mask_valid or cfg.eval.mask_valid_at_test,
+                              batch_users=cfg.eval.batch_users)
+    print(f"wrote {n} users x {args.k} items to {args.out}")
+    return 0
+
+
+def _data(argv: list[str] | None) -> int:
+    p = _parser("msi-data", "Make data sets in the MMRec layout: generated ones, or from raw Amazon files.")
+    sub = p.add_subparsers(dest="command", required=True)
+    from msi.data.synth import PRESETS
+
+    s = sub.add_parser("synth", help="generate a data set with planted structure",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Generate a data set in the MMRec layout (same seed, same bytes).")
+    s.add_argument("--preset", required=True, choices=sorted(PRESETS), help="size preset")
+    s.add_argument("--out", required=True, help="data set folder to write (<out>/<name>.inter, *_feat.npy)")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--name", default=None, help="data set name (default: the folder's name)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    from msi.data.prepare import add_prepare_arguments
+
+    add_prepare_arguments(sub.add_parser(
+        "prepare", help="build a data set from raw Amazon review files (2014 or 2018 release)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Build a data set in the MMRec layout from raw Amazon review/metadata/image files."))
+    args = p.parse_args(argv)
+    if args.command == "synth":
+        from msi.data.synth import generate
+
+        path = generate(args.preset, args.out, seed=args.seed, name=args.name, progress=not args.quiet)
+        print(f"wrote {path.parent}")
+    else:
+        from msi.data.prepare import run_prepare
+
+        run_prepare(args)
+    return 0
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    return _guard(_train, argv)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    return _guard(_eval, argv)
+
+
+def recommend_main(argv: list[str] | None = None) -> int:
+    return _guard(_recommend, argv)
+
+
+def data_main(argv: list[str] | None = None) -> int:
+    return _guard(_data, argv)
+
+
+TOOLS = {"train": train_main, "eval": eval_main, "recommend": recommend_main, "data": data_main}
+
+
+def msi_main(argv: list[str] | None = None) -> int:
+    """``msi TOOL ...`` runs ``msi-TOOL ...``; ``msi --version`` prints the version."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:
+        return TOOLS[argv[0]](argv[1:])
+    p = _parser("msi", "MSI multi-modal recommendation. Tools: " + ", ".join(f"msi {t}" for t in TOOLS)
+                + " (the same as msi-train, msi-eval, ...).")
+    p.add_argument("tool", choices=sorted(TOOLS), help="the tool to run")
+    p.parse_args(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(msi_main())

@@ -1,0 +1,89 @@
+"""Full-ranking evaluation (SPEC §4): every item is a candidate, seen items are masked, metrics are vectorized.
+
+For a user u with ground truth T_u (its items in the split) and a top-K list with hit indicators h_1..h_K:
+    Recall@K = sum h / |T_u|        Precision@K = sum h / K
+    NDCG@K   = sum h_r / log2(r + 1) divided by the ideal DCG over min(K, |T_u|) ranks
+    MAP@K    = (1 / min(K, |T_u|)) * sum_r h_r * Precision@r
+averaged over the users with at least one row in the split. Scores run in user batches on the model's device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from msi.data.dataset import Dataset
+from msi.data.graph import interaction_csr
+from msi.models.base import Recommender, mask_rows
+
+METRIC_NAMES = ("recall", "ndcg", "precision", "map")
+
+
+def topk_metrics(hits: torch.Tensor, n_true: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:
+    """Per-user metrics from hits (B, Kmax) in rank order (0/1 float) and |T_u| (B,): name@k -> (B,)."""
+    kmax = hits.shape[1]
+    ranks = torch.arange(1, kmax + 1, device=hits.device, dtype=hits.dtype)
+    discount = 1.0 / torch.log2(ranks + 1.0)  # (Kmax,)
+    ideal = torch.cumsum(discount, 0)  # ideal DCG with r relevant items at the top: ideal[r - 1]
+    cum_hits = torch.cumsum(hits, 1)
+    prec_at_r = cum_hits / ranks  # (B, Kmax)
+    out = {}
+    for k in ks:
+        h = hits[:, :k]
+        n_hit = h.sum(1)
+        denom = torch.clamp(n_true, max=k).to(hits.dtype)
+        out[f"recall@{k}"] = n_hit / n_true
+        out[f"precision@{k}"] = n_hit / k
+        out[f"ndcg@{k}"] = (h * discount[:k]).sum(1) / ideal[(denom.long() - 1)]
+        out[f"map@{k}"] = (h * prec_at_r[:, :k]).sum(1) / denom
+    return out
+
+
+class Evaluator:
+    """Holds the masks and ground truth of a data set on a device; call it with a model and a split.
+
+    ``mask_valid_at_test``: also mask each user's valid items when scoring test (MMRec keeps them as candidates).
+    """
+
+    def __init__(
+        self, dataset: Dataset, device: torch.device | str = "cpu", ks: list[int] | tuple[int, ...] = (10, 20),
+        batch_users: int = 4096, mask_valid_at_test: bool = False,
+    ) -> None:
+        self.dataset, self.device, self.ks, self.batch_users = dataset, torch.device(device), list(ks), batch_users
+        U, I = dataset.n_users, dataset.n_items
+        self.n_items = I
+        train_mask = interaction_csr(dataset.train, U, I).to(self.device)
+        test_seen = np.concatenate([dataset.train, dataset.valid]) if mask_valid_at_test else dataset.train
+        self.seen = {"train": train_mask, "valid": train_mask,
+                     "test": interaction_csr(test_seen, U, I).to(self.device) if mask_valid_at_test else train_mask}
+
+    def _truth(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Evaluated users (n,), their |T_u| (n,), and the sorted keys user * I + item of the split's rows."""
+        pairs = np.unique(self.dataset.split(split), axis=0)
+        users, counts = np.unique(pairs[:, 0], return_counts=True)
+        keys = pairs[:, 0] * self.n_items + pairs[:, 1]  # sorted, as pairs are sorted by (user, item)
+        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        return as_t(users), as_t(counts), as_t(keys)
+
+    @torch.no_grad()
+    def __call__(self, model: Recommender, split: str = "valid", item_view: str = "id") -> dict[str, float]:
+        """Average metrics over the split's users, as plain floats keyed ``recall@20`` etc."""
+        was_training = model.training
+        model.eval()
+        users, n_true, keys = self._truth(split)
+        if len(users) == 0:
+            raise ValueError(f"the {split} split has no users to evaluate")
+        emb = model.embeddings()
+        sums = {f"{m}@{k}": torch.zeros((), dtype=torch.float64, device=self.device)
+                for m in METRIC_NAMES for k in self.ks}
+        kmax = min(max(self.ks), self.n_items)
+        for start in range(0, len(users), self.batch_users):
+            u = users[start : start + self.batch_users]
+            _, top = model.recommend(u, kmax, exclude=self.seen[split], item_view=item_view, emb=emb)
+            cand = u[:, None] * self.n_items + top  # (B, Kmax)
+            pos = torch.searchsorted(keys, cand).clamp(max=len(keys) - 1)
+            hits = (keys[pos] == cand).double()
+            for name, v in topk_metrics(hits, n_true[start : start + self.batch_users], self.ks).items():
+                sums[name] += v.sum()
+        model.train(was_training)
+        return {name: float(s) / len(users) for name, s in sums.items()}

@@ -1,0 +1,101 @@
+"""Serving: top-k lists for users, seen items excluded, written as TSV with raw ids where mappings exist."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from msi.data.dataset import Dataset
+from msi.errors import DataError, MSIError
+from msi.evaluate import Evaluator
+from msi.models import Recommender
+
+MAPPING_FILES = {"userID": "u_id_mapping.csv", "itemID": "i_id_mapping.csv"}
+
+
+def read_id_mapping(path: Path, column: str, size: int) -> np.ndarray | None:
+    """MMRec's ``u_id_mapping.csv`` / ``i_id_mapping.csv`` (tab-separated: raw id, index) -> raw id per index.
+
+    Returns None when the file does not exist; a malformed file is a DataError naming it.
+    """
+    if not path.is_file():
+        return None
+    lines = path.read_text().splitlines()
+    header = lines[0].split("\t") if lines else []
+    if column not in header or len(header) != 2:
+        raise DataError(f"{path}:1: expected two tab-separated columns, one of them '{column}', got {header}")
+    col = header.index(column)
+    raw = np.empty(size, dtype=object)
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        try:
+            index = int(parts[col])
+            raw[index] = parts[1 - col]
+        except (ValueError, IndexError):
+            raise DataError(f"{path}:{lineno}: expected '<raw id>\\t<{column} below {size}>', got {line!r}") from None
+    return raw
+
+
+def select_users(spec: str, dataset: Dataset, split: str) -> np.ndarray:
+    """'all' -> every user; 'split' -> users with rows in ``split``; else a file of userIDs, one per line."""
+    if spec == "all":
+        return np.arange(dataset.n_users)
+    if spec == "split":
+        return np.unique(dataset.split(split)[:, 0])
+    path = Path(spec)
+    if not path.is_file():
+        raise MSIError(f"--users {spec!r}: not 'all', 'split' or an existing file of userIDs")
+    users = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            u = int(line.strip())
+        except ValueError:
+            raise DataError(f"{path}:{lineno}: {line.strip()!r} is not an integer userID") from None
+        if not 0 <= u < dataset.n_users:
+            raise DataError(f"{path}:{lineno}: userID {u} is outside 0..{dataset.n_users - 1}")
+        users.append(u)
+    return np.asarray(users, dtype=np.int64)
+
+
+@torch.no_grad()
+def write_recommendations(
+    model: Recommender, dataset: Dataset, out: str | Path, users: str = "all", k: int = 20, split: str = "test",
+    mask_valid: bool = False, batch_users: int = 4096,
+) -> int:
+    """Write ``userID rank itemID score`` rows (rank 1 = best) for the selected users; returns the user count."""
+    device = next(model.parameters()).device
+    evaluator = Evaluator(dataset, device, [k], batch_users, mask_valid)
+    exclude = evaluator.seen[split]
+    user_ids = select_users(users, dataset, split)
+    raw_u = read_id_mapping(dataset.path / MAPPING_FILES["userID"], "userID", dataset.n_users)
+    raw_i = read_id_mapping(dataset.path / MAPPING_FILES["itemID"], "itemID", dataset.n_items)
+    emb = model.embeddings()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    with open(tmp, "w") as f:
+        f.write("userID\trank\titemID\tscore\n")
+        for start in tqdm(range(0, len(user_ids), batch_users), desc="recommend", leave=False):
+            u = torch.from_numpy(user_ids[start : start + batch_users]).to(device)
+            scores, items = model.recommend(u, k, exclude=exclude, emb=emb)
+            _write_rows(f, u.cpu().numpy(), items.cpu().numpy(), scores.cpu().numpy(), raw_u, raw_i)
+    tmp.replace(out)
+    return len(user_ids)
+
+
+def _write_rows(f, users, items, scores, raw_u, raw_i) -> None:
+    """Rows for (B,) users and (B, k) items/scores; -inf scores (fewer candidates than k) are left out."""
+    B, k = items.shape
+    u_col = np.repeat(users, k) if raw_u is None else np.repeat(raw_u[users], k)
+    i_col = items.ravel() if raw_i is None else raw_i[items.ravel()]
+    ranks = np.tile(np.arange(1, k + 1), B)
+    keep = np.isfinite(scores.ravel())
+    for u, r, i, s in zip(u_col[keep], ranks[keep], i_col[keep], scores.ravel()[keep]):
+        f.write(f"{u}\t{r}\t{i}\t{s:.6g}\n")
