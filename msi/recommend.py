@@ -70,7 +70,7 @@ def write_recommendations(
     mask_valid: bool = False, batch_users: int = 4096,
 ) -> int:
     """Write ``userID rank itemID score`` rows (rank 1 = best) for the selected users; returns the user count."""
-    device = next(model.parameters()).device
+    device = model.device
     evaluator = Evaluator(dataset, device, [k], batch_users, mask_valid)
     exclude = evaluator.seen[split]
     user_ids = select_users(users, dataset, split)

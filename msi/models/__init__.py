@@ -12,6 +12,7 @@ from msi.data.graph import normalized_adjacency
 from msi.models.base import Recommender, lightgcn_readout, mask_rows
 from msi.models.lightgcn import LightGCN
 from msi.models.msi import MSI
+from msi.models.popularity import Popularity
 
 
 def build_model(cfg: Config, dataset: Dataset, with_features: bool = True) -> Recommender:
@@ -33,4 +34,4 @@ def build_model(cfg: Config, dataset: Dataset, with_features: bool = True) -> Re
     return MSI(dataset.n_users, dataset.n_items, adj, features, **kwargs, **asdict(lo))
 
 
-__all__ = ["MSI", "LightGCN", "Recommender", "build_model", "lightgcn_readout", "mask_rows"]
+__all__ = ["MSI", "LightGCN", "Popularity", "Recommender", "build_model", "lightgcn_readout", "mask_rows"]

@@ -42,6 +42,13 @@ class Recommender(nn.Module):
 
     item_views: tuple[str, ...] = ("id",)
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's tensors (parameters, or buffers for models with none)."""
+        for t in (*self.parameters(), *self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
     def embeddings(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
