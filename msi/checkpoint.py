@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's message opens with advice to reload with weights_only=False (and ANSI codes); keep only the
+        # name of the offending global
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"e.g. {found.group(1)}" if found else type(e).__name__
         raise CheckpointError(
-            f"{path}: refused: the file holds pickled objects other than tensors and plain values ({first})"
+            f"{path}: refused: the file holds pickled objects other than tensors and plain values ({what})"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: truncated or not a checkpoint ({type(e).__name__}: {e})".split("\n")[0]) from None

@@ -4,7 +4,8 @@ This module imports no other msi module except the error type. Rules:
 - an unknown key (in YAML or an override) is an error that names it and suggests the closest valid key;
 - values are converted by the field's declared type (PyYAML reads ``1e-4`` as a string);
 - impossible values (negative dropout, K <= 0, an empty modality list) are errors;
-- relative paths in a YAML file are resolved against the directory of that file, never the working directory.
+- relative paths in a YAML file are resolved against the directory of that file; relative paths given as
+  command-line overrides against the working directory.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class TrainConfig:
     patience: int = 20  # stop after this many evaluations without a better valid metric
     metric: str = "recall@20"  # valid metric for early stopping and the best checkpoint
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    autocast: str = "off"  # off | bf16: bfloat16 autocast of the dense layers (a GPU speed option; changes numbers)
     out_dir: str = "runs"  # runs are written to <out_dir>/<run name>/ (relative: to the YAML file)
     run_name: str = ""  # empty: <data name>-<model name>-<timestamp>
 
@@ -122,7 +124,11 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
         if tp is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            if isinstance(value, str) and "e" in value.lower():  # '1e3' from YAML; '1.5e0' is not an int
+                value = float(value)
+                if not value.is_integer():
+                    raise ValueError
+            return int(value)
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -197,13 +203,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, ...)")
         _apply_mapping(cfg, raw, str(path))
         base = path.resolve().parent
+    from_cli = set()
     for section, key, value in parse_overrides(overrides or []):
         if section not in SECTIONS:
             raise _unknown(f"{section}.{key}")
         _apply(cfg, section, key, yaml.safe_load(value) if value else value)
-    for section, key in _PATH_KEYS:
+        from_cli.add((section, key))
+    for section, key in _PATH_KEYS:  # a path from the command line is relative to the working directory
         p = Path(getattr(getattr(cfg, section), key)).expanduser()
-        setattr(getattr(cfg, section), key, str(p if p.is_absolute() else (base / p).resolve()))
+        root = Path.cwd() if (section, key) in from_cli else base
+        setattr(getattr(cfg, section), key, str(p if p.is_absolute() else (root / p).resolve()))
     validate(cfg)
     return cfg
 
@@ -231,6 +240,7 @@ def validate(cfg: Config) -> None:
         (t.lr > 0, "train.lr", "must be > 0"),
         (t.eval_every > 0, "train.eval_every", "must be > 0"),
         (t.patience > 0, "train.patience", "must be > 0"),
+        (t.autocast in ("off", "bf16"), "train.autocast", "must be off or bf16"),
         (len(e.ks) > 0 and all(k > 0 for k in e.ks), "eval.ks", "must be a non-empty list of K > 0"),
         (e.batch_users > 0, "eval.batch_users", "must be > 0"),
         (bool(d.name), "data.name", "must not be empty"),

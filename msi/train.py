@@ -86,7 +86,8 @@ def train(
                   total=t.epochs)
     try:
         for epoch in epochs:
-            row = _train_epoch(model, optimizer, train_pairs, t.batch_size, epoch, quiet)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.autocast == "bf16"):
+                row = _train_epoch(model, optimizer, train_pairs, t.batch_size, epoch, quiet)
             progress["epoch"] = epoch + 1
             if (epoch + 1) % t.eval_every == 0:
                 t0 = time.time()

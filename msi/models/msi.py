@@ -126,14 +126,14 @@ class MSI(Recommender):
         out, codes, gauss = self._propagate()
         P, p = self.predictor, self.dropout
         u, i = out["user"][users], out["id"][items]  # (B, d)
-        with torch.no_grad():  # target views: stop-gradient, dropout always on
-            u_t, i_t = F.dropout(u, p, training=True), F.dropout(i, p, training=True)
+        # target views: stop-gradient, dropout always on. detach(), not no_grad(): dropout with p = 0 returns its
+        # input itself, which would let the gradient through
+        u_t, i_t = F.dropout(u.detach(), p, training=True), F.dropout(i.detach(), p, training=True)
         terms = {"rec": cosine_loss(P(u), i_t) + cosine_loss(P(i), u_t)}
         align = mask = torch.zeros((), device=u.device)
         for m in self.modalities:
             z = out[m][items]
-            with torch.no_grad():
-                z_t = F.dropout(z, p, training=True)
+            z_t = F.dropout(z.detach(), p, training=True)
             z_on = P(z)
             align = align + cosine_loss(z_on, i_t)
             mask = mask + cosine_loss(z_on, z_t)

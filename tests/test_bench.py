@@ -1,0 +1,87 @@
+"""Smoke test of scripts/bench.py on tiny generated data: what it writes, and its FLOP count. No timing is checked."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from msi.data.graph import normalized_adjacency
+from msi.data.synth import generate
+from msi.models import MSI, LightGCN
+
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+MODEL_KEYS = {"step_ms", "phases_ms", "epoch_s", "epoch_extrapolated", "eval_s", "peak_mem_mb", "train_peak_mem_mb",
+              "eval_peak_mem_mb", "gflop_per_step", "gflop_per_epoch", "gflops", "matmul_fraction"}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stand-in for ../shared/data: tiny generated ``baby`` and ``tiktok`` folders, no ``sports``."""
+    root = tmp_path_factory.mktemp("shared")
+    generate("tiny", root / "tiktok", seed=0, name="tiktok", progress=False)
+    (root / "tiktok" / "text_feat.npy").rename(root / "tiktok" / "audio_feat.npy")
+    generate("tiny", root / "baby", seed=1, name="baby", progress=False)  # only baby.inter is read
+    return root
+
+
+def test_main_writes_json_and_markdown(bench, shared: Path, tmp_path: Path) -> None:
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    res = bench.main([
+        "--datasets", "baby", "sports", "tiktok", "elec", "--quick", "--device", "cpu", "--threads", "1",
+        "--repeats", "1", "--warmup", "0", "--epoch-steps", "1", "--matmul-size", "64",
+        "--shared-data", str(shared), "--cache", str(tmp_path / "cache"), "--elec-preset", "tiny",
+        "--out-json", str(out_json), "--out-md", str(out_md),
+    ])
+    assert json.loads(out_json.read_text()) == json.loads(json.dumps(res))
+    assert {"machine", "settings", "matmul_gflops", "datasets", "skipped"} <= set(res)
+    assert res["machine"]["threads"] == 1 and res["machine"]["device"] == "cpu"
+    assert list(res["datasets"]) == ["baby", "tiktok", "elec"] and list(res["skipped"]) == ["sports"]
+    assert (tmp_path / "cache" / "tiny" / "tiny.inter").is_file()
+    for r in res["datasets"].values():
+        assert set(r["models"]) == {"msi", "bm3", "lightgcn"}
+        assert {"fused_ms", "separate_ms", "fused_forward_ms"} <= set(r["graph_product"]["csr"])
+        assert set(r["graph_product"]["coo"]) == set(r["graph_product"]["csr"])
+        assert r["msi_bm3_epoch_ratio"] > 0
+        for row in r["models"].values():
+            assert MODEL_KEYS <= set(row) and row["epoch_extrapolated"] is False  # tiny: one step is the epoch
+        assert r["models"]["msi"]["profile"]["rows"]
+    assert res["datasets"]["baby"]["features"] == {"image": [40, 4096], "text": [40, 384]}
+    md = out_md.read_text()
+    assert "| data set | model | step ms |" in md and md.count("| tiktok | ") == 3 and "Profile of one MSI step" in md
+    assert "Skipped sports" in md
+
+
+def test_step_flops_by_hand(bench) -> None:
+    train = np.array([[0, 0], [0, 1], [1, 1], [2, 0]])  # 4 edges -> nnz 8
+    adj = normalized_adjacency(train, 3, 2)
+    feats = {"image": torch.zeros(2, 10), "text": torch.zeros(2, 6)}
+    msi = MSI(3, 2, adj, feats, embedding_dim=4)
+    got = bench.step_flops(msi, batch=5, n_unique=2)
+    # sparse: 4 * nnz * 3 graphs * d * L; projections: 3 * 2 * I * F * d; heads: 3 * 2 modalities * 2 I d (2d);
+    # InfoNCE: 3 * 2 n^2 d; predictor: 3 * 2 * (2 + 2) B d^2
+    assert got == {"sparse": 4 * 8 * 3 * 4, "projection": 3 * 2 * 2 * 16 * 4, "ssd_heads": 3 * 2 * 2 * 2 * 4 * 8,
+                   "info_nce": 3 * 2 * 4 * 4, "predictor": 3 * 2 * 4 * 5 * 16}
+    frozen = MSI(3, 2, adj, feats, embedding_dim=4, use_ssd=False, use_ip=False, freeze_features=True)
+    assert bench.step_flops(frozen, batch=5, n_unique=2) == {"sparse": 4 * 8 * 4, "projection": 2 * 2 * 2 * 16 * 4,
+                                                            "predictor": 3 * 2 * 4 * 5 * 16}
+    assert bench.step_flops(LightGCN(3, 2, adj, train, embedding_dim=4), 5, 2) == {"sparse": 4 * 8 * 4}
+
+
+def test_help_runs_without_measuring() -> None:
+    out = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--epoch-steps" in out and "--freeze-features" in out

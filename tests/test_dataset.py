@@ -1,0 +1,195 @@
+"""msi.data.dataset: the MMRec layout, read from tiny hand-written files; every error names the file (and line)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from msi.data.dataset import load_dataset, load_features, read_inter
+from msi.errors import DataError
+
+MODALITIES = {"image": "image_feat.npy", "text": "text_feat.npy"}
+HEADER = "userID\titemID\trating\ttimestamp\tx_label\n"
+# user 0: items 0, 1 train, 2 valid; user 1: item 1 train, item 0 test; user 2: item 2 train
+GOOD = HEADER + "0\t0\t5\t100\t0\n0\t1\t4\t101\t0\n1\t1\t3\t102\t0\n2\t2\t5\t103\t0\n0\t2\t1\t104\t1\n1\t0\t2\t105\t2\n"
+
+
+def _features(n_items: int = 3) -> dict[str, np.ndarray]:
+    return {"image_feat.npy": np.arange(n_items * 4, dtype=np.float32).reshape(n_items, 4),
+            "text_feat.npy": np.ones((n_items, 2), dtype=np.float32)}
+
+
+def test_reads_a_good_file(tmp_path, write_dataset):
+    write_dataset(tmp_path, "ds", GOOD, _features())
+    ds = load_dataset(tmp_path, "ds", MODALITIES)
+    assert (ds.name, ds.n_users, ds.n_items) == ("ds", 3, 3)
+    np.testing.assert_array_equal(ds.train, [[0, 0], [0, 1], [1, 1], [2, 2]])
+    np.testing.assert_array_equal(ds.valid, [[0, 2]])
+    np.testing.assert_array_equal(ds.test, [[1, 0]])
+    assert ds.train.dtype == np.int64 and ds.train.shape == (4, 2)
+    assert ds.dropped == {"train": 0, "valid": 0, "test": 0}
+    assert list(ds.features) == ["image", "text"]
+    np.testing.assert_array_equal(ds.features["image"], np.arange(12).reshape(3, 4))
+    np.testing.assert_array_equal(ds.split("valid"), ds.valid)
+    with pytest.raises(ValueError, match="unknown split"):
+        ds.split("dev")
+    assert "3 users, 3 items" in ds.summary()
+
+
+def test_read_inter_returns_int64_columns(tmp_path, write_dataset):
+    path = write_dataset(tmp_path, "ds", GOOD)
+    users, items, labels = read_inter(path)
+    np.testing.assert_array_equal(users, [0, 0, 1, 2, 0, 1])
+    np.testing.assert_array_equal(items, [0, 1, 1, 2, 2, 0])
+    np.testing.assert_array_equal(labels, [0, 0, 0, 0, 1, 2])
+    assert users.dtype == items.dtype == labels.dtype == np.int64
+
+
+def test_any_column_order_and_no_rating_or_timestamp(tmp_path, write_dataset):
+    text = "x_label\titemID\tuserID\n0\t0\t0\n0\t1\t0\n0\t1\t1\n0\t2\t2\n1\t2\t0\n2\t0\t1\n"
+    write_dataset(tmp_path, "ds", text)
+    ds = load_dataset(tmp_path, "ds")
+    np.testing.assert_array_equal(ds.train, [[0, 0], [0, 1], [1, 1], [2, 2]])
+    np.testing.assert_array_equal(ds.valid, [[0, 2]])
+    np.testing.assert_array_equal(ds.test, [[1, 0]])
+    assert ds.features == {}
+
+
+def test_crlf_line_endings(tmp_path, write_dataset):
+    write_dataset(tmp_path, "unix", GOOD)
+    write_dataset(tmp_path, "dos", GOOD.replace("\n", "\r\n"))
+    assert b"\r\n" in (tmp_path / "dos" / "dos.inter").read_bytes()
+    unix, dos = load_dataset(tmp_path, "unix"), load_dataset(tmp_path, "dos")
+    for split in ("train", "valid", "test"):
+        np.testing.assert_array_equal(dos.split(split), unix.split(split))
+
+
+def test_crlf_error_line_numbers(tmp_path, write_dataset):
+    path = write_dataset(tmp_path, "ds", (HEADER + "0\t0\t5\t1\t0\n0\tx\t5\t1\t0\n").replace("\n", "\r\n"))
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: itemID 'x' is not an integer")):
+        read_inter(path)
+
+
+def test_sizes_are_max_id_plus_one_over_all_splits(tmp_path, write_dataset):
+    # item 6 appears only in valid, user 4 only in test (and is dropped): both still count for the sizes
+    text = HEADER + "0\t0\t1\t1\t0\n1\t2\t1\t1\t0\n0\t6\t1\t1\t1\n4\t1\t1\t1\t2\n"
+    write_dataset(tmp_path, "ds", text)
+    ds = load_dataset(tmp_path, "ds")
+    assert (ds.n_users, ds.n_items) == (5, 7)
+
+
+def test_valid_and_test_rows_of_users_without_train_rows_are_dropped_and_counted(tmp_path, write_dataset):
+    text = HEADER + (
+        "0\t0\t1\t1\t0\n1\t1\t1\t1\t0\n"  # train: users 0, 1
+        "0\t1\t1\t1\t1\n3\t0\t1\t1\t1\n3\t1\t1\t1\t1\n"  # valid: user 3 has no train row (2 rows dropped)
+        "1\t0\t1\t1\t2\n2\t1\t1\t1\t2\n"  # test: user 2 has no train row (1 row dropped)
+    )
+    write_dataset(tmp_path, "ds", text)
+    ds = load_dataset(tmp_path, "ds")
+    assert ds.dropped == {"train": 0, "valid": 2, "test": 1}
+    np.testing.assert_array_equal(ds.valid, [[0, 1]])
+    np.testing.assert_array_equal(ds.test, [[1, 0]])
+    assert ds.n_users == 4
+    assert "3 valid/test rows of users without train rows dropped" in ds.summary()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64, np.int32])
+def test_features_are_cast_to_float32(tmp_path, write_dataset, dtype):
+    values = np.array([[0.5, -1.0], [2.0, 0.25], [3.0, 4.0]])
+    if dtype == np.int32:
+        values = np.round(values)
+    write_dataset(tmp_path, "ds", GOOD, {"f.npy": values.astype(dtype)})
+    feat = load_dataset(tmp_path, "ds", {"image": "f.npy"}).features["image"]
+    assert feat.dtype == np.float32 and feat.flags.c_contiguous
+    np.testing.assert_array_equal(feat, values.astype(dtype).astype(np.float32))
+
+
+def test_missing_inter_file(tmp_path):
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'ds' / 'ds.inter'}: interaction file not found")):
+        load_dataset(tmp_path, "ds")
+
+
+@pytest.mark.parametrize("column", ["userID", "itemID", "x_label"])
+def test_missing_column(tmp_path, write_dataset, column):
+    header = [c for c in ("userID", "itemID", "rating", "x_label") if c != column]
+    path = write_dataset(tmp_path, "ds", "\t".join(header) + "\n" + "\t".join(["0"] * 3) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: missing column(s) {column}")):
+        load_dataset(tmp_path, "ds")
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [("1.5\t0\t5\t1\t0", "userID '1.5' is not an integer"),
+     ("abc\t0\t5\t1\t0", "userID 'abc' is not an integer"),
+     ("1\t2.5\t5\t1\t0", "itemID '2.5' is not an integer"),
+     ("1\tnan\t5\t1\t0", "itemID 'nan' is not an integer"),
+     ("-1\t0\t5\t1\t0", "userID '-1' is negative"),
+     ("1\t-3\t5\t1\t0", "itemID '-3' is negative"),
+     ("1\t0\t5\t1\t3", "x_label '3' is not 0 (train), 1 (valid) or 2 (test)"),
+     ("1\t0\t5\t1\tvalid", "x_label 'valid' is not an integer"),
+     ("1\t0", "expected at least 5 tab-separated fields, got 2")],
+)
+def test_bad_value_names_file_and_line(tmp_path, write_dataset, line, problem):
+    # the bad row is the fourth data row: line 5 of the file (the header is line 1)
+    text = HEADER + "0\t0\t5\t1\t0\n0\t1\t5\t1\t0\n1\t1\t5\t1\t1\n" + line + "\n2\t2\t5\t1\t0\n"
+    path = write_dataset(tmp_path, "ds", text)
+    with pytest.raises(DataError, match=re.escape(f"{path}:5: {problem}")):
+        load_dataset(tmp_path, "ds")
+
+
+def test_rating_and_timestamp_are_ignored_even_when_not_integers(tmp_path, write_dataset):
+    write_dataset(tmp_path, "ds", HEADER + "0\t0\t4.5\t1.7e9\t0\n")
+    np.testing.assert_array_equal(load_dataset(tmp_path, "ds").train, [[0, 0]])
+
+
+def test_empty_train_split(tmp_path, write_dataset):
+    path = write_dataset(tmp_path, "ds", HEADER + "0\t0\t5\t1\t1\n1\t1\t5\t1\t2\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}: the train split (x_label 0) is empty")):
+        load_dataset(tmp_path, "ds")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # numpy warns that the file holds no data
+def test_header_only_file_has_an_empty_train_split(tmp_path, write_dataset):
+    path = write_dataset(tmp_path, "ds", HEADER)
+    with pytest.raises(DataError, match=re.escape(f"{path}: the train split (x_label 0) is empty")):
+        load_dataset(tmp_path, "ds")
+
+
+def test_feature_rows_must_match_n_items(tmp_path, write_dataset):
+    write_dataset(tmp_path, "ds", GOOD, {"image_feat.npy": np.zeros((2, 4), np.float32),
+                                         "text_feat.npy": np.zeros((3, 2), np.float32)})
+    path = tmp_path / "ds" / "image_feat.npy"
+    with pytest.raises(DataError, match=re.escape(f"{path}: has 2 rows but the data set has 3 items")):
+        load_dataset(tmp_path, "ds", MODALITIES)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_features(tmp_path, write_dataset, bad):
+    feat = np.zeros((3, 4), np.float32)
+    feat[1, 2] = bad
+    write_dataset(tmp_path, "ds", GOOD, {"image_feat.npy": feat, "text_feat.npy": np.zeros((3, 2), np.float32)})
+    path = tmp_path / "ds" / "image_feat.npy"
+    with pytest.raises(DataError, match=re.escape(f"{path}: 1 row(s) hold NaN or inf values (first: row 1)")):
+        load_dataset(tmp_path, "ds", MODALITIES)
+
+
+def test_modality_without_a_file(tmp_path, write_dataset):
+    write_dataset(tmp_path, "ds", GOOD, {"image_feat.npy": np.zeros((3, 4), np.float32)})
+    path = tmp_path / "ds" / "text_feat.npy"
+    with pytest.raises(DataError, match=re.escape(f"{path}: feature file not found")):
+        load_dataset(tmp_path, "ds", MODALITIES)
+
+
+def test_feature_file_must_be_a_2d_numeric_npy(tmp_path):
+    (tmp_path / "garbage.npy").write_bytes(b"not an array")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'garbage.npy'}: not a readable .npy array")):
+        load_features(tmp_path / "garbage.npy", 3)
+    np.save(tmp_path / "flat.npy", np.zeros(3, np.float32))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'flat.npy'}: expected a 2-d array")):
+        load_features(tmp_path / "flat.npy", 3)
+    np.save(tmp_path / "text.npy", np.array([["a"], ["b"], ["c"]]))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'text.npy'}: dtype <U1 is not numeric")):
+        load_features(tmp_path / "text.npy", 3)

@@ -1,0 +1,171 @@
+"""msi/recommend.py: id mappings, user selection, and the TSV of top-k lists (train items excluded, raw ids)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from msi.config import Config
+from msi.data.dataset import Dataset, load_dataset
+from msi.data.synth import generate
+from msi.errors import DataError, MSIError
+from msi.models import build_model
+from msi.recommend import read_id_mapping, select_users, write_recommendations
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is many times faster than two on a shared, busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Dataset:
+    root = tmp_path_factory.mktemp("rec-data")
+    generate("tiny", root / "tiny", seed=0, progress=False)
+    return load_dataset(root, "tiny", {"image": "image_feat.npy", "text": "text_feat.npy"})
+
+
+# ---------------------------------------------------------------- read_id_mapping
+
+
+def test_read_id_mapping_maps_indices_to_raw_ids_in_either_column_order(tmp_path):
+    path = tmp_path / "i_id_mapping.csv"
+    path.write_text("asin\titemID\nB00X\t1\nB00A\t0\n\nB00Z\t2\n")  # MMRec: raw id, then index
+    assert read_id_mapping(path, "itemID", 3).tolist() == ["B00A", "B00X", "B00Z"]
+    path.write_text("userID\tuser_id\n0\tA2X\n1\tA1Y\n")
+    assert read_id_mapping(path, "userID", 2).tolist() == ["A2X", "A1Y"]
+
+
+def test_read_id_mapping_without_a_file_is_none(tmp_path):
+    assert read_id_mapping(tmp_path / "u_id_mapping.csv", "userID", 3) is None
+
+
+def test_read_id_mapping_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "i_id_mapping.csv"
+    path.write_text("asin,itemID\nB00A,0\n")  # commas, not tabs
+    with pytest.raises(DataError, match=r"i_id_mapping.csv:1: expected two tab-separated columns"):
+        read_id_mapping(path, "itemID", 1)
+    path.write_text("asin\titemID\nB00A\t0\nB00B\tone\n")
+    with pytest.raises(DataError, match=r"i_id_mapping.csv:3: .*'B00B\\tone'"):
+        read_id_mapping(path, "itemID", 2)
+    path.write_text("asin\titemID\nB00A\t0\nB00B\t7\n")  # index beyond the data set
+    with pytest.raises(DataError, match=r"i_id_mapping.csv:3:"):
+        read_id_mapping(path, "itemID", 2)
+
+
+# ---------------------------------------------------------------- select_users
+
+
+def test_select_users_all_split_and_file(tiny, tmp_path):
+    assert select_users("all", tiny, "test").tolist() == list(range(tiny.n_users))
+    assert select_users("split", tiny, "valid").tolist() == sorted(set(tiny.valid[:, 0].tolist()))
+    path = tmp_path / "users.txt"
+    path.write_text("3\n\n 0 \n59\n")
+    assert select_users(str(path), tiny, "test").tolist() == [3, 0, 59]
+
+
+def test_select_users_bad_lines_name_the_file_and_line(tiny, tmp_path):
+    path = tmp_path / "users.txt"
+    path.write_text("3\nalice\n")
+    with pytest.raises(DataError, match=r"users.txt:2: 'alice' is not an integer userID"):
+        select_users(str(path), tiny, "test")
+    path.write_text("3\n60\n")
+    with pytest.raises(DataError, match=r"users.txt:2: userID 60 is outside 0..59"):
+        select_users(str(path), tiny, "test")
+    with pytest.raises(MSIError, match="not 'all', 'split' or an existing file"):
+        select_users(str(tmp_path / "missing.txt"), tiny, "test")
+
+
+# ---------------------------------------------------------------- write_recommendations
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def train_sets(dataset: Dataset, *splits: str) -> dict[int, set[int]]:
+    seen: dict[int, set[int]] = {}
+    for split in splits:
+        for u, i in dataset.split(split):
+            seen.setdefault(int(u), set()).add(int(i))
+    return seen
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    torch.manual_seed(0)
+    return build_model(Config(), tiny).eval()
+
+
+def test_recommendations_exclude_train_items(tiny, model, tmp_path):
+    out = tmp_path / "recs" / "recs.tsv"
+    assert write_recommendations(model, tiny, out, users="all", k=10) == tiny.n_users
+    assert out.read_text().splitlines()[0] == "userID\trank\titemID\tscore"
+    rows = read_tsv(out)
+    assert len(rows) == 10 * tiny.n_users
+    seen = train_sets(tiny, "train")
+    by_user: dict[int, list[tuple[int, int, float]]] = {}
+    for r in rows:
+        by_user.setdefault(int(r["userID"]), []).append((int(r["rank"]), int(r["itemID"]), float(r["score"])))
+    assert sorted(by_user) == list(range(tiny.n_users))
+    for u, recs in by_user.items():
+        assert [r for r, _, _ in recs] == list(range(1, 11))
+        items = [i for _, i, _ in recs]
+        assert len(set(items)) == 10 and not set(items) & seen[u]
+        scores = [s for _, _, s in recs]
+        assert scores == sorted(scores, reverse=True)
+    assert not (tmp_path / "recs" / "recs.tsv.part").exists()
+
+
+def test_mask_valid_also_excludes_valid_items_at_test(tiny, model, tmp_path):
+    out = tmp_path / "recs.tsv"
+    write_recommendations(model, tiny, out, users="split", k=30, split="test", mask_valid=True)
+    seen = train_sets(tiny, "train", "valid")
+    for r in read_tsv(out):
+        assert int(r["itemID"]) not in seen[int(r["userID"])]
+    # by default valid items stay candidates: with k = 30 of 40 items some of them are listed
+    write_recommendations(model, tiny, out, users="split", k=30, split="test")
+    valid = train_sets(tiny, "valid")
+    assert any(int(r["itemID"]) in valid.get(int(r["userID"]), set()) for r in read_tsv(out))
+
+
+def test_raw_ids_are_written_when_the_data_folder_has_mappings(tiny, model, tmp_path):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "u_id_mapping.csv").write_text(
+        "user_id\tuserID\n" + "".join(f"U{u:03d}\t{u}\n" for u in range(tiny.n_users)))
+    (folder / "i_id_mapping.csv").write_text(
+        "asin\titemID\n" + "".join(f"B{i:04d}\t{i}\n" for i in range(tiny.n_items)))
+    mapped = Dataset(tiny.name, folder, tiny.n_users, tiny.n_items, tiny.train, tiny.valid, tiny.test,
+                     tiny.features)
+    users = tmp_path / "users.txt"
+    users.write_text("5\n2\n")
+    write_recommendations(model, tiny, tmp_path / "plain.tsv", users=str(users), k=4)
+    write_recommendations(model, mapped, tmp_path / "raw.tsv", users=str(users), k=4)
+    plain, raw = read_tsv(tmp_path / "plain.tsv"), read_tsv(tmp_path / "raw.tsv")
+    assert [r["userID"] for r in raw] == ["U005"] * 4 + ["U002"] * 4
+    assert [r["itemID"] for r in raw] == [f"B{int(r['itemID']):04d}" for r in plain]
+    assert [r["score"] for r in raw] == [r["score"] for r in plain]
+
+
+def test_k_above_the_candidate_count_writes_only_real_items(tmp_path):
+    """3 items, user 0 has 2 in train: one candidate left, so one row, not three with -inf scores."""
+    train = np.array([[0, 0], [0, 1], [1, 2]])
+    empty = np.zeros((0, 2), dtype=np.int64)
+    feats = {"image": np.eye(3, 4, dtype=np.float32), "text": np.eye(3, 2, dtype=np.float32)}
+    ds = Dataset("small", tmp_path, 2, 3, train, empty, np.array([[0, 2]]), feats)
+    torch.manual_seed(0)
+    model = build_model(Config(), ds).eval()
+    write_recommendations(model, ds, tmp_path / "r.tsv", users="all", k=3)
+    rows = read_tsv(tmp_path / "r.tsv")
+    assert [(r["userID"], r["rank"], r["itemID"]) for r in rows if r["userID"] == "0"] == [("0", "1", "2")]
+    assert len([r for r in rows if r["userID"] == "1"]) == 2

@@ -1,0 +1,174 @@
+"""msi/train.py: the run directory, selection on valid, early stopping, reproducibility, resume, NaN faults."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import msi.train
+from msi.checkpoint import load_checkpoint
+from msi.config import Config, load_config
+from msi.data.synth import generate
+from msi.errors import MSIError
+from msi.models.msi import MSI
+from msi.train import TrainingDiverged, train
+
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is many times faster than two on a shared, busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train-data")
+    generate("tiny", root / "tiny", seed=0, progress=False)
+    return root
+
+
+def config(data_root: Path, *overrides: str) -> Config:
+    return load_config(None, [
+        f"data.root={data_root}", "data.name=tiny", "model.embedding_dim=16", f"train.epochs={EPOCHS}",
+        "train.device=cpu", "eval.ks=[5,20]", *overrides,
+    ])
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_times(rs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rs]
+
+
+@pytest.fixture(scope="module")
+def run_a(data_root, tmp_path_factory) -> tuple[Path, dict]:
+    """An uninterrupted run of EPOCHS epochs."""
+    out = tmp_path_factory.mktemp("runs") / "a"
+    return out, train(config(data_root), out=out, quiet=True)
+
+
+def test_run_directory_holds_config_metrics_checkpoints_and_results(run_a):
+    run_dir, results = run_a
+    for name in ("config.yaml", "metrics.jsonl", "best.pt", "last.pt", "results.json"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "results.json").read_text()) == results
+    assert results["epochs_run"] == EPOCHS
+    assert set(results["test"]) == {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map") for k in (5, 20)}
+    assert load_config(run_dir / "config.yaml").train.epochs == EPOCHS
+    rs = rows(run_dir)
+    assert [r["epoch"] for r in rs] == list(range(1, EPOCHS + 1))
+    for r in rs:
+        assert {"loss", "rec", "align", "mask", "reg", "ssd", "epoch_seconds", "eval_seconds", "valid"} <= set(r)
+        assert all(math.isfinite(r[k]) for k in ("loss", "rec", "align", "mask", "reg"))
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == EPOCHS
+
+
+def test_best_checkpoint_is_chosen_by_valid_and_test_is_scored_with_it(run_a):
+    run_dir, results = run_a
+    recalls = [r["valid"]["recall@20"] for r in rows(run_dir)]
+    best_epoch = recalls.index(max(recalls)) + 1  # the first epoch reaching the maximum (strictly better only)
+    assert results["best_epoch"] == best_epoch
+    assert load_checkpoint(run_dir / "best.pt")["epoch"] == best_epoch
+    # the final valid metrics are those logged at the best epoch: the same weights, scored again
+    assert results["valid"] == rows(run_dir)[best_epoch - 1]["valid"]
+    assert results["selected_by"] == "valid recall@20"
+
+
+def test_same_seed_gives_the_same_metrics_bit_for_bit(data_root, run_a, tmp_path):
+    run_dir, results = run_a
+    again = train(config(data_root), out=tmp_path / "b", quiet=True)
+    assert again["valid"] == results["valid"]
+    assert again["test"] == results["test"]
+    assert without_times(rows(tmp_path / "b")) == without_times(rows(run_dir))
+
+
+def test_another_seed_gives_other_losses(data_root, run_a, tmp_path):
+    train(config(data_root, "train.seed=7", "train.epochs=1"), out=tmp_path / "s", quiet=True)
+    assert rows(tmp_path / "s")[0]["loss"] != rows(run_a[0])[0]["loss"]
+
+
+def test_killed_run_resumes_to_the_same_metrics(data_root, run_a, tmp_path, monkeypatch):
+    run_dir_a, results_a = run_a
+    k = 2  # the run is killed while epoch k + 1 runs
+    real_epoch = msi.train._train_epoch
+
+    def killed_at_epoch_k_plus_1(*args, **kwargs):
+        if args[4] == k:  # 0-based epoch index
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(msi.train, "_train_epoch", killed_at_epoch_k_plus_1)
+    run_b = tmp_path / "b"
+    with pytest.raises(MSIError, match=r"--resume") as err:
+        train(config(data_root), out=run_b, quiet=True)
+    assert str(run_b) in str(err.value)
+    monkeypatch.undo()
+    assert load_checkpoint(run_b / "last.pt")["epoch"] == k  # Ctrl-C leaves a usable last.pt
+    assert not (run_b / "results.json").exists()
+    # a row written after the checkpoint (a kill between the two writes) is dropped on resume
+    with open(run_b / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": k + 1, "loss": 123.0}) + "\n")
+
+    results_b = train(None, resume=run_b, quiet=True)
+    assert results_b["valid"] == results_a["valid"]
+    assert results_b["test"] == results_a["test"]
+    assert results_b["best_epoch"] == results_a["best_epoch"]
+    assert results_b["epochs_run"] == EPOCHS
+    assert without_times(rows(run_b)) == without_times(rows(run_dir_a))
+
+
+def test_resume_of_a_missing_run_is_a_clear_error(tmp_path):
+    with pytest.raises(MSIError, match="not found"):
+        train(None, resume=tmp_path / "nope", quiet=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch, bad):
+    real_loss = MSI.loss
+    calls = []
+
+    def loss_goes_bad_in_epoch_2(self, users, items):
+        calls.append(1)
+        terms = real_loss(self, users, items)
+        if len(calls) >= 2:  # one batch per epoch (batch_size > train rows): call 2 is epoch 2
+            terms["loss"] = terms["loss"] * bad
+        return terms
+
+    monkeypatch.setattr(MSI, "loss", loss_goes_bad_in_epoch_2)
+    run_dir = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match=r"(nan|inf) at epoch 2, batch 1"):
+        train(config(data_root, "train.batch_size=100000"), out=run_dir, quiet=True)
+    last = load_checkpoint(run_dir / "last.pt")
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    assert [r["epoch"] for r in rows(run_dir)] == [1]
+    assert not (run_dir / "results.json").exists()
+
+
+def test_early_stopping_after_patience_evaluations_without_improvement(data_root, tmp_path):
+    results = train(config(data_root, "train.epochs=60", "train.patience=2"), out=tmp_path / "es", quiet=True)
+    rs = rows(tmp_path / "es")
+    assert results["epochs_run"] == len(rs) < 60
+    assert results["epochs_run"] == results["best_epoch"] + 2
+    best = rs[results["best_epoch"] - 1]["valid"]["recall@20"]
+    assert all(r["valid"]["recall@20"] <= best for r in rs)
+
+
+def test_eval_every_and_no_evaluation_at_all(data_root, tmp_path):
+    results = train(config(data_root, "train.eval_every=2"), out=tmp_path / "e2", quiet=True)
+    rs = rows(tmp_path / "e2")
+    assert ["valid" in r for r in rs] == [False, True, False, True]
+    assert results["best_epoch"] in (2, 4)
+    with pytest.raises(MSIError, match="no evaluation ran"):
+        train(config(data_root, "train.epochs=1", "train.eval_every=2"), out=tmp_path / "none", quiet=True)
