@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 2026  # seeds every RNG (python, numpy, torch)
     eval_every: int = 1  # evaluate on valid every this many epochs
     patience: int = 20  # stop after this many evaluations without a better valid metric
+    checkpoint_every: int = 1  # write last.pt every this many epochs (and at the end); --resume starts there
     metric: str = "recall@20"  # valid metric for early stopping and the best checkpoint
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     autocast: str = "off"  # off | bf16: bfloat16 autocast of the dense layers (a GPU speed option; changes numbers)
@@ -240,6 +241,7 @@ def validate(cfg: Config) -> None:
         (t.lr > 0, "train.lr", "must be > 0"),
         (t.eval_every > 0, "train.eval_every", "must be > 0"),
         (t.patience > 0, "train.patience", "must be > 0"),
+        (t.checkpoint_every > 0, "train.checkpoint_every", "must be > 0"),
         (t.autocast in ("off", "bf16"), "train.autocast", "must be off or bf16"),
         (len(e.ks) > 0 and all(k > 0 for k in e.ks), "eval.ks", "must be a non-empty list of K > 0"),
         (e.batch_users > 0, "eval.batch_users", "must be > 0"),

@@ -74,7 +74,11 @@ def train(
     else:
         metrics_path.write_text("")
 
+    last_saved = [progress["epoch"]]
+
     def checkpoint(name: str) -> None:
+        if name == "last.pt":
+            last_saved[0] = progress["epoch"]
         save_checkpoint(run_dir / name, {
             "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "epoch": progress["epoch"], "progress": dict(progress), "rng": rng_state(),
@@ -103,13 +107,15 @@ def train(
                     f"{' *' if improved else ''} ({row['epoch_seconds']:.1f}s + {row['eval_seconds']:.1f}s eval)")
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            checkpoint("last.pt")
-            if progress["bad_evals"] >= t.patience:
+            stop = progress["bad_evals"] >= t.patience
+            if stop or (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs:
+                checkpoint("last.pt")
+            if stop:
                 log(f"early stop: no better valid {t.metric} for {t.patience} evaluations")
                 break
     except KeyboardInterrupt:
         raise MSIError(
-            f"interrupted; {run_dir / 'last.pt'} holds epoch {progress['epoch']}: continue with "
+            f"interrupted; {run_dir / 'last.pt'} holds epoch {last_saved[0]}: continue with "
             f"msi-train --resume {run_dir}"
         ) from None
     return _finish(run_dir, evaluator, cfg, dev, progress, time.time() - start, log)

@@ -69,13 +69,13 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
-def popularity_row(config: Path, device: str) -> dict[str, dict[str, float]]:
+def popularity_row(config: Path, device: str, overrides: list[str]) -> dict[str, dict[str, float]]:
     from msi.config import load_config
     from msi.evaluate import Evaluator
     from msi.models import Popularity
     from msi.run import dataset_for, resolve_device
 
-    cfg = load_config(config, ["model.name=lightgcn"])
+    cfg = load_config(config, [*overrides, "model.name=lightgcn"])
     data = dataset_for(cfg, progress=False)
     dev = resolve_device(device)
     ev = Evaluator(data, dev, cfg.eval.ks, cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
@@ -150,7 +150,7 @@ def summarize(plan: dict, args: argparse.Namespace, seconds: float) -> dict:
             "best_epoch": [r["best_epoch"] for r in res],
             "probe": probe([d for d in dirs if (d / "best.pt").is_file()], args.device) if name in args.probe else None,
         }
-    summary["popularity"] = popularity_row(args.configs[0], args.device)
+    summary["popularity"] = popularity_row(args.configs[0], args.device, args.set)
     return summary
 
 
