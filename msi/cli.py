@@ -31,7 +31,7 @@ def _parser(prog: str, description: str, epilog: str | None = None) -> argparse.
 def _guard(fn: Callable[[list[str] | None], int | None], argv: list[str] | None) -> int:
     try:
         return fn(argv) or 0
-    except MSIError as e:
+    except (MSIError, OSError) as e:  # OSError: an unwritable output path, a full disk, a folder given as a file
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -38,6 +38,9 @@ def read_id_mapping(path: Path, column: str, size: int) -> np.ndarray | None:
             raw[index] = parts[1 - col]
         except (ValueError, IndexError):
             raise DataError(f"{path}:{lineno}: expected '<raw id>\\t<{column} below {size}>', got {line!r}") from None
+    missing = np.flatnonzero(raw == None)  # noqa: E711 (elementwise on an object array)
+    if len(missing):
+        raise DataError(f"{path}: no raw id for {len(missing)} of {size} {column}s (first: {missing[0]})")
     return raw
 
 
