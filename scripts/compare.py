@@ -36,19 +36,36 @@ def grid_points(grid: list[str]) -> list[list[str]]:
     return [list(p) for p in itertools.product(*axes)] if axes else [[]]
 
 
-def run_all(jobs: list[tuple[Path, list[str], Path]], n_parallel: int, device: str, extra: list[str]) -> None:
-    """Run ``msi-train`` for every (config, overrides, run dir) not already finished, n_parallel at a time."""
+def run_all(
+    jobs: list[tuple[Path, list[str], Path]], n_parallel: int, device: str, extra: list[str], deadline: float
+) -> None:
+    """Run ``msi-train`` for every (config, overrides, run dir) not already finished, n_parallel at a time.
+
+    A run with a ``last.pt`` but no ``results.json`` (stopped earlier) is resumed. Past ``deadline`` (a
+    ``time.time()`` value) running jobs are stopped and nothing new starts; a later call resumes them.
+    """
     todo = [j for j in jobs if not (j[2] / "results.json").is_file()]
     running: list[tuple[subprocess.Popen, Path]] = []
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     while todo or running:
-        while todo and len(running) < n_parallel:
+        while todo and len(running) < n_parallel and time.time() < deadline:
             config, overrides, run_dir = todo.pop(0)
             run_dir.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "msi.cli", "train", "--config", str(config), *overrides, *extra,
-                   "--out", str(run_dir), "--quiet", "--device", device]
-            log = open(run_dir / "stdout.log", "w")
+            if (run_dir / "last.pt").is_file():
+                cmd = [sys.executable, "-m", "msi.cli", "train", "--resume", str(run_dir), "--quiet", "--device", device]
+            else:
+                cmd = [sys.executable, "-m", "msi.cli", "train", "--config", str(config), *overrides, *extra,
+                       "--out", str(run_dir), "--quiet", "--device", device]
+            log = open(run_dir / "stdout.log", "a")
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), run_dir))
+        if time.time() >= deadline:
+            todo.clear()
+            for proc, run_dir in running:
+                proc.terminate()
+                print(f"[{time.strftime('%H:%M:%S')}] {run_dir.name}: stopped at the deadline", flush=True)
+            for proc, _ in running:
+                proc.wait()
+            return
         time.sleep(0.5)
         for proc, run_dir in list(running):
             if proc.poll() is not None:
@@ -111,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder of the run directories and the tables")
     p.add_argument("--probe", nargs="*", default=[], help="config names to run the modality probe on")
     p.add_argument("--title", default="Results")
+    p.add_argument("--deadline", type=float, default=float("inf"),
+                   help="seconds after which running jobs stop (resumable) and the table covers finished runs")
     args = p.parse_args(argv)
 
     jobs, plan = [], {}
@@ -122,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             plan.setdefault(config.stem, []).append((point, dirs))
             jobs += [(config, [*point, f"train.seed={s}"], d) for s, d in zip(args.seeds, dirs)]
     t0 = time.time()
-    run_all(jobs, args.jobs, args.device, args.set)
+    run_all(jobs, args.jobs, args.device, args.set, t0 + args.deadline)
     summary = summarize(plan, args, time.time() - t0)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -148,7 +167,7 @@ def summarize(plan: dict, args: argparse.Namespace, seconds: float) -> dict:
             "test": {c: [r["test"][c] for r in res] for c in COLUMNS},
             "valid_recall@20": [r["valid"]["recall@20"] for r in res],
             "best_epoch": [r["best_epoch"] for r in res],
-            "probe": probe([d for d in dirs if (d / "best.pt").is_file()], args.device) if name in args.probe else None,
+            "probe": probe([d for d in dirs if (d / "results.json").is_file()], args.device) if name in args.probe else None,
         }
     summary["popularity"] = popularity_row(args.configs[0], args.device, args.set)
     return summary
@@ -163,6 +182,8 @@ def render(summary: dict, args: argparse.Namespace) -> str:
              "|---" * (len(COLUMNS) + 3) + "|"]
     for name, m in summary["models"].items():
         sel = f" ({' '.join(m['selected'])})" if m["selected"] else ""
+        if m["runs"] < len(summary["seeds"]):
+            sel += f" [{m['runs']} of {len(summary['seeds'])} runs finished]"
         cells = [mean_std(m["test"][c]) for c in COLUMNS]
         epochs = "/".join(map(str, m["best_epoch"]))
         lines.append(f"| {name}{sel} | " + " | ".join(cells) + f" | {mean_std(m['valid_recall@20'])} | {epochs} |")
