@@ -56,9 +56,15 @@ class Evaluator:
         test_seen = np.concatenate([dataset.train, dataset.valid]) if mask_valid_at_test else dataset.train
         self.seen = {"train": train_mask, "valid": train_mask,
                      "test": interaction_csr(test_seen, U, I).to(self.device) if mask_valid_at_test else train_mask}
+        self._truth_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _truth(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Evaluated users (n,), their |T_u| (n,), and the sorted keys user * I + item of the split's rows."""
+        if split not in self._truth_cache:
+            self._truth_cache[split] = self._build_truth(split)
+        return self._truth_cache[split]
+
+    def _build_truth(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pairs = np.unique(self.dataset.split(split), axis=0)
         users, counts = np.unique(pairs[:, 0], return_counts=True)
         keys = pairs[:, 0] * self.n_items + pairs[:, 1]  # sorted, as pairs are sorted by (user, item)

@@ -56,7 +56,7 @@ def train(
     dataset = dataset_for(cfg, progress=not quiet)
     log(dataset.summary())
     model = build_model(cfg, dataset).to(dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, foreach=True)  # foreach: same numbers, faster
     evaluator = Evaluator(dataset, dev, cfg.eval.ks, cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
     train_pairs = torch.from_numpy(dataset.train).to(dev)
     t = cfg.train
@@ -77,13 +77,13 @@ def train(
     last_saved = [progress["epoch"]]
 
     def checkpoint(name: str) -> None:
+        """last.pt can resume a run (optimizer and RNG states); best.pt holds what evaluation needs."""
+        payload = {"config": cfg.to_dict(), "model": model.state_dict(), "epoch": progress["epoch"],
+                   "progress": dict(progress), "data": data_signature(dataset)}
         if name == "last.pt":
             last_saved[0] = progress["epoch"]
-        save_checkpoint(run_dir / name, {
-            "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": progress["epoch"], "progress": dict(progress), "rng": rng_state(),
-            "data": data_signature(dataset),
-        })
+            payload.update(optimizer=optimizer.state_dict(), rng=rng_state())
+        save_checkpoint(run_dir / name, payload)
 
     start = time.time()
     epochs = tqdm(range(progress["epoch"], t.epochs), desc="epochs", disable=quiet, initial=progress["epoch"],
@@ -131,19 +131,23 @@ def _train_epoch(
     perm = torch.randperm(len(pairs)).to(pairs.device)
     sums: dict[str, torch.Tensor] = {}
     n_batches = math.ceil(len(pairs) / batch_size)
+    losses = torch.empty(n_batches, device=pairs.device)  # checked once per epoch: no GPU sync per step
     for b in tqdm(range(n_batches), desc=f"epoch {epoch + 1}", leave=False, disable=quiet):
         batch = pairs[perm[b * batch_size : (b + 1) * batch_size]]
         terms = model.loss(batch[:, 0], batch[:, 1])
-        if not torch.isfinite(terms["loss"]):
-            raise TrainingDiverged(
-                f"loss is {terms['loss'].item()} at epoch {epoch + 1}, batch {b + 1} "
-                f"({ {k: round(v.item(), 4) for k, v in terms.items()} }); the last good checkpoint is kept"
-            )
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
+        losses[b] = terms["loss"].detach()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v.detach()
+    bad = torch.nonzero(~torch.isfinite(losses))
+    if len(bad):
+        b = int(bad[0])
+        raise TrainingDiverged(
+            f"loss is {losses[b].item()} at epoch {epoch + 1}, batch {b + 1}; the run stops here, and the "
+            "checkpoints written before this epoch are kept"
+        )
     row = {k: float(v) / n_batches for k, v in sums.items()}
     row.update(epoch=epoch + 1, epoch_seconds=time.time() - t0)
     return row

@@ -1,41 +1,42 @@
 #!/usr/bin/env bash
 # The GPU checks, in one go on a CUDA machine: the CUDA tests, the GPU benchmark, and the TikTok comparison
-# (docs/results.md). Usage: bash scripts/gpu_check.sh SHARED_DATA_DIR OUT_DIR [JOBS]
+# (docs/results.md). Usage: bash scripts/gpu_check.sh SHARED_DATA_DIR OUT_DIR
 # SHARED_DATA_DIR holds tiktok/, baby/, sports/ (../shared/data beside the repository).
+# Environment: JOBS (parallel runs, 16), DEADLINE (seconds of comparison; unfinished runs stop, resumable),
+# RUNS (where run directories go, /dev/shm/msi-runs), SKIP_BENCH=1, EXTRA_SEEDS (seeds of the frozen-feature
+# and bf16 runs, "999 42 2026").
 set -u
 SHARED=$(realpath "${1:-../shared/data}")
 OUT=$(realpath -m "${2:-gpu-check}")
-JOBS=${3:-12}
-mkdir -p "$OUT"
+JOBS=${JOBS:-16}; DEADLINE=${DEADLINE:-3000}; RUNS=${RUNS:-/dev/shm/msi-runs}; EXTRA_SEEDS=${EXTRA_SEEDS:-999 42 2026}
+mkdir -p "$OUT" "$RUNS"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; nproc; } | tee "$OUT/machine.txt"
 
-echo "== CUDA tests"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_models.py tests/test_evaluate.py \
-  2>&1 | tail -n 15 | tee "$OUT/pytest_cuda.txt"
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  echo "== GPU benchmark"
+  python3 scripts/bench.py --device cuda --datasets elec baby sports tiktok --shared-data "$SHARED" \
+    --cache /tmp/msi-bench --out-json "$OUT/bench_gpu.json" --out-md "$OUT/bench_gpu.md" 2>&1 | tail -n 60
+fi
 
-echo "== GPU benchmark"
-python3 scripts/bench.py --device cuda --datasets elec baby sports tiktok --shared-data "$SHARED" \
-  --cache /tmp/msi-bench --out-json "$OUT/bench_gpu.json" --out-md "$OUT/bench_gpu.md" 2>&1 | tail -n 60
-
+echo "== CUDA tests (beside the comparison)"
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$OUT/pytest_cuda.txt" 2>&1 &
 echo "== TikTok comparison ($JOBS runs at a time)"
-TT="configs/tiktok.yaml configs/tiktok_bm3.yaml configs/tiktok_wo_s.yaml configs/tiktok_wo_i.yaml \
-    configs/tiktok_wo_a.yaml configs/tiktok_wo_m.yaml configs/tiktok_lightgcn.yaml"
-python3 scripts/compare.py --configs $TT --seeds 999 42 2026 \
-  --grid loss.alpha=0.1,0.01 model.dropout=0.3,0.5 --grid-configs tiktok \
-  --set data.root="$SHARED" train.checkpoint_every=25 --jobs "$JOBS" --device cuda \
-  --out runs/tiktok --probe tiktok tiktok_bm3 --title "TikTok (image + audio)" --deadline "${DEADLINE:-330}" > "$OUT/compare_main.log" 2>&1 &
-MAIN=$!
-python3 scripts/compare.py --configs configs/tiktok.yaml --seeds 999 42 2026 \
-  --set data.root="$SHARED" train.checkpoint_every=25 model.freeze_features=true --jobs 3 --device cuda \
-  --out runs/tiktok_frozen --title "TikTok MSI, frozen features" --deadline "${DEADLINE:-330}" > "$OUT/compare_frozen.log" 2>&1 &
-python3 scripts/compare.py --configs configs/tiktok.yaml --seeds 999 42 2026 \
-  --set data.root="$SHARED" train.checkpoint_every=25 train.autocast=bf16 --jobs 3 --device cuda \
-  --out runs/tiktok_bf16 --title "TikTok MSI, bf16 autocast" --deadline "${DEADLINE:-330}" > "$OUT/compare_bf16.log" 2>&1 &
+COMMON=(--set data.root="$SHARED" train.checkpoint_every=25 --device cuda --deadline "$DEADLINE")
+python3 scripts/compare.py "${COMMON[@]}" --jobs "$JOBS" --out "$RUNS/tiktok" --title "TikTok (image + audio)" \
+  --configs configs/tiktok_bm3.yaml configs/tiktok_wo_s.yaml configs/tiktok_wo_i.yaml configs/tiktok_wo_a.yaml \
+            configs/tiktok_wo_m.yaml configs/tiktok_lightgcn.yaml configs/tiktok.yaml --seeds 999 42 2026 \
+  --grid loss.alpha=0.1,0.01 model.dropout=0.3,0.5 --grid-configs tiktok --probe tiktok tiktok_bm3 \
+  > "$OUT/compare_main.log" 2>&1 &
+for pair in frozen:model.freeze_features=true bf16:train.autocast=bf16; do
+  python3 scripts/compare.py "${COMMON[@]}" --jobs 3 --out "$RUNS/tiktok_${pair%%:*}" --title "TikTok MSI, ${pair#*:}" \
+    --configs configs/tiktok.yaml --seeds $EXTRA_SEEDS --set data.root="$SHARED" train.checkpoint_every=25 "${pair#*:}" \
+    > "$OUT/compare_${pair%%:*}.log" 2>&1 &
+done
 wait
-tail -n 60 "$OUT/compare_main.log"
-for d in runs/tiktok runs/tiktok_frozen runs/tiktok_bf16; do n=$(basename $d)
-  cp "$d/results.md" "$OUT/$n.md" 2>/dev/null; cp "$d/summary.json" "$OUT/$n.json" 2>/dev/null; done
-tar czf "$OUT/tiktok_runs.tgz" runs/tiktok*/*/metrics.jsonl runs/tiktok*/*/results.json runs/tiktok*/*/stdout.log 2>/dev/null
-ls -la "$OUT"
+cat "$OUT/pytest_cuda.txt" | tail -n 5
+for d in "$RUNS"/tiktok*; do cp "$d/results.md" "$OUT/$(basename "$d").md" 2>/dev/null; done
+tar czf "$OUT/tiktok_runs.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d tiktok*/summary.json tiktok*/*/metrics.jsonl \
+  tiktok*/*/results.json tiktok*/*/stdout.log 2>/dev/null)
+cat "$OUT"/tiktok*.md

@@ -39,7 +39,15 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_main_writes_json_and_markdown(bench, shared: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def keep_threads():
+    """main() sets torch's thread count for the whole process: put it back for the tests that follow."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_main_writes_json_and_markdown(bench, shared: Path, tmp_path: Path, keep_threads) -> None:
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     res = bench.main([
         "--datasets", "baby", "sports", "tiktok", "elec", "--quick", "--device", "cpu", "--threads", "1",

