@@ -5,7 +5,6 @@ Skipped where torch sees no CUDA GPU (CI); run on a GPU machine with ``python -m
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -29,7 +28,7 @@ def _msi(tiny, **kw) -> MSI:
 @pytest.mark.parametrize("kw", [{}, {"use_ssd": False}, {"use_ip": False}, {"use_ssd": False, "use_ip": False}])
 def test_msi_loss_and_grads_match_cpu(tiny, kw):
     cpu = _msi(tiny, **kw).eval()  # eval: SSD uses the means, dropout 0: the loss is deterministic
-    gpu = copy.deepcopy(cpu).to("cuda")
+    gpu = _msi(tiny, **kw).eval().to("cuda")  # the same seed: the same initial parameters
     pairs = torch.from_numpy(tiny.train[:64])
     lc = cpu.loss(pairs[:, 0], pairs[:, 1])
     lg = gpu.loss(pairs[:, 0].cuda(), pairs[:, 1].cuda())
@@ -44,7 +43,7 @@ def test_msi_loss_and_grads_match_cpu(tiny, kw):
 
 def test_evaluation_matches_cpu(tiny):
     cpu = _msi(tiny).eval()
-    gpu = copy.deepcopy(cpu).to("cuda")
+    gpu = _msi(tiny).eval().to("cuda")
     for view in cpu.item_views:
         mc = Evaluator(tiny, "cpu")(cpu, "valid", view)
         mg = Evaluator(tiny, "cuda")(gpu, "valid", view)

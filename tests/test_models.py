@@ -482,3 +482,37 @@ def test_build_model_builds_lightgcn(tiny):
     assert isinstance(model, LightGCN)
     assert (model.n_layers, model.gamma, model.emb.shape) == (2, 1e-4, (tiny.n_users + tiny.n_items, 8))
     assert model.item_views == ("id",)
+
+
+def test_symmetric_backward_equals_torch_sparse_backward():
+    """The readout's own backward (Â @ G, Â symmetric) gives torch's transpose-based gradient bit for bit."""
+    rng = np.random.default_rng(3)
+    pairs = np.stack([rng.integers(0, 30, 200), rng.integers(0, 20, 200)], axis=1)
+    adj = normalized_adjacency(pairs, 30, 20)
+    x = torch.randn(50, 6, dtype=torch.float32)
+    grad = torch.randn(50, 6)
+    a = x.clone().requires_grad_()
+    (lightgcn_readout(adj, a, 2) * grad).sum().backward()
+    b = x.clone().requires_grad_()
+    out = z = b
+    for _ in range(2):
+        z = torch.sparse.mm(adj, z)
+        out = out + z
+    (out / 3 * grad).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+
+
+def test_foreach_adam_gives_the_same_parameters():
+    """The trainer's Adam(foreach=True) is a speed setting: the same numbers as the per-tensor loop."""
+    torch.manual_seed(0)
+    params = [torch.randn(30, 8), torch.randn(8)]
+    runs = []
+    for foreach in (False, True):
+        ps = [p.clone().requires_grad_() for p in params]
+        opt = torch.optim.Adam(ps, lr=1e-2, foreach=foreach)
+        for step in range(5):
+            opt.zero_grad()
+            sum((p.sin() * (step + 1)).sum() for p in ps).backward()
+            opt.step()
+        runs.append(ps)
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
