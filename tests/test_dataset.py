@@ -193,3 +193,12 @@ def test_feature_file_must_be_a_2d_numeric_npy(tmp_path):
     np.save(tmp_path / "text.npy", np.array([["a"], ["b"], ["c"]]))
     with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'text.npy'}: dtype <U1 is not numeric")):
         load_features(tmp_path / "text.npy", 3)
+
+
+def test_utf8_bom_before_the_header_is_read(tmp_path):
+    from msi.data.dataset import read_inter
+
+    path = tmp_path / "bom.inter"
+    path.write_bytes("\ufeffuserID\titemID\tx_label\n0\t1\t0\n1\t0\t2\n".encode("utf-8"))
+    users, items, labels = read_inter(path)
+    assert users.tolist() == [0, 1] and items.tolist() == [1, 0] and labels.tolist() == [0, 2]

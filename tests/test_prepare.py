@@ -258,7 +258,7 @@ def test_truncated_image_file_and_missing_input(files: dict[str, Path], tmp_path
     with pytest.raises(DataError, match=r"image_features_Toy\.b: ends inside image record 3"):
         run(files, tmp_path)
     files["reviews"] = tmp_path / "absent.json.gz"
-    with pytest.raises(DataError, match=r"absent\.json\.gz: no such file"):
+    with pytest.raises(DataError, match=r"absent\.json\.gz: reviews file not found"):
         run(files, tmp_path)
 
 
@@ -303,3 +303,8 @@ def test_real_minilm_encoder() -> None:
     assert vectors.shape == (3, 384)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+
+
+def test_missing_input_is_reported_before_the_encoder_loads(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="reviews file not found"):
+        prepare(tmp_path / "nope.json.gz", tmp_path / "meta.json.gz", None, "toy", tmp_path / "out", encoder=None)

@@ -78,7 +78,7 @@ def read_inter(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: interaction file not found")
-    with open(path, newline=None) as f:  # universal newlines: CRLF is read as LF
+    with open(path, newline=None, encoding="utf-8-sig") as f:  # CRLF read as LF; a UTF-8 BOM is dropped
         text = f.read()
     lines = text.split("\n")
     header = [h.strip() for h in lines[0].split("\t")]

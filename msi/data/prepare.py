@@ -284,6 +284,9 @@ def prepare(
     for option, value, choices in (("dedupe", dedupe, DEDUPE), ("id_order", id_order, ID_ORDERS),
                                    ("split", split, SPLITS)):
         _check_choice(option, value, choices)
+    for label, path in (("reviews", reviews), ("metadata", meta), ("image features", image_features)):
+        if path is not None and not Path(path).is_file():  # before the encoder's slow load
+            raise DataError(f"{path}: {label} file not found")
     folder = _output_folder(Path(out), name, overwrite)
     encode = encoder or minilm_encoder()
     encoder_name = encoder_name or (MINILM if encoder is None else getattr(encoder, "__name__", "custom"))
