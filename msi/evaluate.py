@@ -14,7 +14,7 @@ import torch
 
 from msi.data.dataset import Dataset
 from msi.data.graph import interaction_csr
-from msi.models.base import Recommender, mask_rows
+from msi.models.base import Recommender
 
 METRIC_NAMES = ("recall", "ndcg", "precision", "map")
 

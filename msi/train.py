@@ -56,7 +56,7 @@ def train(
     dataset = dataset_for(cfg, progress=not quiet)
     log(dataset.summary())
     model = build_model(cfg, dataset).to(dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, foreach=True)  # foreach: same numbers, faster
+    optimizer = make_optimizer(model, cfg.train.lr)
     evaluator = Evaluator(dataset, dev, cfg.eval.ks, cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
     train_pairs = torch.from_numpy(dataset.train).to(dev)
     t = cfg.train
@@ -119,6 +119,11 @@ def train(
             f"msi-train --resume {run_dir}"
         ) from None
     return _finish(run_dir, evaluator, cfg, dev, progress, time.time() - start, log)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Adam, no weight decay; foreach=True gives the per-tensor loop's numbers, faster."""
+    return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
 
 
 def _train_epoch(

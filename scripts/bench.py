@@ -44,7 +44,7 @@ from msi.evaluate import Evaluator
 from msi.models import MSI, Recommender, build_model
 from msi.models.base import lightgcn_readout
 from msi.run import resolve_device, seed_everything
-from msi.train import _train_epoch
+from msi.train import _train_epoch, make_optimizer
 
 DATASETS = ("baby", "sports", "tiktok", "elec")
 MODELS = {  # bench name -> (model.* settings, loss.* settings) on top of the Config defaults
@@ -250,7 +250,7 @@ def bench_model(
     base, per_phase = start_peak(device)
     cfg = model_config(name, args.freeze_features)
     model = build_model(cfg, dataset).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    optimizer = make_optimizer(model, cfg.train.lr)
     pairs = torch.from_numpy(dataset.train).to(device)
     batches = [pairs[torch.randperm(len(pairs), device=device)[: args.batch_size]] for _ in range(4)]
     next_batch = itertools.cycle(batches).__next__

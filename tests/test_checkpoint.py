@@ -19,15 +19,6 @@ from msi.run import restore
 from msi.train import train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is many times faster than two on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def payload(**extra) -> dict:
     model = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(3)}
     data = {"name": "x", "n_users": 2, "n_items": 3, "features": {"image": 4}}

@@ -10,22 +10,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from msi import __version__
 from msi.cli import data_main, eval_main, recommend_main, train_main
 from msi.data.dataset import read_inter
 
 EPOCHS = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is many times faster than two on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,6 @@ from msi.evaluate import Evaluator, topk_metrics
 from msi.models import Recommender, build_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is many times faster than two on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def lg(x: float) -> float:
     return math.log2(x)
 

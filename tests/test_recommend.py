@@ -10,27 +10,10 @@ import pytest
 import torch
 
 from msi.config import Config
-from msi.data.dataset import Dataset, load_dataset
-from msi.data.synth import generate
+from msi.data.dataset import Dataset
 from msi.errors import DataError, MSIError
 from msi.models import build_model
 from msi.recommend import read_id_mapping, select_users, write_recommendations
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is many times faster than two on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Dataset:
-    root = tmp_path_factory.mktemp("rec-data")
-    generate("tiny", root / "tiny", seed=0, progress=False)
-    return load_dataset(root, "tiny", {"image": "image_feat.npy", "text": "text_feat.npy"})
 
 
 # ---------------------------------------------------------------- read_id_mapping
