@@ -1,6 +1,3 @@
-"""Data: the MMRec layout reader, the training graph, generated data and raw-Amazon preparation."""
-
-from msi.data.dataset import Dataset, load_dataset, load_features, read_inter
-from msi.data.graph import interaction_csr, normalized_adjacency
-
-__all__ = ["Dataset", "load_dataset", "load_features", "read_inter", "normalized_adjacency", "interaction_csr"]
+"""Data: the MMRec layout reader (``dataset``), the training graph (``graph``), generated data (``synth``) and
+raw-Amazon preparation (``amazon``, ``prepare``). Import the submodules; this package imports nothing, so that
+``msi-data`` starts without loading torch."""
