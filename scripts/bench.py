@@ -278,7 +278,6 @@ def bench_model(
     }
     if name == "msi":
         row["profile"] = profile_step(step, device, args.profile_top)
-    del model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
