@@ -141,7 +141,7 @@ def _recommend(argv: list[str] | None) -> int:
 def _data(argv: list[str] | None) -> int:
     p = _parser("msi-data", "Make data sets in the MMRec layout: generated ones, or from raw Amazon files.")
     sub = p.add_subparsers(dest="command", required=True)
-    from msi.data.synth import PRESETS
+    from msi.data.synth import PRESETS, SIGNALS
 
     s = sub.add_parser("synth", help="generate a data set with planted structure",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -150,6 +150,10 @@ def _data(argv: list[str] | None) -> int:
     s.add_argument("--out", required=True, help="data set folder to write (<out>/<name>.inter, *_feat.npy)")
     s.add_argument("--seed", type=int, default=0, help="random seed")
     s.add_argument("--name", default=None, help="data set name (default: the folder's name)")
+    s.add_argument("--signal", choices=SIGNALS, default=None,
+                   help="where the preference factors live: mixed (both modalities, one shared nuisance), shared "
+                        "(both, each with a nuisance of its own), specific (half the factors each, a shared "
+                        "nuisance); default: the preset's own (mixed)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     from msi.data.prepare import add_prepare_arguments
 
@@ -161,7 +165,8 @@ def _data(argv: list[str] | None) -> int:
     if args.command == "synth":
         from msi.data.synth import generate
 
-        path = generate(args.preset, args.out, seed=args.seed, name=args.name, progress=not args.quiet)
+        path = generate(args.preset, args.out, seed=args.seed, name=args.name, progress=not args.quiet,
+                        signal=args.signal)
         print(f"wrote {path.parent}")
     else:
         from msi.data.prepare import run_prepare

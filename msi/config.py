@@ -46,12 +46,14 @@ class ModelConfig:
     use_ssd: bool = True  # superfluous semantics discarding (Gaussian encoders, InfoNCE + AKL)
     use_ip: bool = True  # interaction preserving (modality LightGCN graphs)
     freeze_features: bool = False  # keep raw item features fixed (BM3 trains them)
+    code_placement: str = "sample"  # sample: SSD samples feed graphs and losses | mean: means downstream, samples in L_ssd
 
 
 @dataclass
 class LossConfig:
     alpha: float = 0.1  # weight of L_ssd
     beta: float = 1e-4  # weight of the average KL inside L_ssd
+    beta_warmup: int = 0  # epochs over which beta rises linearly from 0 to its value (0: off)
     gamma: float = 0.1  # weight of L_reg (BM3's reg_weight)
     w_align: float = 1.0  # weight of L_align (BM3: cl_weight 2.0)
     w_mask: float = 1.0  # weight of L_mask (BM3: cl_weight 2.0)
@@ -235,6 +237,7 @@ def validate(cfg: Config) -> None:
         (m.n_layers >= 0, "model.n_layers", "must be >= 0"),
         (0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
         (m.tau > 0, "model.tau", "must be > 0"),
+        (m.code_placement in ("sample", "mean"), "model.code_placement", "must be sample or mean"),
         (all(v >= 0 for v in asdict(lo).values()), "loss", "weights must be >= 0"),
         (t.epochs > 0, "train.epochs", "must be > 0"),
         (t.batch_size > 0, "train.batch_size", "must be > 0"),

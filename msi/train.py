@@ -20,7 +20,7 @@ from msi.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_
 from msi.config import Config, config_from_dict, dump_config
 from msi.errors import MSIError
 from msi.evaluate import Evaluator
-from msi.models import build_model
+from msi.models import build_model, epoch_diagnostics
 from msi.run import data_signature, dataset_for, resolve_device, seed_everything
 
 
@@ -90,8 +90,10 @@ def train(
                   total=t.epochs)
     try:
         for epoch in epochs:
+            model.start_epoch(epoch)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.autocast == "bf16"):
                 row = _train_epoch(model, optimizer, train_pairs, t.batch_size, epoch, quiet)
+            row.update(epoch_diagnostics(model))
             progress["epoch"] = epoch + 1
             if (epoch + 1) % t.eval_every == 0:
                 t0 = time.time()

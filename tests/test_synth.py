@@ -114,6 +114,42 @@ def test_nuisance_is_shared_by_both_modalities(tmp_path: Path, nuisance_scale: f
     assert (r > 0.3) if shared else (abs(r) < 0.1)
 
 
+@pytest.mark.parametrize("signal, shared_rest", [("mixed", True), ("shared", False), ("specific", True)])
+def test_signal_decides_whether_the_modalities_share_their_nuisance(tmp_path: Path, signal: str,
+                                                                    shared_rest: bool) -> None:
+    synth.generate(MID, tmp_path, seed=0, progress=False, signal=signal)
+    q = synth.item_factors(MID, 0)
+    image_rest = _residual(np.load(tmp_path / "image_feat.npy"), q)
+    text_rest = _residual(np.load(tmp_path / "text_feat.npy"), q)
+    r = np.corrcoef(_pair_cosines(image_rest), _pair_cosines(text_rest))[0, 1]
+    assert (r > 0.3) if shared_rest else (abs(r) < 0.1)
+
+
+@pytest.mark.parametrize("signal", ["mixed", "shared", "specific"])
+def test_specific_signal_splits_the_factors_between_the_modalities(tmp_path: Path, signal: str) -> None:
+    """Least squares of each modality on Q: under ``specific`` image uses only the first half of the factors and
+    text only the second; otherwise both use all of them (no noise and no nuisance, so the fit is exact)."""
+    clean = dataclasses.replace(MID, image_noise=0.0, text_noise=0.0, nuisance_scale=0.0)
+    synth.generate(clean, tmp_path, seed=0, progress=False, signal=signal)
+    q, half = synth.item_factors(clean, 0), MID.n_factors // 2
+    for fname, own in (("image_feat.npy", slice(0, half)), ("text_feat.npy", slice(half, None))):
+        coef, *_ = np.linalg.lstsq(q, np.load(tmp_path / fname).astype(np.float64), rcond=None)  # (k, F)
+        weight = np.abs(coef).mean(axis=1)
+        other = np.ones(MID.n_factors, bool)
+        other[own] = False
+        ratio = weight[other].mean() / weight[own].mean()
+        assert (ratio < 1e-3) if signal == "specific" else (ratio > 0.5), (fname, ratio)
+
+
+def test_mixed_signal_is_the_default_and_keeps_its_bytes(tmp_path: Path) -> None:
+    synth.generate("tiny", tmp_path / "a", seed=0, progress=False)
+    synth.generate("tiny", tmp_path / "b", seed=0, progress=False, name="a", signal="mixed")
+    for fname in ("a.inter", "image_feat.npy", "text_feat.npy"):
+        assert _sha256(tmp_path / "a" / fname) == _sha256(tmp_path / "b" / fname)
+    with pytest.raises(ConfigError, match="signal"):
+        synth.generate("tiny", tmp_path / "c", signal="both", progress=False)
+
+
 def test_popularity_is_long_tailed(tmp_path: Path) -> None:
     synth.generate(MID, tmp_path, name="mid", progress=False)
     counts = np.sort(np.bincount(_read_inter(tmp_path / "mid.inter")[:, 1]))[::-1]

@@ -5,18 +5,23 @@ factors P (U x k) near one topic. User u picks its items without replacement fro
 
     p(i | u)  ∝  pop_i * exp(s * <p_u, q_i>)          (s = `affinity_scale`, pop_i long-tailed)
 
-and each modality m sees the factors plus a nuisance shared by both modalities plus its own noise:
+and each modality m sees factors, a nuisance and its own noise; where the preference signal lives is the
+preset's `signal`:
 
-    X_m = Q W_m + a * N V_m + sigma_m * E_m            (N: I x nuisance_dim, drawn once per item)
+    mixed     X_m = Q W_m + a * N V_m + sigma_m * E_m        both modalities carry Q and one shared nuisance N
+    shared    X_m = Q W_m + a * N_m V_m + sigma_m * E_m      both carry Q; each adds a nuisance N_m of its own
+    specific  X_m = Q_m W_m + a * N V_m + sigma_m * E_m      image carries the first half of Q's factors, text the
+                                                             second half (Q_m, scaled to keep std 1); N is shared
 
-N never touches the interactions: it is the "superfluous semantics" that MSI should discard.
+(N, N_m: I x nuisance_dim, drawn once per item.) A nuisance never touches the interactions. `shared` is the case
+the MSI paper argues for (what the modalities share is what matters); in `specific` what they share is noise.
 Every random draw comes from a generator keyed by (seed, stream, chunk), and the arithmetic that feeds
 the files is elementwise in a fixed order (no BLAS), so the bytes depend on the seed alone: not on
 thread counts, BLAS builds or how much memory there is.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +30,8 @@ from tqdm import tqdm
 from msi.errors import ConfigError, DataError
 
 # Stream ids: each kind of draw has its own generator, so changing one step leaves the others' bytes alone.
-_LATENTS, _DEGREES, _INTERACTIONS, _COVER, _SPLIT, _MAPS, _NOISE = range(7)
+_LATENTS, _DEGREES, _INTERACTIONS, _COVER, _SPLIT, _MAPS, _NOISE, _OWN_NUISANCE = range(8)
+SIGNALS = ("mixed", "shared", "specific")
 _USER_CHUNK = 4096  # users per interaction-sampling chunk
 _FEATURE_CHUNK_VALUES = 1 << 22  # feature values (rows x width) per written chunk
 _INTER_CHUNK = 1 << 18  # .inter rows formatted per write
@@ -55,8 +61,11 @@ class SynthPreset:
     nuisance_scale: float = 1.0  # a: per-value std of the nuisance part (the factor part has std 1)
     image_noise: float = 2.0  # sigma of the image-only noise
     text_noise: float = 1.0  # sigma of the text-only noise
+    signal: str = "mixed"  # where the preference factors live: mixed | shared | specific (module docstring)
 
     def __post_init__(self) -> None:
+        if self.signal not in SIGNALS:
+            raise ConfigError(f"SynthPreset.signal must be one of {', '.join(SIGNALS)}, got {self.signal!r}")
         for key in ("n_users", "n_items", "n_interactions", "image_dim", "text_dim", "n_factors",
                     "n_topics", "nuisance_dim", "min_degree"):
             if getattr(self, key) < 1:
@@ -128,12 +137,15 @@ def item_factors(preset: str | SynthPreset, seed: int = 0) -> np.ndarray:
 
 
 def generate(preset: str | SynthPreset, out_dir: str | Path, seed: int = 0, name: str | None = None,
-             progress: bool = True) -> Path:
+             progress: bool = True, signal: str | None = None) -> Path:
     """Write `<name>.inter`, `image_feat.npy` (I, image_dim) and `text_feat.npy` (I, text_dim) into
     `out_dir` (created if needed) and return the path of the `.inter` file. `name` defaults to the
     basename of `out_dir`. The same (preset, seed) always gives the same bytes. Each file is written
-    under a `.part` name and renamed when complete, so an interrupted run leaves no file that looks whole."""
+    under a `.part` name and renamed when complete, so an interrupted run leaves no file that looks whole.
+    `signal` (mixed | shared | specific) replaces the preset's own."""
     p = resolve_preset(preset)
+    if signal is not None:
+        p = replace(p, signal=signal)
     lat = latents(p, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -298,8 +310,15 @@ def _write_features(path: Path, lat: Latents, p: SynthPreset, seed: int, modalit
     w = maps.standard_normal((p.n_factors, dim), dtype=np.float32)  # (k, F): factor part has std 1
     v = maps.standard_normal((p.nuisance_dim, dim), dtype=np.float32)
     v *= np.float32(p.nuisance_scale / np.sqrt(p.nuisance_dim))  # (n, F): nuisance part has std a
+    factors, nuisance = lat.item_factors, lat.nuisance
+    if p.signal == "shared":  # a nuisance of this modality's own
+        nuisance = _rng(seed, _OWN_NUISANCE, modality).standard_normal(lat.nuisance.shape)
+    elif p.signal == "specific":  # image keeps the first half of the factors, text the second; std stays 1
+        half = p.n_factors // 2
+        keep = np.arange(p.n_factors) < half if modality == 0 else np.arange(p.n_factors) >= half
+        w *= np.where(keep, np.float32(np.sqrt(p.n_factors / keep.sum())), np.float32(0.0))[:, None]
     basis = np.concatenate([w, v])  # (k + n, F)
-    coords = np.concatenate([lat.item_factors, lat.nuisance], axis=1).astype(np.float32)  # (I, k + n)
+    coords = np.concatenate([factors, nuisance], axis=1).astype(np.float32)  # (I, k + n)
     rows = max(1, _FEATURE_CHUNK_VALUES // dim)
     header = {"descr": "<f4", "fortran_order": False, "shape": (p.n_items, dim)}
     part = path.with_name(path.name + ".part")

@@ -9,7 +9,7 @@ import torch
 from msi.config import Config
 from msi.data.dataset import Dataset
 from msi.data.graph import normalized_adjacency
-from msi.models.base import Recommender, lightgcn_readout, mask_rows
+from msi.models.base import Recommender, grad_norms, lightgcn_readout, mask_rows
 from msi.models.lightgcn import LightGCN
 from msi.models.msi import MSI
 from msi.models.popularity import Popularity
@@ -34,4 +34,13 @@ def build_model(cfg: Config, dataset: Dataset, with_features: bool = True) -> Re
     return MSI(dataset.n_users, dataset.n_items, adj, features, **kwargs, **asdict(lo))
 
 
-__all__ = ["MSI", "LightGCN", "Popularity", "Recommender", "build_model", "lightgcn_readout", "mask_rows"]
+def epoch_diagnostics(model: Recommender) -> dict[str, float]:
+    """What the trainer adds to an epoch's metrics row: the gradient norm of each parameter group at the epoch's
+    last step, and for MSI the SSD code statistics (``MSI.code_stats``)."""
+    out = grad_norms(model)
+    if isinstance(model, MSI):
+        out.update(model.code_stats())
+    return out
+
+
+__all__ = ["MSI", "epoch_diagnostics", "grad_norms", "LightGCN", "Popularity", "Recommender", "build_model", "lightgcn_readout", "mask_rows"]

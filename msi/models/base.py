@@ -49,6 +49,22 @@ def mask_rows(scores: torch.Tensor, users: torch.Tensor, exclude: torch.Tensor) 
     return scores
 
 
+# parameter name (its first dotted part) -> the group whose gradient norm the trainer logs
+PARAM_GROUPS = {"user_emb": "embeddings", "item_emb": "embeddings", "emb": "embeddings", "proj": "projections",
+                "head": "heads", "predictor": "predictor", "raw": "features"}
+
+
+@torch.no_grad()
+def grad_norms(model: nn.Module) -> dict[str, float]:
+    """The L2 norm of the current gradient of each parameter group (``grad_<group>``), groups without one left out."""
+    sq: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            group = PARAM_GROUPS.get(name.split(".")[0], "other")
+            sq[group] = sq.get(group, 0.0) + p.grad.float().pow(2).sum()
+    return {f"grad_{g}": float(v) ** 0.5 for g, v in sq.items()}
+
+
 class Recommender(nn.Module):
     """What every model provides: ``embeddings()``, ``loss(users, items)``, ``score`` and ``recommend``.
 
@@ -67,6 +83,9 @@ class Recommender(nn.Module):
 
     def embeddings(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the trainer before epoch ``epoch`` (0-based): for schedules such as MSI's beta warm-up."""
 
     def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -2,8 +2,10 @@
 
 Forward pass (SPEC §2), d = embedding_dim, U users, I items, N = U + I:
     h_m   = W_m x_m                           (I, d)   one linear map per modality from raw features x_m (I, F_m)
-    SSD:  mu_m, s_m = head_m(h_m); sigma_m = softplus(s_m) + 1e-6
-          z_r^m = mu_m + sigma_m * eps (training), mu_m (eval);   without SSD: z_r^m = h_m
+    SSD:  mu_m, s_m = head_m(h_m); sigma_m = softplus(s_m) + 1e-6; the s rows of head_m start at zero
+          sample_m = mu_m + sigma_m * eps (training), mu_m (eval);   without SSD: z_r^m = h_m
+          code_placement "sample": z_r^m = sample_m everywhere (the paper's reading, SPEC §2);
+                         "mean":   z_r^m = mu_m downstream, samples only inside L_ssd (Multi-View IB)
     IP:   Z_0 = [[z_u, z_u, z_u], [z_i, z_r^t, z_r^v]]   (N, 3d), one sparse product per layer for all three graphs
           z_s = mean(Z_0..Z_L), item rows + Z_0 (residual);  keep the ID graph's users and every graph's items
           without IP: only the ID graph is propagated and z_s^m = z_r^m
@@ -21,6 +23,9 @@ from msi.losses import average_kl, cosine_loss, frobenius_reg, info_nce
 from msi.models.base import Recommender, lightgcn_readout
 
 
+CODE_PLACEMENTS = ("sample", "mean")
+
+
 class MSI(Recommender):
     """MSI with switches for every ablation of the paper.
 
@@ -33,6 +38,10 @@ class MSI(Recommender):
         use_ip: interaction preserving (LightGCN over the modality graphs).
         freeze_features: keep the raw features fixed (BM3 trains them).
         alpha, beta, gamma, w_align, w_mask: loss weights (L_ssd, AKL inside L_ssd, L_reg, L_align, L_mask).
+        code_placement: where the sampled SSD code goes: "sample" (graphs and every loss) or "mean" (the means
+            downstream, the samples only inside L_ssd).
+        beta_warmup: epochs over which the AKL weight rises linearly from 0 to ``beta`` (0: off); the trainer
+            calls ``start_epoch`` before each epoch.
     """
 
     def __init__(
@@ -53,15 +62,24 @@ class MSI(Recommender):
         gamma: float = 0.1,
         w_align: float = 1.0,
         w_mask: float = 1.0,
+        code_placement: str = "sample",
+        beta_warmup: int = 0,
     ) -> None:
         super().__init__()
         if not features:
             raise ValueError("MSI needs at least one modality; use LightGCN for an ID-only model")
+        if code_placement not in CODE_PLACEMENTS:
+            raise ValueError(f"code_placement must be one of {CODE_PLACEMENTS}, got {code_placement!r}")
+        if beta_warmup < 0:
+            raise ValueError(f"beta_warmup must be >= 0, got {beta_warmup}")
         if use_ssd and len(features) != 2:
             raise ValueError(f"use_ssd needs exactly two modalities, got {len(features)}: {list(features)}")
         self.n_users, self.n_items, self.n_layers = n_users, n_items, n_layers
         self.dropout, self.tau, self.use_ssd, self.use_ip = dropout, tau, use_ssd, use_ip
         self.alpha, self.beta, self.gamma, self.w_align, self.w_mask = alpha, beta, gamma, w_align, w_mask
+        self.code_placement, self.beta_warmup = code_placement, beta_warmup
+        # the fraction of beta in force this epoch (a buffer, not a float, so a captured step sees its updates)
+        self.register_buffer("beta_scale", torch.ones(()), persistent=False)
         self.modalities = tuple(features)
         self.item_views = ("id", *self.modalities)
         d = embedding_dim
@@ -82,20 +100,27 @@ class MSI(Recommender):
                 self.head[m] = nn.Linear(d, 2 * d)  # -> (mu, pre-softplus scale)
                 nn.init.xavier_normal_(self.head[m].weight)
                 nn.init.zeros_(self.head[m].bias)
+                with torch.no_grad():  # scale rows at zero: sigma = softplus(0) at the start (docs/design.md)
+                    self.head[m].weight[d:].zero_()
         self.predictor = nn.Linear(d, d)
         nn.init.xavier_normal_(self.predictor.weight)
 
-    def _modality_codes(self) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """z_r^m for each modality (I, d), and (mu_m, sigma_m) when SSD is on."""
+    def start_epoch(self, epoch: int) -> None:
+        """Set the AKL weight of epoch ``epoch`` (0-based): beta * min(1, epoch / beta_warmup)."""
+        self.beta_scale.fill_(min(1.0, epoch / self.beta_warmup) if self.beta_warmup else 1.0)
+
+    def _modality_codes(self) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, ...]]]:
+        """z_r^m for each modality (I, d), and (mu_m, sigma_m, sample_m) when SSD is on."""
         codes: dict[str, torch.Tensor] = {}
-        gauss: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        gauss: dict[str, tuple[torch.Tensor, ...]] = {}
         for m in self.modalities:
             h = self.proj[m](self.raw[m])  # (I, d)
             if self.use_ssd:
                 mu, s = self.head[m](h).chunk(2, dim=-1)
                 sigma = F.softplus(s) + 1e-6
-                gauss[m] = (mu, sigma)
-                h = mu + sigma * torch.randn_like(sigma) if self.training else mu
+                sample = mu + sigma * torch.randn_like(sigma) if self.training else mu
+                gauss[m] = (mu, sigma, sample)
+                h = sample if self.code_placement == "sample" else mu
             codes[m] = h
         return codes, gauss
 
@@ -142,18 +167,33 @@ class MSI(Recommender):
         terms["reg"] = frobenius_reg(*reg_mats, denominator=self.n_items)
         total = terms["rec"] + self.w_align * align + self.w_mask * mask + self.gamma * terms["reg"]
         if self.use_ssd:
-            terms.update(self._ssd_terms(items, codes, gauss))
+            terms.update(self._ssd_terms(items, gauss))
             total = total + self.alpha * terms["ssd"]
         terms["loss"] = total
         return terms
 
-    def _ssd_terms(
-        self, items: torch.Tensor, codes: dict[str, torch.Tensor], gauss: dict[str, tuple]
-    ) -> dict[str, torch.Tensor]:
-        """L_ssd = -I_NCE(z_r^a; z_r^b) + beta * AKL over the distinct items of the batch."""
+    def _ssd_terms(self, items: torch.Tensor, gauss: dict[str, tuple]) -> dict[str, torch.Tensor]:
+        """L_ssd = -I_NCE(sample^a; sample^b) + beta * AKL over the distinct items of the batch."""
         uniq = torch.unique(items)
         a, b = self.modalities
-        (mu_a, sd_a), (mu_b, sd_b) = (tuple(t[uniq] for t in gauss[m]) for m in (a, b))
-        nce = info_nce(codes[a][uniq], codes[b][uniq], self.tau)
+        (mu_a, sd_a, z_a), (mu_b, sd_b, z_b) = (tuple(t[uniq] for t in gauss[m]) for m in (a, b))
+        nce = info_nce(z_a, z_b, self.tau)
         akl = average_kl(mu_a, sd_a, mu_b, sd_b)
-        return {"nce": nce, "akl": akl, "ssd": -nce + self.beta * akl}
+        return {"nce": nce, "akl": akl, "ssd": -nce + self.beta * self.beta_scale * akl}
+
+    @torch.no_grad()
+    def code_stats(self) -> dict[str, float]:
+        """What SSD does to the modality codes, over all items in eval mode (z_r = mu; no RNG is drawn):
+        ``sigma_<m>`` the mean sigma per modality (SSD only), ``cos_pair`` the mean cosine between an item's first
+        two modality codes, ``cos_random`` the same for random item pairs (a fixed permutation)."""
+        was_training = self.training
+        self.eval()
+        codes, gauss = self._modality_codes()
+        self.train(was_training)
+        out = {f"sigma_{m}": float(g[1].mean()) for m, g in gauss.items()}
+        if len(self.modalities) >= 2:
+            a, b = (F.normalize(codes[m], dim=-1) for m in self.modalities[:2])
+            perm = torch.randperm(self.n_items, generator=torch.Generator().manual_seed(0)).to(a.device)
+            out["cos_pair"] = float((a * b).sum(-1).mean())
+            out["cos_random"] = float((a * b[perm]).sum(-1).mean())
+        return out

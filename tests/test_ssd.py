@@ -1,0 +1,140 @@
+"""SSD as it trains: the scale-row initialisation, the code placement, the beta warm-up and the code statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from msi.config import load_config
+from msi.errors import ConfigError
+from msi.models import MSI, epoch_diagnostics, grad_norms
+from msi.train import make_optimizer
+from tests.test_models import make_msi, tiny_msi
+
+
+def loud_features(ds, norm: float = 33.0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Unnormalised features like TikTok's image rows: the tiny set's features rescaled to row norm ``norm``."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for m, f in ds.features.items():
+        x = torch.as_tensor(f) + 3.0 * torch.rand(f.shape, generator=g)  # a positive offset, as CNN features have
+        out[m] = x * (norm / x.norm(dim=1, keepdim=True))
+    return out
+
+
+def test_scale_rows_start_at_zero_so_sigma_starts_at_softplus_zero(tiny):
+    model = tiny_msi(tiny)
+    d = model.user_emb.shape[1]
+    for m in model.modalities:
+        w = model.head[m].weight
+        assert torch.count_nonzero(w[d:]) == 0 and torch.count_nonzero(model.head[m].bias) == 0
+        assert torch.count_nonzero(w[:d]) == w[:d].numel()  # the mean rows keep their Xavier draw
+    stats = model.code_stats()
+    for m in model.modalities:
+        assert stats[f"sigma_{m}"] == pytest.approx(np.log(2.0) + 1e-6, rel=1e-6)
+
+
+def test_akl_at_initialisation_is_no_larger_than_the_other_terms_on_loud_features(tiny):
+    """Row norms of 33: the AKL term must not dominate the first steps (it was ~35x the rest with a Xavier scale
+    head, which froze the projections' Adam state)."""
+    feats = loud_features(tiny)
+    assert min(float(f.norm(dim=1).min()) for f in feats.values()) >= 30
+    for seed in range(3):
+        model = make_msi(tiny.train, tiny.n_users, tiny.n_items, feats, seed=seed, embedding_dim=64).train()
+        users, items = torch.from_numpy(tiny.train[:256, 0]), torch.from_numpy(tiny.train[:256, 1])
+        t = model.loss(users, items)
+        others = t["rec"] + model.w_align * t["align"] + model.w_mask * t["mask"] + model.gamma * t["reg"]
+        assert model.alpha * model.beta * t["akl"] <= others, (seed, float(t["akl"]))
+
+
+def test_projections_get_adam_updates_of_ordinary_size_after_a_few_dozen_steps(tiny):
+    """The median |Adam step| / lr of proj.* stays above 0.05 (it fell to ~4e-4 after the AKL spike)."""
+    feats = loud_features(tiny)
+    model = make_msi(tiny.train, tiny.n_users, tiny.n_items, feats, seed=0, embedding_dim=64).train()
+    lr = 1e-3
+    opt = make_optimizer(model, lr)
+    pairs = torch.from_numpy(tiny.train)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        batch = pairs[torch.randint(len(pairs), (128,), generator=g)]
+        opt.zero_grad(set_to_none=True)
+        model.loss(batch[:, 0], batch[:, 1])["loss"].backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("proj.")}
+        opt.step()
+    for name, old in before.items():
+        step = (dict(model.named_parameters())[name].detach() - old).abs() / lr
+        assert step.median() > 0.05, (name, float(step.median()))
+
+
+def ssd_terms_twice(model: MSI, ds, seeds=(1, 2)) -> list[dict[str, torch.Tensor]]:
+    users, items = torch.from_numpy(ds.train[:64, 0]), torch.from_numpy(ds.train[:64, 1])
+    out = []
+    for s in seeds:
+        torch.manual_seed(s)
+        out.append({k: v.detach() for k, v in model.loss(users, items).items()})
+    return out
+
+
+def test_mean_placement_feeds_the_means_downstream_and_samples_only_into_l_ssd(tiny):
+    """dropout 0 leaves eps as the only randomness: with "mean" only the SSD terms move with it."""
+    model = tiny_msi(tiny, dropout=0.0, code_placement="mean").train()
+    a, b = ssd_terms_twice(model, tiny)
+    for k in ("rec", "align", "mask", "reg", "akl"):
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    assert a["nce"] != b["nce"]
+    sample = tiny_msi(tiny, dropout=0.0, code_placement="sample").train()
+    a, b = ssd_terms_twice(sample, tiny)
+    assert a["align"] != b["align"] and a["nce"] != b["nce"]  # the samples reach the graphs and every loss
+
+
+def test_both_placements_score_alike_in_eval_mode(tiny):
+    emb = [tiny_msi(tiny, code_placement=p).eval().embeddings() for p in ("sample", "mean")]
+    for k in emb[0]:
+        torch.testing.assert_close(emb[0][k], emb[1][k], msg=k)
+
+
+@pytest.mark.parametrize(("warmup", "epoch", "fraction"), [(0, 0, 1.0), (4, 0, 0.0), (4, 1, 0.25), (4, 4, 1.0),
+                                                            (4, 9, 1.0)])
+def test_beta_warmup_rises_linearly_from_zero(tiny, warmup, epoch, fraction):
+    model = tiny_msi(tiny, beta=0.5, beta_warmup=warmup).eval()
+    model.start_epoch(epoch)
+    t = model.loss(torch.from_numpy(tiny.train[:32, 0]), torch.from_numpy(tiny.train[:32, 1]))
+    torch.testing.assert_close(t["ssd"], -t["nce"] + 0.5 * fraction * t["akl"])
+
+
+def test_placement_and_warmup_are_config_keys_with_faithful_defaults():
+    cfg = load_config(None, [])
+    assert (cfg.model.code_placement, cfg.loss.beta_warmup) == ("sample", 0)
+    cfg = load_config(None, ["model.code_placement=mean", "loss.beta_warmup=10"])
+    assert (cfg.model.code_placement, cfg.loss.beta_warmup) == ("mean", 10)
+    with pytest.raises(ConfigError, match="model.code_placement"):
+        load_config(None, ["model.code_placement=samples"])
+    with pytest.raises(ConfigError, match="loss"):
+        load_config(None, ["loss.beta_warmup=-1"])
+
+
+def test_code_stats_tell_paired_codes_from_random_pairs(tiny):
+    """Identical modality features give identical codes only if the maps agree; with one shared map and one
+    feature matrix for both modalities every item's codes coincide: cos_pair = 1 > cos_random."""
+    f = torch.as_tensor(tiny.features["image"])
+    model = make_msi(tiny.train, tiny.n_users, tiny.n_items, {"image": f, "text": f.clone()}, embedding_dim=16)
+    model.proj["text"].load_state_dict(model.proj["image"].state_dict())
+    model.head["text"].load_state_dict(model.head["image"].state_dict())
+    rng_before = torch.get_rng_state()
+    stats = model.code_stats()
+    assert torch.equal(rng_before, torch.get_rng_state())  # diagnostics never move the training RNG
+    assert stats["cos_pair"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["cos_random"] < 0.99
+
+
+def test_grad_norms_by_parameter_group(tiny):
+    model = tiny_msi(tiny).train()
+    assert grad_norms(model) == {}
+    model.loss(torch.from_numpy(tiny.train[:32, 0]), torch.from_numpy(tiny.train[:32, 1]))["loss"].backward()
+    norms = epoch_diagnostics(model)
+    expected = {"grad_embeddings", "grad_projections", "grad_heads", "grad_predictor", "grad_features"}
+    assert expected <= set(norms) and all(norms[k] > 0 for k in expected)
+    manual = sum(float(p.grad.pow(2).sum()) for p in model.proj.parameters()) ** 0.5
+    assert norms["grad_projections"] == pytest.approx(manual, rel=1e-5)
+    assert {"sigma_image", "sigma_text", "cos_pair", "cos_random"} <= set(norms)
