@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 
 from msi import __version__
-from msi.errors import MSIError
+from msi.errors import Interrupted, MSIError
 
 EPILOG_OVERRIDES = (
     "Overrides are dotted key=value pairs applied after the YAML file, e.g. "
@@ -30,6 +30,9 @@ def _parser(prog: str, description: str, epilog: str | None = None) -> argparse.
 def _guard(fn: Callable[[list[str] | None], int | None], argv: list[str] | None) -> int:
     try:
         return fn(argv) or 0
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 130
     except (MSIError, OSError) as e:  # OSError: an unwritable output path, a full disk, a folder given as a file
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -42,9 +45,15 @@ def _train(argv: list[str] | None) -> int:
     p = _parser("msi-train", "Train a model; select it on the valid split; score test once.", EPILOG_OVERRIDES)
     p.add_argument("--config", help="YAML config (relative paths inside resolve against its folder)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last.pt (a finished run: print its results)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's train.device)")
-    p.add_argument("--out", metavar="DIR", help="run directory (default: <train.out_dir>/<data>-<model>-<time>)")
+    p.add_argument("--out", metavar="DIR", help="run directory, empty or new (default: "
+                   "<train.out_dir>/<train.run_name or data-model-time>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run directory that holds an earlier run (its run files are removed)")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="with --resume: accept data of the same shape but another fingerprint")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.add_argument("--list-keys", action="store_true", help="print every config key with its default, then exit")
     args = p.parse_args(argv)
@@ -56,14 +65,16 @@ def _train(argv: list[str] | None) -> int:
             section, name = key.split(".")
             print(f"{key} = {defaults[section][name]!r}")
         return 0
-    if args.resume and (args.config or args.overrides):
-        raise MSIError("--resume continues a run with its saved config; drop --config and overrides")
+    if args.resume and (args.config or args.overrides or args.out or args.overwrite):
+        raise MSIError("--resume continues a run in its own directory with its saved config; drop --config, "
+                       "overrides, --out and --overwrite")
     if not args.resume and not args.config:
         p.error("--config is required (or --resume RUN_DIR); try --config configs/quickstart.yaml")
     from msi.train import train
 
     cfg = None if args.resume else load_config(args.config, args.overrides)
-    results = train(cfg, out=args.out, resume=args.resume, quiet=args.quiet, device=args.device)
+    results = train(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
+                    device=args.device, allow_other_data=args.allow_other_data)
     print(json.dumps({"run_dir": results["run_dir"], "best_epoch": results["best_epoch"],
                       "valid": results["valid"], "test": results["test"]}))
     return 0
@@ -73,6 +84,8 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by msi-train")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--mask-valid", action="store_true", help="at test, also mask each user's valid items")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="accept a data set of the checkpoint's shape whose rows differ (another fingerprint)")
 
 
 def _eval(argv: list[str] | None) -> int:
@@ -83,10 +96,10 @@ def _eval(argv: list[str] | None) -> int:
     p.add_argument("--ks", default=None, help="comma-separated cut-offs (default: the run's eval.ks)")
     args = p.parse_args(argv)
     from msi.evaluate import Evaluator
-    from msi.run import resolve_device, restore
+    from msi.run import open_run, resolve_device
 
     device = resolve_device(args.device)
-    model, cfg, dataset = restore(args.checkpoint, device)
+    model, cfg, dataset, _ = open_run(args.checkpoint, device, allow_other_data=args.allow_other_data)
     if args.item_view not in model.item_views:
         raise MSIError(f"--item-view {args.item_view!r}: this model has {', '.join(model.item_views)}")
     ks = _parse_ks(args.ks) if args.ks else cfg.eval.ks
@@ -127,14 +140,14 @@ def _recommend(argv: list[str] | None) -> int:
     if args.k <= 0:
         raise MSIError(f"--k must be > 0, got {args.k}")
     from msi.recommend import write_recommendations
-    from msi.run import resolve_device, restore
+    from msi.run import open_run, resolve_device
 
     device = resolve_device(args.device)
-    model, cfg, dataset = restore(args.checkpoint, device)
-    n = write_recommendations(model, dataset, args.out, users=args.users, k=args.k, split=args.split,
-                              mask_valid=args.mask_valid or cfg.eval.mask_valid_at_test,
-                              batch_users=cfg.eval.batch_users)
-    print(f"wrote {n} users x {args.k} items to {args.out}")
+    model, cfg, dataset, _ = open_run(args.checkpoint, device, allow_other_data=args.allow_other_data)
+    n_users, n_rows = write_recommendations(model, dataset, args.out, users=args.users, k=args.k, split=args.split,
+                                            mask_valid=args.mask_valid or cfg.eval.mask_valid_at_test,
+                                            batch_users=cfg.eval.batch_users)
+    print(f"wrote {n_rows} rows for {n_users} users (at most {args.k} items each) to {args.out}")
     return 0
 
 
