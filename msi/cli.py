@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from msi import __version__
 from msi.errors import Interrupted, MSIError
@@ -164,9 +165,7 @@ def _data(argv: list[str] | None) -> int:
     s.add_argument("--seed", type=int, default=0, help="random seed")
     s.add_argument("--name", default=None, help="data set name (default: the folder's name)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
-    from msi.data.prepare import add_prepare_arguments
-
-    add_prepare_arguments(sub.add_parser(
+    _prepare_arguments(sub.add_parser(
         "prepare", help="build a data set from raw Amazon review files (2014 or 2018 release)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Build a data set in the MMRec layout from raw Amazon review/metadata/image files."))
@@ -177,10 +176,83 @@ def _data(argv: list[str] | None) -> int:
         path = generate(args.preset, args.out, seed=args.seed, name=args.name, progress=not args.quiet)
         print(f"wrote {path.parent}")
     else:
-        from msi.data.prepare import run_prepare
-
-        run_prepare(args)
+        _run_prepare(args)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of `msi-data prepare` to `parser`.
+
+    Each help text shows its default itself (required options have none), so the text reads the same with or
+    without `argparse.ArgumentDefaultsHelpFormatter`.
+    """
+    from msi.data.prepare import DEDUPE, ID_ORDERS, SPLITS
+
+    required = {"required": True, "default": argparse.SUPPRESS}
+    paths = parser.add_argument_group("input and output")
+    paths.add_argument("--reviews", type=Path, metavar="PATH", **required,
+                       help="reviews, JSON lines, plain or gzip (2014 reviews_<Cat>_5.json.gz or 2018 <Cat>_5.json.gz)")
+    paths.add_argument("--meta", type=Path, metavar="PATH", **required,
+                       help="item metadata, plain or gzip: 2014 Python-literal lines or 2018 JSON lines")
+    paths.add_argument("--image-features", type=Path, metavar="PATH",
+                       help="2014 image features (.b: 10-byte ASIN + 4096 float32 per record), plain or gzip "
+                       "(default: %(default)s, a text-only data set, as for the 2018 release)")
+    paths.add_argument("--name", metavar="NAME", **required, help="data set name: writes <out>/<name>/<name>.inter ...")
+    paths.add_argument("--out", type=Path, metavar="DIR", **required, help="folder that receives <name>/")
+    paths.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier data set in <out>/<name>/ (default: %(default)s)")
+    recipe = parser.add_argument_group("recipe (defaults follow MMRec; docs/prepare.md gives each rule)")
+    recipe.add_argument("--k-core", type=_positive_int, default=5, metavar="K",
+                        help="iterative k-core: every user and item keeps >= K interactions (default: %(default)s)")
+    recipe.add_argument("--k-core-user", type=_positive_int, metavar="K",
+                        help="K for users (default: %(default)s, meaning --k-core)")
+    recipe.add_argument("--k-core-item", type=_positive_int, metavar="K",
+                        help="K for items (default: %(default)s, meaning --k-core)")
+    recipe.add_argument("--dedupe", choices=DEDUPE, default="earliest",
+                        help="which review of a repeated (user, item) pair to keep, by timestamp; none keeps "
+                        "them all (default: %(default)s)")
+    recipe.add_argument("--id-order", choices=ID_ORDERS, default="appearance",
+                        help="contiguous ids in order of first appearance in the reviews (MMRec) or of the "
+                        "sorted raw ids (default: %(default)s)")
+    recipe.add_argument("--split", choices=SPLITS, default="random",
+                        help="per-user split, seeded random or chronological (latest rows test, then valid): "
+                        "n < 10 rows gives n-2/1/1, else floor(n/5) held out, half valid, the rest test "
+                        "(default: %(default)s)")
+    recipe.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seed of the random split (default: %(default)s)")
+    recipe.add_argument("--skip-bad-lines", action="store_true",
+                        help="skip and count malformed lines instead of stopping at the first (default: %(default)s)")
+    recipe.add_argument("--no-progress", action="store_true", help="hide the progress bars (default: %(default)s)")
+
+
+def _run_prepare(args: argparse.Namespace) -> None:
+    """Run `prepare` from parsed arguments and print a short summary."""
+    from msi.data.prepare import prepare
+
+    summary = prepare(
+        args.reviews, args.meta, args.image_features, args.name, args.out, k_core=args.k_core,
+        k_core_user=args.k_core_user, k_core_item=args.k_core_item, dedupe=args.dedupe, id_order=args.id_order,
+        split=args.split, seed=args.seed, skip_bad_lines=args.skip_bad_lines, progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+    counts, core = summary["counts"], summary["counts"]["after_k_core"]
+    split = counts["split"]
+    print(f"{summary['name']}: {core['users']:,} users, {core['items']:,} items, {core['rows']:,} interactions "
+          f"(train {split['train']:,} / valid {split['valid']:,} / test {split['test']:,})")
+    print(f"items without text: {counts['items_without_text']:,}; without an image: "
+          f"{counts.get('items_without_image', 'no image file')}; bad lines skipped: "
+          f"{counts['review_lines_skipped'] + counts['meta_lines_skipped']:,}")
+    for first in (counts["first_skipped_review_line"], counts["first_skipped_meta_line"]):
+        if first:
+            print(f"first skipped: {first}")
+    print(f"wrote {summary['folder']}: {', '.join(summary['files'])}")
 
 
 def train_main(argv: list[str] | None = None) -> int:
