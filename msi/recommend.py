@@ -98,6 +98,8 @@ def write_recommendations(
                                    f"{out}")
                 n_rows += _write_rows(f, u.cpu().numpy(), items.cpu().numpy(), scores.cpu().numpy(), raw_u, raw_i)
         tmp.replace(out)
+    except OSError as e:
+        raise MSIError(f"{out}: could not write the recommendations ({e.strerror or e}); nothing written") from None
     finally:
         tmp.unlink(missing_ok=True)
     return len(user_ids), n_rows
