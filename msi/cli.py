@@ -9,9 +9,10 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from msi import __version__
-from msi.errors import MSIError
+from msi.errors import Interrupted, MSIError
 
 EPILOG_OVERRIDES = (
     "Overrides are dotted key=value pairs applied after the YAML file, e.g. "
@@ -30,6 +31,9 @@ def _parser(prog: str, description: str, epilog: str | None = None) -> argparse.
 def _guard(fn: Callable[[list[str] | None], int | None], argv: list[str] | None) -> int:
     try:
         return fn(argv) or 0
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 130
     except (MSIError, OSError) as e:  # OSError: an unwritable output path, a full disk, a folder given as a file
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -42,9 +46,15 @@ def _train(argv: list[str] | None) -> int:
     p = _parser("msi-train", "Train a model; select it on the valid split; score test once.", EPILOG_OVERRIDES)
     p.add_argument("--config", help="YAML config (relative paths inside resolve against its folder)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last.pt (a finished run: print its results)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's train.device)")
-    p.add_argument("--out", metavar="DIR", help="run directory (default: <train.out_dir>/<data>-<model>-<time>)")
+    p.add_argument("--out", metavar="DIR", help="run directory, empty or new (default: "
+                   "<train.out_dir>/<train.run_name or data-model-time>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run directory that holds an earlier run (its run files are removed)")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="with --resume: accept data of the same shape but another fingerprint")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.add_argument("--list-keys", action="store_true", help="print every config key with its default, then exit")
     args = p.parse_args(argv)
@@ -56,14 +66,16 @@ def _train(argv: list[str] | None) -> int:
             section, name = key.split(".")
             print(f"{key} = {defaults[section][name]!r}")
         return 0
-    if args.resume and (args.config or args.overrides):
-        raise MSIError("--resume continues a run with its saved config; drop --config and overrides")
+    if args.resume and (args.config or args.overrides or args.out or args.overwrite):
+        raise MSIError("--resume continues a run in its own directory with its saved config; drop --config, "
+                       "overrides, --out and --overwrite")
     if not args.resume and not args.config:
         p.error("--config is required (or --resume RUN_DIR); try --config configs/quickstart.yaml")
     from msi.train import train
 
     cfg = None if args.resume else load_config(args.config, args.overrides)
-    results = train(cfg, out=args.out, resume=args.resume, quiet=args.quiet, device=args.device)
+    results = train(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
+                    device=args.device, allow_other_data=args.allow_other_data)
     print(json.dumps({"run_dir": results["run_dir"], "best_epoch": results["best_epoch"],
                       "valid": results["valid"], "test": results["test"]}))
     return 0
@@ -73,6 +85,8 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by msi-train")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--mask-valid", action="store_true", help="at test, also mask each user's valid items")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="accept a data set of the checkpoint's shape whose rows differ (another fingerprint)")
 
 
 def _eval(argv: list[str] | None) -> int:
@@ -83,10 +97,10 @@ def _eval(argv: list[str] | None) -> int:
     p.add_argument("--ks", default=None, help="comma-separated cut-offs (default: the run's eval.ks)")
     args = p.parse_args(argv)
     from msi.evaluate import Evaluator
-    from msi.run import resolve_device, restore
+    from msi.run import open_run, resolve_device
 
     device = resolve_device(args.device)
-    model, cfg, dataset = restore(args.checkpoint, device)
+    model, cfg, dataset, _ = open_run(args.checkpoint, device, allow_other_data=args.allow_other_data)
     if args.item_view not in model.item_views:
         raise MSIError(f"--item-view {args.item_view!r}: this model has {', '.join(model.item_views)}")
     ks = _parse_ks(args.ks) if args.ks else cfg.eval.ks
@@ -127,14 +141,14 @@ def _recommend(argv: list[str] | None) -> int:
     if args.k <= 0:
         raise MSIError(f"--k must be > 0, got {args.k}")
     from msi.recommend import write_recommendations
-    from msi.run import resolve_device, restore
+    from msi.run import open_run, resolve_device
 
     device = resolve_device(args.device)
-    model, cfg, dataset = restore(args.checkpoint, device)
-    n = write_recommendations(model, dataset, args.out, users=args.users, k=args.k, split=args.split,
-                              mask_valid=args.mask_valid or cfg.eval.mask_valid_at_test,
-                              batch_users=cfg.eval.batch_users)
-    print(f"wrote {n} users x {args.k} items to {args.out}")
+    model, cfg, dataset, _ = open_run(args.checkpoint, device, allow_other_data=args.allow_other_data)
+    n_users, n_rows = write_recommendations(model, dataset, args.out, users=args.users, k=args.k, split=args.split,
+                                            mask_valid=args.mask_valid or cfg.eval.mask_valid_at_test,
+                                            batch_users=cfg.eval.batch_users)
+    print(f"wrote {n_rows} rows for {n_users} users (at most {args.k} items each) to {args.out}")
     return 0
 
 
@@ -155,9 +169,7 @@ def _data(argv: list[str] | None) -> int:
                         "(both, each with a nuisance of its own), specific (half the factors each, a shared "
                         "nuisance); default: the preset's own (mixed)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
-    from msi.data.prepare import add_prepare_arguments
-
-    add_prepare_arguments(sub.add_parser(
+    _prepare_arguments(sub.add_parser(
         "prepare", help="build a data set from raw Amazon review files (2014 or 2018 release)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Build a data set in the MMRec layout from raw Amazon review/metadata/image files."))
@@ -169,10 +181,83 @@ def _data(argv: list[str] | None) -> int:
                         signal=args.signal)
         print(f"wrote {path.parent}")
     else:
-        from msi.data.prepare import run_prepare
-
-        run_prepare(args)
+        _run_prepare(args)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of `msi-data prepare` to `parser`.
+
+    Each help text shows its default itself (required options have none), so the text reads the same with or
+    without `argparse.ArgumentDefaultsHelpFormatter`.
+    """
+    from msi.data.prepare import DEDUPE, ID_ORDERS, SPLITS
+
+    required = {"required": True, "default": argparse.SUPPRESS}
+    paths = parser.add_argument_group("input and output")
+    paths.add_argument("--reviews", type=Path, metavar="PATH", **required,
+                       help="reviews, JSON lines, plain or gzip (2014 reviews_<Cat>_5.json.gz or 2018 <Cat>_5.json.gz)")
+    paths.add_argument("--meta", type=Path, metavar="PATH", **required,
+                       help="item metadata, plain or gzip: 2014 Python-literal lines or 2018 JSON lines")
+    paths.add_argument("--image-features", type=Path, metavar="PATH",
+                       help="2014 image features (.b: 10-byte ASIN + 4096 float32 per record), plain or gzip "
+                       "(default: %(default)s, a text-only data set, as for the 2018 release)")
+    paths.add_argument("--name", metavar="NAME", **required, help="data set name: writes <out>/<name>/<name>.inter ...")
+    paths.add_argument("--out", type=Path, metavar="DIR", **required, help="folder that receives <name>/")
+    paths.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier data set in <out>/<name>/ (default: %(default)s)")
+    recipe = parser.add_argument_group("recipe (defaults follow MMRec; docs/prepare.md gives each rule)")
+    recipe.add_argument("--k-core", type=_positive_int, default=5, metavar="K",
+                        help="iterative k-core: every user and item keeps >= K interactions (default: %(default)s)")
+    recipe.add_argument("--k-core-user", type=_positive_int, metavar="K",
+                        help="K for users (default: %(default)s, meaning --k-core)")
+    recipe.add_argument("--k-core-item", type=_positive_int, metavar="K",
+                        help="K for items (default: %(default)s, meaning --k-core)")
+    recipe.add_argument("--dedupe", choices=DEDUPE, default="earliest",
+                        help="which review of a repeated (user, item) pair to keep, by timestamp; none keeps "
+                        "them all (default: %(default)s)")
+    recipe.add_argument("--id-order", choices=ID_ORDERS, default="appearance",
+                        help="contiguous ids in order of first appearance in the reviews (MMRec) or of the "
+                        "sorted raw ids (default: %(default)s)")
+    recipe.add_argument("--split", choices=SPLITS, default="random",
+                        help="per-user split, seeded random or chronological (latest rows test, then valid): "
+                        "n < 10 rows gives n-2/1/1, else floor(n/5) held out, half valid, the rest test "
+                        "(default: %(default)s)")
+    recipe.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="seed of the random split (default: %(default)s)")
+    recipe.add_argument("--skip-bad-lines", action="store_true",
+                        help="skip and count malformed lines instead of stopping at the first (default: %(default)s)")
+    recipe.add_argument("--no-progress", action="store_true", help="hide the progress bars (default: %(default)s)")
+
+
+def _run_prepare(args: argparse.Namespace) -> None:
+    """Run `prepare` from parsed arguments and print a short summary."""
+    from msi.data.prepare import prepare
+
+    summary = prepare(
+        args.reviews, args.meta, args.image_features, args.name, args.out, k_core=args.k_core,
+        k_core_user=args.k_core_user, k_core_item=args.k_core_item, dedupe=args.dedupe, id_order=args.id_order,
+        split=args.split, seed=args.seed, skip_bad_lines=args.skip_bad_lines, progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+    counts, core = summary["counts"], summary["counts"]["after_k_core"]
+    split = counts["split"]
+    print(f"{summary['name']}: {core['users']:,} users, {core['items']:,} items, {core['rows']:,} interactions "
+          f"(train {split['train']:,} / valid {split['valid']:,} / test {split['test']:,})")
+    print(f"items without text: {counts['items_without_text']:,}; without an image: "
+          f"{counts.get('items_without_image', 'no image file')}; bad lines skipped: "
+          f"{counts['review_lines_skipped'] + counts['meta_lines_skipped']:,}")
+    for first in (counts["first_skipped_review_line"], counts["first_skipped_meta_line"]):
+        if first:
+            print(f"first skipped: {first}")
+    print(f"wrote {summary['folder']}: {', '.join(summary['files'])}")
 
 
 def train_main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,8 @@ This module imports no other msi module except the error type. Rules:
 from __future__ import annotations
 
 import difflib
+import math
+import sys
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -18,10 +20,12 @@ from typing import Any
 
 import yaml
 
-from msi.errors import ConfigError
+from msi.errors import ConfigError, read_utf8
 
 MODEL_NAMES = ("msi", "lightgcn")
 METRICS = ("recall", "ndcg", "precision", "map")
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range
+MAX_LR = 1.0  # Adam moves every weight by about lr per step: above 1 the weights overflow within a few steps
 
 
 @dataclass
@@ -190,34 +194,79 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, str, str]]:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that records keys given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[Any, int]] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                self.duplicates.append((key, key_node.start_mark.line + 1))
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    loader = _Loader(read_utf8(path, ConfigError))
+    try:
+        raw = loader.get_single_data() or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
+    finally:
+        loader.dispose()
+    for key, line in loader.duplicates:
+        _warn(f"{path}:{line}: key '{key}' is given twice; the last value is used")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, ...)")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (or the defaults when ``path`` is None), apply overrides, resolve paths, validate."""
+    """Read a YAML file (or the defaults when ``path`` is None), apply overrides, resolve paths, validate.
+
+    An override's text is converted by the key's declared type: raw text for a string key (``data.name=007``
+    stays ``007``), YAML for the others (``eval.ks=[10,20]``, ``loss.beta=1e-4``).
+    """
     cfg = Config()
     base = Path.cwd()
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, ...)")
-        _apply_mapping(cfg, raw, str(path))
+        _apply_mapping(cfg, _read_yaml(path), str(path))
         base = path.resolve().parent
-    from_cli = set()
+    from_cli: dict[tuple[str, str], str] = {}
     for section, key, value in parse_overrides(overrides or []):
         if section not in SECTIONS:
             raise _unknown(f"{section}.{key}")
-        _apply(cfg, section, key, yaml.safe_load(value) if value else value)
-        from_cli.add((section, key))
+        if (section, key) in from_cli:
+            _warn(f"override {section}.{key} is given twice ({from_cli[section, key]!r}, then {value!r}); "
+                  "the last is used")
+        declared = _section_types(section).get(key)
+        _apply(cfg, section, key, value if declared is str or not value else _yaml_value(section, key, value))
+        from_cli[section, key] = value
     for section, key in _PATH_KEYS:  # a path from the command line is relative to the working directory
         p = Path(getattr(getattr(cfg, section), key)).expanduser()
         root = Path.cwd() if (section, key) in from_cli else base
         setattr(getattr(cfg, section), key, str(p if p.is_absolute() else (root / p).resolve()))
     validate(cfg)
     return cfg
+
+
+def _yaml_value(section: str, key: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"config key '{section}.{key}': cannot read {text!r}") from None
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -241,7 +290,8 @@ def validate(cfg: Config) -> None:
         (all(v >= 0 for v in asdict(lo).values()), "loss", "weights must be >= 0"),
         (t.epochs > 0, "train.epochs", "must be > 0"),
         (t.batch_size > 0, "train.batch_size", "must be > 0"),
-        (t.lr > 0, "train.lr", "must be > 0"),
+        (0 < t.lr <= MAX_LR, "train.lr", f"must be in (0, {MAX_LR}]"),
+        (0 <= t.seed <= MAX_SEED, "train.seed", "must be in [0, 2**63 - 1]"),
         (t.eval_every > 0, "train.eval_every", "must be > 0"),
         (t.patience > 0, "train.patience", "must be > 0"),
         (t.checkpoint_every > 0, "train.checkpoint_every", "must be > 0"),
@@ -251,12 +301,18 @@ def validate(cfg: Config) -> None:
         (bool(d.name), "data.name", "must not be empty"),
         (m.name == "lightgcn" or len(d.modalities) > 0, "data.modalities", "must name at least one modality"),
     ]
+    for section in ("model", "loss", "train"):  # inf or nan in any float key (train.lr=.inf, model.tau=nan)
+        for key, value in asdict(getattr(cfg, section)).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key '{section}.{key}' must be a finite number (got {value!r})")
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' {msg} (got {_get(cfg, key)!r})")
     metric, _, k = t.metric.partition("@")
     if metric not in METRICS or not k.isdigit() or int(k) <= 0:
         raise ConfigError(f"config key 'train.metric' must look like recall@20 ({'|'.join(METRICS)}), got {t.metric!r}")
+    if int(k) not in e.ks:
+        raise ConfigError(f"config key 'train.metric' is {t.metric!r} but eval.ks is {e.ks}: add {k} to eval.ks")
     if m.name == "msi" and m.use_ssd and len(d.modalities) != 2:
         raise ConfigError(
             f"model.use_ssd needs exactly two modalities (got {len(d.modalities)}: {list(d.modalities)}); "

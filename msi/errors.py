@@ -1,4 +1,8 @@
-"""Errors that the command-line tools report as one line, without a traceback."""
+"""Errors that the command-line tools report as one line, without a traceback, and the one text reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 
 class MSIError(Exception):
@@ -15,3 +19,17 @@ class DataError(MSIError):
 
 class CheckpointError(MSIError):
     """A checkpoint is missing, truncated, unsafe, or belongs to another data set."""
+
+
+class Interrupted(MSIError):
+    """Ctrl-C: the tools exit with status 130 (not 2) after saying what was kept."""
+
+
+def read_utf8(path: str | Path, error: type[MSIError] = DataError) -> str:
+    """The text of ``path`` (a UTF-8 BOM dropped); bytes that are not UTF-8 are an ``error`` naming file and line."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at offset {e.start})") from None

@@ -14,6 +14,7 @@ import torch
 
 from msi.data.dataset import Dataset
 from msi.data.graph import interaction_csr
+from msi.errors import DataError, MSIError
 from msi.models.base import Recommender
 
 METRIC_NAMES = ("recall", "ndcg", "precision", "map")
@@ -39,6 +40,16 @@ def topk_metrics(hits: torch.Tensor, n_true: torch.Tensor, ks: list[int]) -> dic
     return out
 
 
+def seen_masks(dataset: Dataset, device: torch.device | str, mask_valid_at_test: bool) -> dict[str, torch.Tensor]:
+    """Per split, the (U, I) sparse CSR 0/1 mask of the items that are not candidates: each user's train items
+    (and, at test with ``mask_valid_at_test``, the valid ones too)."""
+    U, I = dataset.n_users, dataset.n_items
+    train = interaction_csr(dataset.train, U, I).to(device)
+    test = interaction_csr(np.concatenate([dataset.train, dataset.valid]), U, I).to(device) if mask_valid_at_test \
+        else train
+    return {"train": train, "valid": train, "test": test}
+
+
 class Evaluator:
     """Holds the masks and ground truth of a data set on a device; call it with a model and a split.
 
@@ -50,12 +61,8 @@ class Evaluator:
         batch_users: int = 4096, mask_valid_at_test: bool = False,
     ) -> None:
         self.dataset, self.device, self.ks, self.batch_users = dataset, torch.device(device), list(ks), batch_users
-        U, I = dataset.n_users, dataset.n_items
-        self.n_items = I
-        train_mask = interaction_csr(dataset.train, U, I).to(self.device)
-        test_seen = np.concatenate([dataset.train, dataset.valid]) if mask_valid_at_test else dataset.train
-        self.seen = {"train": train_mask, "valid": train_mask,
-                     "test": interaction_csr(test_seen, U, I).to(self.device) if mask_valid_at_test else train_mask}
+        self.n_items = dataset.n_items
+        self.seen = seen_masks(dataset, self.device, mask_valid_at_test)
         self._truth_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _truth(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,23 +80,36 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, model: Recommender, split: str = "valid", item_view: str = "id") -> dict[str, float]:
-        """Average metrics over the split's users, as plain floats keyed ``recall@20`` etc."""
+        """Average metrics over the split's users, as plain floats keyed ``recall@20`` etc.
+
+        NaN or +inf scores (a diverged model) are an MSIError: metrics computed from them would mean nothing.
+        """
         was_training = model.training
         model.eval()
         users, n_true, keys = self._truth(split)
         if len(users) == 0:
-            raise ValueError(f"the {split} split has no users to evaluate")
+            raise DataError(f"{self.dataset.path}: the {split} split has no users to evaluate")
         emb = model.embeddings()
         sums = {f"{m}@{k}": torch.zeros((), dtype=torch.float64, device=self.device)
                 for m in METRIC_NAMES for k in self.ks}
         kmax = min(max(self.ks), self.n_items)
+        n_bad = torch.zeros((), dtype=torch.long, device=self.device)  # checked once at the end: no sync per batch
         for start in range(0, len(users), self.batch_users):
             u = users[start : start + self.batch_users]
-            _, top = model.recommend(u, kmax, exclude=self.seen[split], item_view=item_view, emb=emb)
+            top_scores, top = model.recommend(u, kmax, exclude=self.seen[split], item_view=item_view, emb=emb)
+            n_bad += non_finite_users(top_scores)
             cand = u[:, None] * self.n_items + top  # (B, Kmax)
             pos = torch.searchsorted(keys, cand).clamp(max=len(keys) - 1)
             hits = (keys[pos] == cand).double()
             for name, v in topk_metrics(hits, n_true[start : start + self.batch_users], self.ks).items():
                 sums[name] += v.sum()
         model.train(was_training)
+        if n_bad:
+            raise MSIError(f"the model's {split} scores are NaN or inf for {int(n_bad)} of {len(users)} users: "
+                           "no metrics from a diverged model")
         return {name: float(s) / len(users) for name, s in sums.items()}
+
+
+def non_finite_users(top_scores: torch.Tensor) -> torch.Tensor:
+    """How many rows of top-k scores (B, k) hold NaN or +inf (topk ranks both first; -inf marks masked items)."""
+    return (torch.isnan(top_scores) | (top_scores == float("inf"))).any(1).sum()

@@ -9,8 +9,8 @@ import torch
 from tqdm import tqdm
 
 from msi.data.dataset import Dataset
-from msi.errors import DataError, MSIError
-from msi.evaluate import Evaluator
+from msi.errors import DataError, MSIError, read_utf8
+from msi.evaluate import non_finite_users, seen_masks
 from msi.models import Recommender
 
 MAPPING_FILES = {"userID": "u_id_mapping.csv", "itemID": "i_id_mapping.csv"}
@@ -23,7 +23,7 @@ def read_id_mapping(path: Path, column: str, size: int) -> np.ndarray | None:
     """
     if not path.is_file():
         return None
-    lines = path.read_text().splitlines()
+    lines = read_utf8(path).splitlines()
     header = lines[0].split("\t") if lines else []
     if column not in header or len(header) != 2:
         raise DataError(f"{path}:1: expected two tab-separated columns, one of them '{column}', got {header}")
@@ -54,7 +54,7 @@ def select_users(spec: str, dataset: Dataset, split: str) -> np.ndarray:
     if not path.is_file():
         raise MSIError(f"--users {spec!r}: not 'all', 'split' or an existing file of userIDs")
     users = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -71,11 +71,14 @@ def select_users(spec: str, dataset: Dataset, split: str) -> np.ndarray:
 def write_recommendations(
     model: Recommender, dataset: Dataset, out: str | Path, users: str = "all", k: int = 20, split: str = "test",
     mask_valid: bool = False, batch_users: int = 4096,
-) -> int:
-    """Write ``userID rank itemID score`` rows (rank 1 = best) for the selected users; returns the user count."""
+) -> tuple[int, int]:
+    """Write ``userID rank itemID score`` rows (rank 1 = best) for the selected users; returns (users, rows).
+
+    A user gets fewer than ``k`` rows when fewer items are candidates. NaN or inf scores are an MSIError, and
+    the output file is then left as it was (rows go to ``<out>.part`` first, renamed when complete).
+    """
     device = model.device
-    evaluator = Evaluator(dataset, device, [k], batch_users, mask_valid)
-    exclude = evaluator.seen[split]
+    exclude = seen_masks(dataset, device, mask_valid)[split]
     user_ids = select_users(users, dataset, split)
     raw_u = read_id_mapping(dataset.path / MAPPING_FILES["userID"], "userID", dataset.n_users)
     raw_i = read_id_mapping(dataset.path / MAPPING_FILES["itemID"], "itemID", dataset.n_items)
@@ -83,18 +86,29 @@ def write_recommendations(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
-    with open(tmp, "w") as f:
-        f.write("userID\trank\titemID\tscore\n")
-        for start in tqdm(range(0, len(user_ids), batch_users), desc="recommend", leave=False):
-            u = torch.from_numpy(user_ids[start : start + batch_users]).to(device)
-            scores, items = model.recommend(u, k, exclude=exclude, emb=emb)
-            _write_rows(f, u.cpu().numpy(), items.cpu().numpy(), scores.cpu().numpy(), raw_u, raw_i)
-    tmp.replace(out)
-    return len(user_ids)
+    n_rows = 0
+    try:
+        with open(tmp, "w") as f:
+            f.write("userID\trank\titemID\tscore\n")
+            for start in tqdm(range(0, len(user_ids), batch_users), desc="recommend", leave=False):
+                u = torch.from_numpy(user_ids[start : start + batch_users]).to(device)
+                scores, items = model.recommend(u, k, exclude=exclude, emb=emb)
+                if non_finite_users(scores):
+                    raise MSIError("the model's scores are NaN or inf (a diverged model): nothing written to "
+                                   f"{out}")
+                n_rows += _write_rows(f, u.cpu().numpy(), items.cpu().numpy(), scores.cpu().numpy(), raw_u, raw_i)
+        tmp.replace(out)
+    except OSError as e:
+        raise MSIError(f"{out}: could not write the recommendations ({e.strerror or e}); nothing written") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(user_ids), n_rows
 
 
-def _write_rows(f, users, items, scores, raw_u, raw_i) -> None:
-    """Rows for (B,) users and (B, k) items/scores; -inf scores (fewer candidates than k) are left out."""
+def _write_rows(f, users, items, scores, raw_u, raw_i) -> int:
+    """Rows for (B,) users and (B, k) items/scores; -inf scores (fewer candidates than k) are left out.
+
+    Returns the number of rows written."""
     B, k = items.shape
     u_col = np.repeat(users, k) if raw_u is None else np.repeat(raw_u[users], k)
     i_col = items.ravel() if raw_i is None else raw_i[items.ravel()]
@@ -102,3 +116,4 @@ def _write_rows(f, users, items, scores, raw_u, raw_i) -> None:
     keep = np.isfinite(scores.ravel())
     for u, r, i, s in zip(u_col[keep], ranks[keep], i_col[keep], scores.ravel()[keep]):
         f.write(f"{u}\t{r}\t{i}\t{s:.6g}\n")
+    return int(keep.sum())

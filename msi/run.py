@@ -1,18 +1,20 @@
-"""What a run needs before its loop: a seed, a device, the data set (generated on first use), a restored model."""
+"""What a run needs around its loop: a seed, a device, the data set (generated on first use), and ``open_run``, the
+one way to open a checkpoint against a data set (resume, the trainer's finish, msi-eval and msi-recommend use it)."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from msi.checkpoint import check_matches_data, load_checkpoint
+from msi.checkpoint import check_matches_data, first_non_finite, load_checkpoint
 from msi.config import Config, config_from_dict
 from msi.data.dataset import Dataset, load_dataset
-from msi.errors import ConfigError
+from msi.errors import CheckpointError, ConfigError
 from msi.models import Recommender, build_model
 
 
@@ -37,10 +39,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def dataset_for(cfg: Config, progress: bool = True) -> Dataset:
-    """Load the configured data set; generate it first when it is missing and ``data.synth_preset`` is set."""
+    """Load the configured data set; when it is missing and ``data.name`` is ``data.synth_preset``, generate it first.
+
+    Only the preset's own folder name is generated into: a mistyped ``data.name`` is a "does not exist" error
+    listing the data sets there, not a new generated set (``msi-data synth --name`` generates under any name).
+    """
     d = cfg.data
     folder = Path(d.root) / d.name
-    if d.synth_preset and not (folder / f"{d.name}.inter").is_file():
+    if d.synth_preset and d.name == d.synth_preset and not (folder / f"{d.name}.inter").is_file():
         from msi.data.synth import generate
 
         print(f"generating the '{d.synth_preset}' data set into {folder} (seed {d.synth_seed}) ...")
@@ -50,21 +56,52 @@ def dataset_for(cfg: Config, progress: bool = True) -> Dataset:
 
 
 def data_signature(dataset: Dataset) -> dict[str, Any]:
+    """Sizes, feature widths and a fingerprint of a data set, stored in every checkpoint.
+
+    The fingerprint is a SHA-256 over the train/valid/test rows and the feature shapes (not the feature values:
+    hashing Elec's 1 GB of image features would cost seconds at every open).
+    """
+    h = hashlib.sha256()
+    for split in (dataset.train, dataset.valid, dataset.test):
+        h.update(np.ascontiguousarray(split, dtype=np.int64).tobytes())
+        h.update(b"|")
+    h.update(repr(sorted((m, f.shape) for m, f in dataset.features.items())).encode())
     return {
         "name": dataset.name,
         "n_users": dataset.n_users,
         "n_items": dataset.n_items,
         "features": {m: int(f.shape[1]) for m, f in dataset.features.items()},
+        "fingerprint": h.hexdigest(),
     }
 
 
-def restore(path: str | Path, device: torch.device | str = "cpu") -> tuple[Recommender, Config, Dataset]:
-    """Rebuild the model of a checkpoint with its config and data set, in eval mode on ``device``."""
+class OpenRun(NamedTuple):
+    """What ``open_run`` returns; unpacks as ``model, cfg, dataset, checkpoint = open_run(path)``."""
+
+    model: Recommender
+    cfg: Config
+    dataset: Dataset
+    checkpoint: dict[str, Any]
+
+
+def open_run(
+    path: str | Path, device: torch.device | str = "cpu", dataset: Dataset | None = None,
+    allow_other_data: bool = False,
+) -> OpenRun:
+    """Open a checkpoint (a best.pt or last.pt) against its data set: the model in eval mode on ``device``.
+
+    ``dataset``: the data set to check against (default: the one the checkpoint's config names, loaded here).
+    The data must match the checkpoint's sizes and fingerprint (``allow_other_data`` accepts another fingerprint
+    of the same shapes); weights holding NaN or inf are refused.
+    """
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(ckpt["config"])
-    dataset = dataset_for(cfg, progress=False)
-    check_matches_data(ckpt, path, dataset.n_users, dataset.n_items, data_signature(dataset)["features"])
+    dataset = dataset_for(cfg, progress=False) if dataset is None else dataset
+    check_matches_data(ckpt, path, data_signature(dataset), allow_other_data)
+    bad = first_non_finite(ckpt["model"])
+    if bad is not None:
+        raise CheckpointError(f"{path}: weight {bad} holds NaN or inf values; the model is not usable")
     model = build_model(cfg, dataset, with_features=False)
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
-    return model, cfg, dataset
+    return OpenRun(model, cfg, dataset, ckpt)

@@ -3,124 +3,248 @@
 A run directory holds ``config.yaml``, ``metrics.jsonl`` (one line per epoch), ``best.pt`` (the best valid
 metric so far), ``last.pt`` (the end of the last finished epoch, for ``--resume``) and ``results.json`` (the test
 split scored once, at the end, with the best checkpoint). Nothing is ever chosen by a test score.
+
+A run directory is never clobbered: one that holds files is refused unless the run resumes it or is told to
+overwrite it, and ``.lock`` (an exclusive ``flock`` held while the run lives) refuses a second live process.
+``train`` reads as three steps: ``_setup`` (directory, data, model), ``_loop`` (epochs) and ``_finish`` (test).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from msi.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from msi.config import Config, config_from_dict, dump_config
-from msi.errors import MSIError
+from msi.checkpoint import first_non_finite, rng_state, save_checkpoint, set_rng_state
+from msi.config import Config, dump_config
+from msi.errors import CheckpointError, DataError, Interrupted, MSIError
 from msi.evaluate import Evaluator
-from msi.models import build_model, epoch_diagnostics
-from msi.run import data_signature, dataset_for, resolve_device, seed_everything
+from msi.models import Recommender, build_model, epoch_diagnostics
+from msi.run import data_signature, dataset_for, open_run, resolve_device, seed_everything
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs there are not protected against a second process
+    fcntl = None
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "best.pt", "last.pt", "results.json")
+LOCK_FILE = ".lock"
+Log = Callable[..., None]
 
 
 class TrainingDiverged(MSIError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
+    """The loss or the weights became NaN or inf; the checkpoints written before stay as they were."""
+
+
+@dataclass
+class _Run:
+    """What the loop and the finish step share."""
+
+    dir: Path
+    cfg: Config
+    model: Recommender
+    optimizer: torch.optim.Optimizer
+    evaluator: Evaluator
+    pairs: torch.Tensor  # (n, 2) train (user, item) rows on the device
+    signature: dict[str, Any]  # msi.run.data_signature, saved in every checkpoint
+    progress: dict[str, Any]  # epoch, best_metric, best_epoch, bad_evals, stopped, train_seconds (in last.pt)
+    saved_epoch: int  # the epoch last.pt holds
+
+
+def train(
+    cfg: Config | None, out: str | Path | None = None, resume: str | Path | None = None, overwrite: bool = False,
+    quiet: bool = False, device: str | None = None, allow_other_data: bool = False,
+) -> dict[str, Any]:
+    """Train ``cfg``'s model, select on valid, score test once; returns the contents of ``results.json``.
+
+    ``out``: the run directory (default ``<train.out_dir>/<run name>``); it must be empty or missing unless
+    ``overwrite`` (its run files are removed first). ``resume``: a run directory to continue from its last.pt
+    with its saved config (``cfg`` is then None); a finished run returns its results.json as it is.
+    ``allow_other_data``: resume on data of the same shape but another fingerprint.
+    """
+    log: Log = (lambda *a: None) if quiet else (lambda *a: tqdm.write(" ".join(str(x) for x in a)))
+    run_dir = Path(resume) if resume is not None else _run_dir(cfg, out)
+    if resume is not None and not (run_dir / "last.pt").is_file():
+        raise CheckpointError(f"{run_dir / 'last.pt'}: checkpoint not found; nothing to resume")
+    with _locked(run_dir):
+        if resume is not None and (done := _finished(run_dir)) is not None:
+            log(f"{run_dir} is finished (results.json); nothing to resume")
+            return done
+        run = _setup(cfg, run_dir, resume is not None, overwrite, device, quiet, allow_other_data, log)
+        _loop(run, quiet, log)
+        return _finish(run, log)
 
 
 def _run_dir(cfg: Config, out: str | Path | None) -> Path:
+    """``out``, or ``<train.out_dir>/<train.run_name>`` (empty name: ``<data>-<model>-<time>``)."""
     if out is not None:
         return Path(out)
     name = cfg.train.run_name or f"{cfg.data.name}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path(cfg.train.out_dir) / name
 
 
-def _fmt(metrics: dict[str, float], keys: tuple[str, ...] = ("recall", "ndcg")) -> str:
-    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.split("@")[0] in keys)
-
-
-def train(
-    cfg: Config, out: str | Path | None = None, resume: str | Path | None = None, quiet: bool = False,
-    device: str | None = None,
-) -> dict[str, Any]:
-    """Train ``cfg``'s model, select on valid, score test once; returns the contents of ``results.json``."""
-    log = (lambda *a: None) if quiet else (lambda *a: tqdm.write(" ".join(str(x) for x in a)))
-    if resume is not None:
-        run_dir = Path(resume)
-        state = load_checkpoint(run_dir / "last.pt")
-        cfg = config_from_dict(state["config"])
-    else:
-        run_dir, state = _run_dir(cfg, out), None
-    dev = resolve_device(device or cfg.train.device)
-    seed_everything(cfg.train.seed)
-    dataset = dataset_for(cfg, progress=not quiet)
-    log(dataset.summary())
-    model = build_model(cfg, dataset).to(dev)
-    optimizer = make_optimizer(model, cfg.train.lr)
-    evaluator = Evaluator(dataset, dev, cfg.eval.ks, cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
-    train_pairs = torch.from_numpy(dataset.train).to(dev)
-    t = cfg.train
-    progress = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "bad_evals": 0}
+@contextmanager
+def _locked(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir/.lock`` while the run lives; the OS drops it when the process dies."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
+    with open(run_dir / LOCK_FILE, "a+") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise MSIError(f"{run_dir}: in use by another live msi-train process (pid {f.read().strip() or '?'})"
+                               "; wait for it to end or choose another --out") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def _finished(run_dir: Path) -> dict[str, Any] | None:
+    """The results.json of a finished run, or None (a partial file counts as not finished)."""
+    try:
+        return json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_leftover(name: str) -> bool:
+    """A temporary file of an interrupted write (``.best.pt.tmp-PID``, ``.results.json.tmp-PID``)."""
+    return name.startswith(".") and ".tmp-" in name
+
+
+def _clear_run_dir(run_dir: Path, overwrite: bool, log: Log) -> None:
+    """Refuse a run directory holding files, unless ``overwrite``: then remove its run files (and leftovers)."""
+    present = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
+    if present and not overwrite:
+        raise MSIError(f"{run_dir}: already holds {', '.join(present)}; pass --resume {run_dir} to continue that "
+                       "run, or --overwrite to start over")
+    foreign = [n for n in present if n not in RUN_FILES and not _is_leftover(n)]
+    if foreign:
+        raise MSIError(f"{run_dir}: holds files msi-train did not write ({', '.join(foreign)}); --overwrite "
+                       "removes only run files: choose another --out")
+    for name in present:
+        (run_dir / name).unlink()
+    if present:
+        log(f"--overwrite: removed {', '.join(present)} from {run_dir}")
+
+
+def _remove_leftovers(run_dir: Path, log: Log) -> None:
+    for p in run_dir.iterdir():
+        if _is_leftover(p.name):
+            p.unlink()
+            log(f"removed {p}, left by an interrupted write")
+
+
+def _setup(
+    cfg: Config | None, run_dir: Path, resume: bool, overwrite: bool, device: str | None, quiet: bool,
+    allow_other_data: bool, log: Log,
+) -> _Run:
+    """The run directory, data set, model, optimizer and progress: fresh, or restored from last.pt."""
+    progress = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "bad_evals": 0, "stopped": False,
+                "train_seconds": 0.0}
     metrics_path = run_dir / "metrics.jsonl"
-    if state is not None:
-        model.load_state_dict(state["model"])
+    if resume:
+        _remove_leftovers(run_dir, log)
+        model, cfg, dataset, state = open_run(run_dir / "last.pt", allow_other_data=allow_other_data)
+        dev = resolve_device(device or cfg.train.device)
+        optimizer = make_optimizer(model.to(dev), cfg.train.lr)
         optimizer.load_state_dict(state["optimizer"])
-        progress = dict(state["progress"])
+        progress.update(state["progress"])
         set_rng_state(state["rng"])
-        _truncate_log(metrics_path, progress["epoch"])
+        _truncate_log(metrics_path, progress["epoch"], log)
         log(f"resumed {run_dir} after epoch {progress['epoch']}")
     else:
+        _clear_run_dir(run_dir, overwrite, log)
+        dev = resolve_device(device or cfg.train.device)
+        seed_everything(cfg.train.seed)
+        dataset = dataset_for(cfg, progress=not quiet)
+        model = build_model(cfg, dataset).to(dev)
+        optimizer = make_optimizer(model, cfg.train.lr)
+    log(dataset.summary())
+    for split in ("valid", "test"):  # before an epoch is spent
+        if len(dataset.split(split)) == 0:
+            raise DataError(f"{dataset.path / f'{dataset.name}.inter'}: the {split} split is empty (no rows of "
+                            "users with train rows): nothing to select on or score")
+    if not resume:
+        dump_config(cfg, run_dir / "config.yaml")
         metrics_path.write_text("")
+    evaluator = Evaluator(dataset, dev, cfg.eval.ks, cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
+    pairs = torch.from_numpy(dataset.train).to(dev)
+    return _Run(run_dir, cfg, model, optimizer, evaluator, pairs, data_signature(dataset), progress,
+                progress["epoch"])
 
-    last_saved = [progress["epoch"]]
 
-    def checkpoint(name: str) -> None:
-        """last.pt can resume a run (optimizer and RNG states); best.pt holds what evaluation needs."""
-        payload = {"config": cfg.to_dict(), "model": model.state_dict(), "epoch": progress["epoch"],
-                   "progress": dict(progress), "data": data_signature(dataset)}
-        if name == "last.pt":
-            last_saved[0] = progress["epoch"]
-            payload.update(optimizer=optimizer.state_dict(), rng=rng_state())
-        save_checkpoint(run_dir / name, payload)
-
-    start = time.time()
-    epochs = tqdm(range(progress["epoch"], t.epochs), desc="epochs", disable=quiet, initial=progress["epoch"],
-                  total=t.epochs)
+def _loop(run: _Run, quiet: bool, log: Log) -> None:
+    """Epochs until train.epochs or early stopping; valid every train.eval_every; best.pt and last.pt."""
+    t, p = run.cfg.train, run.progress
+    start, seconds_before = time.time(), p["train_seconds"]
+    epochs = range(p["epoch"], t.epochs) if not p["stopped"] else range(0)
     try:
-        for epoch in epochs:
-            model.start_epoch(epoch)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.autocast == "bf16"):
-                row = _train_epoch(model, optimizer, train_pairs, t.batch_size, epoch, quiet)
-            row.update(epoch_diagnostics(model))
-            progress["epoch"] = epoch + 1
+        for epoch in tqdm(epochs, desc="epochs", disable=quiet, initial=p["epoch"], total=t.epochs):
+            run.model.start_epoch(epoch)
+            row = run_epoch(run.model, run.optimizer, run.pairs, t.batch_size, epoch, quiet, t.autocast == "bf16")
+            bad = first_non_finite(run.model.state_dict())
+            if bad is not None:
+                raise TrainingDiverged(
+                    f"weight {bad} became NaN or inf in epoch {epoch + 1} (train.lr={t.lr}); the run stops "
+                    f"here, and the checkpoints written before this epoch are kept"
+                )
+            row.update(epoch_diagnostics(run.model))
+            p["epoch"] = epoch + 1
             if (epoch + 1) % t.eval_every == 0:
-                t0 = time.time()
-                valid = evaluator(model, "valid")
-                row.update(eval_seconds=time.time() - t0, valid=valid)
-                improved = valid[t.metric] > progress["best_metric"]
-                if improved:
-                    progress.update(best_metric=valid[t.metric], best_epoch=epoch + 1, bad_evals=0)
-                    checkpoint("best.pt")
-                else:
-                    progress["bad_evals"] += 1
-                log(f"epoch {epoch + 1}: loss={row['loss']:.4f} valid {_fmt(valid)}"
-                    f"{' *' if improved else ''} ({row['epoch_seconds']:.1f}s + {row['eval_seconds']:.1f}s eval)")
-            with open(metrics_path, "a") as f:
+                _validate(run, row, log)
+            p["train_seconds"] = seconds_before + time.time() - start
+            with open(run.dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            stop = progress["bad_evals"] >= t.patience
-            if stop or (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs:
-                checkpoint("last.pt")
-            if stop:
+            p["stopped"] = p["bad_evals"] >= t.patience
+            if p["stopped"] or (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs:
+                _save(run, "last.pt")
+            if p["stopped"]:
                 log(f"early stop: no better valid {t.metric} for {t.patience} evaluations")
                 break
     except KeyboardInterrupt:
-        raise MSIError(
-            f"interrupted; {run_dir / 'last.pt'} holds epoch {last_saved[0]}: continue with "
-            f"msi-train --resume {run_dir}"
+        raise Interrupted(
+            f"interrupted; {run.dir / 'last.pt'} holds epoch {run.saved_epoch}: continue with "
+            f"msi-train --resume {run.dir}"
         ) from None
-    return _finish(run_dir, evaluator, cfg, dev, progress, time.time() - start, log)
+
+
+def _validate(run: _Run, row: dict[str, Any], log: Log) -> None:
+    """Score valid, add it to the epoch's row, keep best.pt and the early-stopping count."""
+    t, p = run.cfg.train, run.progress
+    t0 = time.time()
+    valid = run.evaluator(run.model, "valid")
+    row.update(eval_seconds=time.time() - t0, valid=valid)
+    improved = valid[t.metric] > p["best_metric"]
+    if improved:
+        p.update(best_metric=valid[t.metric], best_epoch=p["epoch"], bad_evals=0)
+        _save(run, "best.pt")
+    else:
+        p["bad_evals"] += 1
+    log(f"epoch {p['epoch']}: loss={row['loss']:.4f} valid {_fmt(valid)}{' *' if improved else ''} "
+        f"({row['epoch_seconds']:.1f}s + {row['eval_seconds']:.1f}s eval)")
+
+
+def _save(run: _Run, name: str) -> None:
+    """last.pt can resume a run (optimizer and RNG states); best.pt holds what evaluation needs."""
+    payload = {"config": run.cfg.to_dict(), "model": run.model.state_dict(), "epoch": run.progress["epoch"],
+               "progress": dict(run.progress), "data": run.signature}
+    if name == "last.pt":
+        payload.update(optimizer=run.optimizer.state_dict(), rng=rng_state())
+    save_checkpoint(run.dir / name, payload)
+    if name == "last.pt":
+        run.saved_epoch = run.progress["epoch"]
 
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -128,11 +252,14 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
 
 
-def _train_epoch(
+def run_epoch(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, pairs: torch.Tensor, batch_size: int,
-    epoch: int, quiet: bool,
+    epoch: int, quiet: bool = True, bf16: bool = False,
 ) -> dict[str, Any]:
-    """One pass over the shuffled train pairs (n, 2); returns the mean of every loss term and the time."""
+    """One pass over the shuffled train pairs (n, 2); returns the mean of every loss term and the time.
+
+    ``bf16``: bfloat16 autocast of the forward pass and the loss only (backward and step run outside it).
+    """
     model.train()
     t0 = time.time()
     perm = torch.randperm(len(pairs)).to(pairs.device)
@@ -141,7 +268,8 @@ def _train_epoch(
     losses = torch.empty(n_batches, device=pairs.device)  # checked once per epoch: no GPU sync per step
     for b in tqdm(range(n_batches), desc=f"epoch {epoch + 1}", leave=False, disable=quiet):
         batch = pairs[perm[b * batch_size : (b + 1) * batch_size]]
-        terms = model.loss(batch[:, 0], batch[:, 1])
+        with torch.autocast(pairs.device.type, dtype=torch.bfloat16, enabled=bf16):
+            terms = model.loss(batch[:, 0], batch[:, 1])
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
@@ -160,34 +288,44 @@ def _train_epoch(
     return row
 
 
-def _truncate_log(path: Path, epoch: int) -> None:
-    """Drop metric rows written after the checkpoint being resumed from."""
+def _truncate_log(path: Path, epoch: int, log: Log) -> None:
+    """Drop metric rows written after the checkpoint being resumed from, and a partial line (a crash mid-write)."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epoch]
-    path.write_text("".join(r + "\n" for r in rows))
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            log(f"{path}: dropped a partial line ({line[:40]!r}...)")
+            continue
+        if isinstance(row, dict) and row.get("epoch", math.inf) <= epoch:
+            kept.append(line)
+    path.write_text("".join(r + "\n" for r in kept))
 
 
-def _finish(
-    run_dir: Path, evaluator: Evaluator, cfg: Config, dev: torch.device, progress: dict, seconds: float, log,
-) -> dict[str, Any]:
-    """Score test once with the best checkpoint and write ``results.json``."""
-    best_path = run_dir / "best.pt"
+def _fmt(metrics: dict[str, float], keys: tuple[str, ...] = ("recall", "ndcg")) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.split("@")[0] in keys)
+
+
+def _finish(run: _Run, log: Log) -> dict[str, Any]:
+    """Score valid and test once with best.pt (opened like any checkpoint) and write ``results.json``."""
+    best_path = run.dir / "best.pt"
     if not best_path.is_file():
-        raise MSIError(f"{run_dir}: no evaluation ran, so there is no best checkpoint (train.eval_every > epochs?)")
-    best = load_checkpoint(best_path)
-    model = build_model(cfg, evaluator.dataset, with_features=False)
-    model.load_state_dict(best["model"])
-    model.to(dev)
+        raise MSIError(f"{run.dir}: no evaluation ran, so there is no best checkpoint (train.eval_every > epochs?)")
+    model = open_run(best_path, run.evaluator.device, dataset=run.evaluator.dataset).model
+    p = run.progress
     results = {
-        "best_epoch": progress["best_epoch"],
-        "epochs_run": progress["epoch"],
-        "valid": evaluator(model, "valid"),
-        "test": evaluator(model, "test"),
-        "train_seconds": seconds,
-        "selected_by": f"valid {cfg.train.metric}",
-        "run_dir": str(run_dir),
+        "best_epoch": p["best_epoch"],
+        "epochs_run": p["epoch"],
+        "valid": run.evaluator(model, "valid"),
+        "test": run.evaluator(model, "test"),
+        "train_seconds": p["train_seconds"],
+        "selected_by": f"valid {run.cfg.train.metric}",
+        "run_dir": str(run.dir),
     }
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    tmp = run.dir / f".results.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(run.dir / "results.json")
     log(f"best epoch {results['best_epoch']}: valid {_fmt(results['valid'])} | test {_fmt(results['test'])}")
     return results

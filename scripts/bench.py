@@ -1,7 +1,7 @@
 """Speed and memory of MSI, the BM3 variant and LightGCN at Baby, Sports, TikTok and Elec scale (docs/benchmarks.md).
 
 For every data set and model: the median training step (forward + backward + Adam on a batch of 2048 pairs, after
-warm-up), one epoch (timed with the trainer's own loop, ``msi.train._train_epoch``), one full evaluation of the valid
+warm-up), one epoch (timed with the trainer's own loop, ``msi.train.run_epoch``), one full evaluation of the valid
 users (``msi.evaluate.Evaluator``) and peak memory. Per data set also: the fused graph product (one sparse product
 over N x 3d) against three N x d products, CSR against COO, and a profile of one MSI step. An analytic count of an
 epoch's floating-point work, divided by the epoch time and by this machine's dense float32 matmul rate measured in the
@@ -44,7 +44,7 @@ from msi.evaluate import Evaluator
 from msi.models import MSI, Recommender, build_model
 from msi.models.base import lightgcn_readout
 from msi.run import resolve_device, seed_everything
-from msi.train import _train_epoch, make_optimizer
+from msi.train import make_optimizer, run_epoch
 
 DATASETS = ("baby", "sports", "tiktok", "elec")
 MODELS = {  # bench name -> (model.* settings, loss.* settings) on top of the Config defaults
@@ -188,7 +188,7 @@ def model_config(name: str, freeze: bool) -> Config:
 
 
 def train_step(model: Recommender, optimizer: torch.optim.Optimizer, users: torch.Tensor, items: torch.Tensor) -> None:
-    """What ``msi.train._train_epoch`` does per batch, minus its bookkeeping."""
+    """What ``msi.train.run_epoch`` does per batch, minus its bookkeeping."""
     terms = model.loss(users, items)
     optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
@@ -228,7 +228,7 @@ def time_epoch(
     timed = n_batches if steps is None else min(steps, n_batches)
     subset = pairs if timed == n_batches else pairs[torch.randperm(len(pairs), device=pairs.device)[: timed * batch]]
     sync(pairs.device)
-    seconds = _train_epoch(model, optimizer, subset, batch, 0, quiet=True)["epoch_seconds"]
+    seconds = run_epoch(model, optimizer, subset, batch, 0, quiet=True)["epoch_seconds"]
     return seconds * n_batches / timed, timed
 
 

@@ -56,7 +56,7 @@ def run_all(
             else:
                 cmd = [sys.executable, "-m", "msi.cli", "train", "--config", str(config), *overrides, *extra,
                        "--out", str(run_dir), "--quiet", "--device", device]
-            log = open(run_dir / "stdout.log", "a")
+            log = open(run_dir.with_name(run_dir.name + ".log"), "a")
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), run_dir))
         if time.time() >= deadline:
             todo.clear()
@@ -70,7 +70,7 @@ def run_all(
         for proc, run_dir in list(running):
             if proc.poll() is not None:
                 running.remove((proc, run_dir))
-                status = "done" if proc.returncode == 0 else f"FAILED ({proc.returncode}), see {run_dir}/stdout.log"
+                status = "done" if proc.returncode == 0 else f"FAILED ({proc.returncode}), see {run_dir}.log"
                 print(f"[{time.strftime('%H:%M:%S')}] {run_dir.name}: {status}", flush=True)
 
 
@@ -103,12 +103,12 @@ def popularity_row(config: Path, device: str, overrides: list[str]) -> dict[str,
 def probe(run_dirs: list[Path], device: str) -> dict[str, dict[str, list[float]]]:
     """Valid and test Recall@20 with items represented by each view, per seed."""
     from msi.evaluate import Evaluator
-    from msi.run import resolve_device, restore
+    from msi.run import open_run, resolve_device
 
     out: dict[str, dict[str, list[float]]] = {}
     dev = resolve_device(device)
     for run_dir in run_dirs:
-        model, cfg, data = restore(run_dir / "best.pt", dev)
+        model, cfg, data, _ = open_run(run_dir / "best.pt", dev)
         ev = Evaluator(data, dev, [20], cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
         for view in model.item_views:
             for split in ("valid", "test"):

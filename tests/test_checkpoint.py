@@ -1,4 +1,4 @@
-"""msi/checkpoint.py and msi.run.restore: weights-only loading, clear errors, atomic saves, RNG state, foreign data."""
+"""msi/checkpoint.py and msi.run.open_run: weights-only loading, clear errors, atomic saves, RNG state, foreign data."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from msi.checkpoint import (
 from msi.config import load_config
 from msi.data.synth import generate
 from msi.errors import CheckpointError
-from msi.run import restore
+from msi.run import open_run
 from msi.train import train
 
 
@@ -124,22 +124,30 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     assert draws() == expected
 
 
-def test_check_matches_data_refuses_other_sizes_and_widths():
-    ckpt = {"data": {"n_users": 2, "n_items": 3, "features": {"image": 4}}}
-    check_matches_data(ckpt, "c.pt", 2, 3, {"image": 4})
+def test_check_matches_data_refuses_other_sizes_widths_and_fingerprints():
+    ckpt = {"data": {"n_users": 2, "n_items": 3, "features": {"image": 4}, "fingerprint": "a" * 64}}
+    sig = {"name": "x", "n_users": 2, "n_items": 3, "features": {"image": 4}, "fingerprint": "a" * 64}
+    check_matches_data(ckpt, "c.pt", sig)
     with pytest.raises(CheckpointError, match="c.pt: trained on 2 users, 3 items"):
-        check_matches_data(ckpt, "c.pt", 5, 3, {"image": 4})
+        check_matches_data(ckpt, "c.pt", {**sig, "n_users": 5})
     with pytest.raises(CheckpointError, match="features"):
-        check_matches_data(ckpt, "c.pt", 2, 3, {"image": 8})
+        check_matches_data(ckpt, "c.pt", {**sig, "features": {"image": 8}})
+    other = {**sig, "fingerprint": "b" * 64}
+    with pytest.raises(CheckpointError, match="c.pt: trained on other data of the same shape.*--allow-other-data"):
+        check_matches_data(ckpt, "c.pt", other)
+    check_matches_data(ckpt, "c.pt", other, allow_other_data=True)
+    with pytest.raises(CheckpointError, match="users"):  # the override never lets other shapes through
+        check_matches_data(ckpt, "c.pt", {**other, "n_users": 5}, allow_other_data=True)
 
 
-def test_restore_rebuilds_the_model_and_refuses_a_foreign_data_set(tmp_path):
+def test_open_run_rebuilds_the_model_and_refuses_a_foreign_data_set(tmp_path):
     generate("tiny", tmp_path / "data" / "tiny", seed=0, progress=False)
     cfg = load_config(None, [f"data.root={tmp_path / 'data'}", "data.name=tiny", "model.embedding_dim=8",
                              "train.epochs=1", "train.device=cpu"])
     train(cfg, out=tmp_path / "run", quiet=True)
     ckpt_path = tmp_path / "run" / "best.pt"
-    model, cfg2, dataset = restore(ckpt_path)
+    model, cfg2, dataset, ckpt = open_run(ckpt_path)
+    assert ckpt["epoch"] == 1
     assert not model.training and cfg2.model.embedding_dim == 8
     saved = load_checkpoint(ckpt_path)["model"]
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
@@ -148,5 +156,5 @@ def test_restore_rebuilds_the_model_and_refuses_a_foreign_data_set(tmp_path):
     lines = inter.read_text().splitlines()
     inter.write_text("\n".join([lines[0]] + [l for l in lines[1:] if l.split("\t")[0] != "59"]) + "\n")
     with pytest.raises(CheckpointError, match=r"trained on 60 users, 40 items.*has 59 users, 40 items") as err:
-        restore(ckpt_path)
+        open_run(ckpt_path)
     assert str(ckpt_path) in str(err.value)

@@ -68,7 +68,7 @@ def test_yaml_values_are_converted_by_declared_type(tmp_path):
         "loss:\n  beta: 1e-4\n  alpha: 1\n"  # PyYAML reads 1e-4 as the string '1e-4'; 1 as an int
         "train:\n  epochs: '7'\n  lr: 5e-3\n  batch_size: 1e3\n"
         "model:\n  use_ssd: false\n  use_ip: 'yes'\n  n_layers: 2\n"
-        "eval:\n  ks: [5, 10, 50]\n"
+        "eval:\n  ks: [5, 20, 50]\n"
         "data:\n  modalities: {image: img.npy, audio: aud.npy}\n  name: 123\n"
     ))
     cfg = load_config(path)
@@ -78,7 +78,7 @@ def test_yaml_values_are_converted_by_declared_type(tmp_path):
     assert cfg.train.lr == 0.005
     assert cfg.train.batch_size == 1000 and type(cfg.train.batch_size) is int
     assert cfg.model.use_ssd is False and cfg.model.use_ip is True and cfg.model.n_layers == 2
-    assert cfg.eval.ks == [5, 10, 50]
+    assert cfg.eval.ks == [5, 20, 50]
     assert cfg.data.modalities == {"image": "img.npy", "audio": "aud.npy"}
     assert list(cfg.data.modalities) == ["image", "audio"]  # order is kept: it fixes the modality order
     assert cfg.data.name == "123"
@@ -86,11 +86,11 @@ def test_yaml_values_are_converted_by_declared_type(tmp_path):
 
 def test_override_values_are_converted_by_declared_type():
     cfg = load_config(overrides=[
-        "loss.beta=1e-4", "train.epochs=5", "model.use_ssd=false", "eval.ks=[5,10]",
+        "loss.beta=1e-4", "train.epochs=5", "model.use_ssd=false", "eval.ks=[5,20]",
         "data.modalities={image: a.npy, text: b.npy}", "train.device=cpu",
     ])
     assert cfg.loss.beta == 0.0001 and type(cfg.loss.beta) is float
-    assert cfg.train.epochs == 5 and cfg.model.use_ssd is False and cfg.eval.ks == [5, 10]
+    assert cfg.train.epochs == 5 and cfg.model.use_ssd is False and cfg.eval.ks == [5, 20]
     assert cfg.data.modalities == {"image": "a.npy", "text": "b.npy"} and cfg.train.device == "cpu"
 
 
@@ -161,7 +161,7 @@ def test_bad_files_are_errors(tmp_path):
 
 
 def test_dump_and_reload_round_trip(tmp_path):
-    cfg = load_config(overrides=["loss.beta=1e-3", "eval.ks=[5]", "model.use_ip=false"])
+    cfg = load_config(overrides=["loss.beta=1e-3", "eval.ks=[5,20]", "model.use_ip=false"])
     dump_config(cfg, tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == cfg  # paths are absolute, so the folder does not matter
     assert config_from_dict(cfg.to_dict()) == cfg

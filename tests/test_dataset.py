@@ -108,7 +108,7 @@ def test_features_are_cast_to_float32(tmp_path, write_dataset, dtype):
 
 def test_missing_inter_file(tmp_path):
     (tmp_path / "ds").mkdir()
-    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'ds' / 'ds.inter'}: interaction file not found")):
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'ds' / 'ds.inter'} does not exist; data sets in {tmp_path}: none")):
         load_dataset(tmp_path, "ds")
 
 

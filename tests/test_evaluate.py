@@ -13,6 +13,7 @@ from msi.config import Config
 from msi.data.dataset import Dataset, load_dataset
 from msi.data.graph import interaction_csr
 from msi.data.synth import generate
+from msi.errors import DataError
 from msi.evaluate import Evaluator, topk_metrics
 from msi.models import Recommender, build_model
 
@@ -175,7 +176,7 @@ def test_evaluator_restores_training_mode_and_rejects_an_empty_split(hand_data):
     ev(model, "test")
     assert model.training
     empty = Dataset("e", Path("."), 3, N_ITEMS, hand_data.train, pairs(), hand_data.test)
-    with pytest.raises(ValueError, match="valid"):
+    with pytest.raises(DataError, match="valid"):
         Evaluator(empty, "cpu", ks=[2])(model, "valid")
 
 

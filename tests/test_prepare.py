@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import sys
@@ -12,8 +11,9 @@ import numpy as np
 import pytest
 
 from msi.data.amazon import IMAGE_DIM, IMAGE_RECORD, item_text, read_image_features, read_reviews
+from msi.cli import data_main
 from msi.data.prepare import (
-    add_prepare_arguments, dedupe_mask, fill_with_mean, k_core_mask, prepare, run_prepare, split_labels, split_sizes,
+    dedupe_mask, fill_with_mean, k_core_mask, prepare, split_labels, split_sizes,
 )
 from msi.errors import DataError, MSIError
 
@@ -282,17 +282,17 @@ def test_missing_text_extra_says_what_to_install(
 def test_command_line(files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                       capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr("msi.data.prepare.minilm_encoder", lambda: toy_encode)
-    parser = argparse.ArgumentParser(prog="msi-data prepare")
-    add_prepare_arguments(parser)
-    args = parser.parse_args([
-        "--reviews", str(files["reviews"]), "--meta", str(files["meta"]), "--image-features", str(files["images"]),
-        "--name", "toy", "--out", str(tmp_path), "--k-core", "2", "--split", "chronological", "--no-progress",
-    ])
-    assert run_prepare(args) == tmp_path / "toy"
+    assert data_main([
+        "prepare", "--reviews", str(files["reviews"]), "--meta", str(files["meta"]),
+        "--image-features", str(files["images"]), "--name", "toy", "--out", str(tmp_path), "--k-core", "2",
+        "--split", "chronological", "--no-progress",
+    ]) == 0
     assert (tmp_path / "toy" / "toy.inter").read_text() == EXPECTED_INTER
-    assert "toy: 3 users, 3 items, 9 interactions (train 3 / valid 3 / test 3)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "toy: 3 users, 3 items, 9 interactions (train 3 / valid 3 / test 3)" in out
+    assert f"wrote {tmp_path / 'toy'}" in out
     with pytest.raises(SystemExit):
-        parser.parse_args(["--reviews", "r", "--meta", "m", "--name", "x", "--out", "o", "--k-core", "0"])
+        data_main(["prepare", "--reviews", "r", "--meta", "m", "--name", "x", "--out", "o", "--k-core", "0"])
 
 
 def test_real_minilm_encoder() -> None:

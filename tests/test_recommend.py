@@ -91,7 +91,7 @@ def model(tiny):
 
 def test_recommendations_exclude_train_items(tiny, model, tmp_path):
     out = tmp_path / "recs" / "recs.tsv"
-    assert write_recommendations(model, tiny, out, users="all", k=10) == tiny.n_users
+    assert write_recommendations(model, tiny, out, users="all", k=10) == (tiny.n_users, 10 * tiny.n_users)
     assert out.read_text().splitlines()[0] == "userID\trank\titemID\tscore"
     rows = read_tsv(out)
     assert len(rows) == 10 * tiny.n_users

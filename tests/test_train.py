@@ -92,14 +92,14 @@ def test_another_seed_gives_other_losses(data_root, run_a, tmp_path):
 def test_killed_run_resumes_to_the_same_metrics(data_root, run_a, tmp_path, monkeypatch):
     run_dir_a, results_a = run_a
     k = 2  # the run is killed while epoch k + 1 runs
-    real_epoch = msi.train._train_epoch
+    real_epoch = msi.train.run_epoch
 
     def killed_at_epoch_k_plus_1(*args, **kwargs):
         if args[4] == k:  # 0-based epoch index
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(msi.train, "_train_epoch", killed_at_epoch_k_plus_1)
+    monkeypatch.setattr(msi.train, "run_epoch", killed_at_epoch_k_plus_1)
     run_b = tmp_path / "b"
     with pytest.raises(MSIError, match=r"--resume") as err:
         train(config(data_root), out=run_b, quiet=True)

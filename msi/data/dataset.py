@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from msi.errors import DataError
+from msi.errors import DataError, read_utf8
 
 REQUIRED_COLUMNS = ("userID", "itemID", "x_label")
+MIN_ID_LIMIT = 1024  # ids up to max(2 x the distinct count, this) are read; larger ones are taken for a mistake
 SPLITS = {"train": 0, "valid": 1, "test": 2}
 
 
@@ -78,8 +79,7 @@ def read_inter(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: interaction file not found")
-    with open(path, newline=None, encoding="utf-8-sig") as f:  # CRLF read as LF; a UTF-8 BOM is dropped
-        text = f.read()
+    text = read_utf8(path).replace("\r\n", "\n").replace("\r", "\n")  # CRLF read as LF; a UTF-8 BOM is dropped
     lines = text.split("\n")
     header = [h.strip() for h in lines[0].split("\t")]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -94,7 +94,25 @@ def read_inter(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not ok:
         raise _scan_for_error(path, lines, cols)
     ids = arr.astype(np.int64)
+    for c, name in enumerate(REQUIRED_COLUMNS[:2]):
+        _check_id_range(path, lines, ids[:, c], name)
     return ids[:, 0], ids[:, 1], ids[:, 2]
+
+
+def _check_id_range(path: Path, lines: list[str], ids: np.ndarray, name: str) -> None:
+    """An id far above the number of distinct ids (99999999 among 60 users) would size the model by it: refuse."""
+    if len(ids) == 0:
+        return
+    n_distinct = len(np.unique(ids))
+    limit = max(2 * n_distinct, MIN_ID_LIMIT)
+    if ids.max() < limit:
+        return
+    row = int(np.argmax(ids >= limit))
+    lineno = [i for i, line in enumerate(lines[1:], start=2) if line.strip()][row]
+    raise DataError(
+        f"{path}:{lineno}: {name} {ids[row]} is far out of range ({n_distinct} distinct {name}s; ids from {limit} "
+        "on are refused): MMRec's layout numbers ids from 0 without large gaps (msi-data prepare writes such ids)"
+    )
 
 
 def load_features(path: str | Path, n_items: int) -> np.ndarray:
@@ -123,8 +141,11 @@ def load_features(path: str | Path, n_items: int) -> np.ndarray:
 def load_dataset(root: str | Path, name: str, modalities: dict[str, str] | None = None) -> Dataset:
     """Read ``<root>/<name>/<name>.inter`` and the feature file of each modality (ordered name -> file)."""
     folder = Path(root) / name
-    users, items, labels = read_inter(folder / f"{name}.inter")
     inter_path = folder / f"{name}.inter"
+    if not inter_path.is_file():
+        found = sorted(p.name for p in Path(root).glob("*") if (p / f"{p.name}.inter").is_file())
+        raise DataError(f"{inter_path} does not exist; data sets in {root}: {', '.join(found) or 'none'}")
+    users, items, labels = read_inter(inter_path)
     if len(users) == 0 or not np.any(labels == 0):
         raise DataError(f"{inter_path}: the train split (x_label 0) is empty")
     n_users, n_items = int(users.max()) + 1, int(items.max()) + 1

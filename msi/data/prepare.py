@@ -7,8 +7,9 @@ and the counts after each step. docs/prepare.md gives the exact rules.
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,9 +238,7 @@ def write_dataset(
     _write_mapping(folder / "i_id_mapping.csv", "asin\titemID", data.item_ids)
     np.save(folder / "text_feat.npy", text_feat)
     written = [f"{name}.inter", "u_id_mapping.csv", "i_id_mapping.csv", "text_feat.npy"]
-    if image_feat is None:
-        (folder / "image_feat.npy").unlink(missing_ok=True)
-    else:
+    if image_feat is not None:
         np.save(folder / "image_feat.npy", image_feat)
         written.append("image_feat.npy")
     return written
@@ -298,94 +297,43 @@ def prepare(
         Path(meta), image_path, data.item_ids, encode, skip_bad_lines, progress
     )
     counts |= feature_counts
-    folder.mkdir(parents=True, exist_ok=True)
-    written = write_dataset(folder, name, data, text_feat, image_feat)
-    summary = {
-        "msi_version": __version__,
-        "name": name,
-        "folder": str(folder),
-        "inputs": {"reviews": str(reviews), "meta": str(meta), "image_features": image_path and str(image_path)},
-        "choices": {
-            "k_core_user": k_user, "k_core_item": k_item, "dedupe": dedupe, "id_order": id_order, "split": split,
-            "seed": seed, "split_rule": SPLIT_RULE, "item_text": ITEM_TEXT, "text_encoder": encoder_name,
-            "missing_features": "mean of the items that have them", "skip_bad_lines": skip_bad_lines,
-        },
-        "counts": counts,
-        "shapes": {"text_feat.npy": list(text_feat.shape)}
-        | ({} if image_feat is None else {"image_feat.npy": list(image_feat.shape)}),
-        "files": written + ["prepare.json"],
-    }
-    (folder / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    staging = folder.with_name(f".{name}.tmp-{os.getpid()}")  # beside the target: the swap is a rename
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        written = write_dataset(staging, name, data, text_feat, image_feat)
+        summary = {
+            "msi_version": __version__,
+            "name": name,
+            "folder": str(folder),
+            "inputs": {"reviews": str(reviews), "meta": str(meta), "image_features": image_path and str(image_path)},
+            "choices": {
+                "k_core_user": k_user, "k_core_item": k_item, "dedupe": dedupe, "id_order": id_order, "split": split,
+                "seed": seed, "split_rule": SPLIT_RULE, "item_text": ITEM_TEXT, "text_encoder": encoder_name,
+                "missing_features": "mean of the items that have them", "skip_bad_lines": skip_bad_lines,
+            },
+            "counts": counts,
+            "shapes": {"text_feat.npy": list(text_feat.shape)}
+            | ({} if image_feat is None else {"image_feat.npy": list(image_feat.shape)}),
+            "files": written + ["prepare.json"],
+        }
+        (staging / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        _swap_in(staging, folder, written + ["prepare.json", "image_feat.npy"])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return summary
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of `msi-data prepare` to `parser`.
-
-    Each help text shows its default itself (required options have none), so the text reads the same with or
-    without `argparse.ArgumentDefaultsHelpFormatter`.
-    """
-    required = {"required": True, "default": argparse.SUPPRESS}
-    paths = parser.add_argument_group("input and output")
-    paths.add_argument("--reviews", type=Path, metavar="PATH", **required,
-                       help="reviews, JSON lines, plain or gzip (2014 reviews_<Cat>_5.json.gz or 2018 <Cat>_5.json.gz)")
-    paths.add_argument("--meta", type=Path, metavar="PATH", **required,
-                       help="item metadata, plain or gzip: 2014 Python-literal lines or 2018 JSON lines")
-    paths.add_argument("--image-features", type=Path, metavar="PATH",
-                       help="2014 image features (.b: 10-byte ASIN + 4096 float32 per record), plain or gzip "
-                       "(default: %(default)s, a text-only data set, as for the 2018 release)")
-    paths.add_argument("--name", metavar="NAME", **required, help="data set name: writes <out>/<name>/<name>.inter ...")
-    paths.add_argument("--out", type=Path, metavar="DIR", **required, help="folder that receives <name>/")
-    paths.add_argument("--overwrite", action="store_true",
-                       help="replace an earlier data set in <out>/<name>/ (default: %(default)s)")
-    recipe = parser.add_argument_group("recipe (defaults follow MMRec; docs/prepare.md gives each rule)")
-    recipe.add_argument("--k-core", type=_positive_int, default=5, metavar="K",
-                        help="iterative k-core: every user and item keeps >= K interactions (default: %(default)s)")
-    recipe.add_argument("--k-core-user", type=_positive_int, metavar="K",
-                        help="K for users (default: %(default)s, meaning --k-core)")
-    recipe.add_argument("--k-core-item", type=_positive_int, metavar="K",
-                        help="K for items (default: %(default)s, meaning --k-core)")
-    recipe.add_argument("--dedupe", choices=DEDUPE, default="earliest",
-                        help="which review of a repeated (user, item) pair to keep, by timestamp; none keeps "
-                        "them all (default: %(default)s)")
-    recipe.add_argument("--id-order", choices=ID_ORDERS, default="appearance",
-                        help="contiguous ids in order of first appearance in the reviews (MMRec) or of the "
-                        "sorted raw ids (default: %(default)s)")
-    recipe.add_argument("--split", choices=SPLITS, default="random",
-                        help="per-user split, seeded random or chronological (latest rows test, then valid): "
-                        "n < 10 rows gives n-2/1/1, else floor(n/5) held out, half valid, the rest test "
-                        "(default: %(default)s)")
-    recipe.add_argument("--seed", type=int, default=0, metavar="N",
-                        help="seed of the random split (default: %(default)s)")
-    recipe.add_argument("--skip-bad-lines", action="store_true",
-                        help="skip and count malformed lines instead of stopping at the first (default: %(default)s)")
-    recipe.add_argument("--no-progress", action="store_true", help="hide the progress bars (default: %(default)s)")
-
-
-def run_prepare(args: argparse.Namespace) -> Path:
-    """Run `prepare` from parsed arguments, print a short summary, return the data set folder."""
-    summary = prepare(
-        args.reviews, args.meta, args.image_features, args.name, args.out, k_core=args.k_core,
-        k_core_user=args.k_core_user, k_core_item=args.k_core_item, dedupe=args.dedupe, id_order=args.id_order,
-        split=args.split, seed=args.seed, skip_bad_lines=args.skip_bad_lines, progress=not args.no_progress,
-        overwrite=args.overwrite,
-    )
-    counts, core = summary["counts"], summary["counts"]["after_k_core"]
-    split = counts["split"]
-    print(f"{summary['name']}: {core['users']:,} users, {core['items']:,} items, {core['rows']:,} interactions "
-          f"(train {split['train']:,} / valid {split['valid']:,} / test {split['test']:,})")
-    print(f"items without text: {counts['items_without_text']:,}; without an image: "
-          f"{counts.get('items_without_image', 'no image file')}; bad lines skipped: "
-          f"{counts['review_lines_skipped'] + counts['meta_lines_skipped']:,}")
-    for first in (counts["first_skipped_review_line"], counts["first_skipped_meta_line"]):
-        if first:
-            print(f"first skipped: {first}")
-    print(f"wrote {summary['folder']}: {', '.join(summary['files'])}")
-    return Path(summary["folder"])
+def _swap_in(staging: Path, folder: Path, outputs: list[str]) -> None:
+    """Replace ``folder`` by the complete ``staging`` folder; files of ``folder`` that prepare does not write
+    (an extra modality, notes) move over. A crash between the two renames leaves ``.<name>.old-<pid>`` whole."""
+    if not folder.exists():
+        staging.rename(folder)
+        return
+    for extra in folder.iterdir():
+        if extra.name not in outputs:
+            extra.rename(staging / extra.name)
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    folder.rename(old)
+    staging.rename(folder)
+    shutil.rmtree(old)

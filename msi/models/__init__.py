@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import torch
 
 from msi.config import Config
@@ -30,8 +28,13 @@ def build_model(cfg: Config, dataset: Dataset, with_features: bool = True) -> Re
     features = {
         name: torch.from_numpy(f) if with_features else f.shape[1] for name, f in dataset.features.items()
     }
-    kwargs = {k: v for k, v in asdict(m).items() if k != "name"}
-    return MSI(dataset.n_users, dataset.n_items, adj, features, **kwargs, **asdict(lo))
+    return MSI(
+        dataset.n_users, dataset.n_items, adj, features,
+        embedding_dim=m.embedding_dim, n_layers=m.n_layers, dropout=m.dropout, tau=m.tau, use_ssd=m.use_ssd,
+        use_ip=m.use_ip, freeze_features=m.freeze_features, code_placement=m.code_placement,
+        alpha=lo.alpha, beta=lo.beta, gamma=lo.gamma, w_align=lo.w_align, w_mask=lo.w_mask,
+        beta_warmup=lo.beta_warmup,
+    )
 
 
 def epoch_diagnostics(model: Recommender) -> dict[str, float]:

@@ -26,10 +26,12 @@ def lightgcn_readout(adj: torch.Tensor, x0: torch.Tensor, n_layers: int) -> torc
     """Mean of Z_0..Z_L with Z_{l+1} = Â Z_l: (N, N) symmetric sparse Â, (N, k) dense Z_0 -> (N, k).
 
     Several graphs that share Â go through in one call by stacking their node matrices along the columns.
+    The product runs in Â's dtype (float32) outside autocast: torch has no bfloat16 sparse product on the CPU.
     """
     out, z = x0, x0
     for _ in range(n_layers):
-        z = _SymmetricSpMM.apply(adj, z)
+        with torch.autocast(adj.device.type, enabled=False):
+            z = _SymmetricSpMM.apply(adj, z.to(adj.dtype))
         out = out + z
     return out / (n_layers + 1)
 
