@@ -182,18 +182,27 @@ def popularity_floor(cfg: Config, device: str = "cpu") -> dict[str, dict[str, fl
     return {"valid": ev(model, "valid"), "test": ev(model, "test")}
 
 
+def load_sweep(out: Path) -> tuple[dict[str, Any], list[Trial], dict[str, Config]]:
+    """The record of ``<out>/sweep.yaml``, its trials, and one config per config file (the first trial's)."""
+    record = read_sweep(Path(out))
+    trials = plan_trials([Path(c) for c in record["configs"]], record["grid"], record["seeds"], Path(out))
+    cfgs: dict[str, Config] = {}
+    for t in trials:
+        cfg = trial_config(t, record["set"])
+        if cfgs.setdefault(t.config.stem, cfg).train.metric != cfg.train.metric:
+            raise MSIError(f"{t.config}: train.metric differs between grid points; selection needs one metric")
+    return record, trials, cfgs
+
+
 def report(out: Path) -> dict[str, Any]:
     """Re-read ``<out>``'s run directories, select, and write results.md, results.csv and summary.json."""
     out = Path(out)
-    record = read_sweep(out)
-    trials = plan_trials([Path(c) for c in record["configs"]], record["grid"], record["seeds"], out)
-    metrics, floors = {}, {}
-    for t in trials:
-        cfg = trial_config(t, record["set"])
-        if metrics.setdefault(t.config.stem, cfg.train.metric) != cfg.train.metric:
-            raise MSIError(f"{t.config}: train.metric differs between grid points; selection needs one metric")
+    record, trials, cfgs = load_sweep(out)
+    floors = {}
+    for cfg in cfgs.values():
         if cfg.data.name not in floors:
             floors[cfg.data.name] = popularity_floor(cfg)
+    metrics = {name: cfg.train.metric for name, cfg in cfgs.items()}
     summary = {"out": str(out.resolve()), "seeds": record["seeds"], "grid": record["grid"], "set": record["set"],
                "configs": summarize(trials, metrics), "popularity": floors}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
