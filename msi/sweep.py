@@ -87,8 +87,8 @@ def run_sweep(
         _tune(todo, cfgs, out, cpus_per_trial, gpus_per_trial, max_concurrent, address, deadline, asha, log)
     left = [t for t in trials if trial_state(t.run_dir) in ("new", "resumable")]
     for t in left:
-        rows = read_valid_rows(t.run_dir / "metrics.jsonl", cfgs[t.name].train.metric)
-        log(f"{t.name}: unfinished after epoch {rows[-1][0] if rows else 0}")
+        metrics = t.run_dir / "metrics.jsonl"
+        log(f"{t.name}: unfinished, {metrics.read_text().count(chr(10)) if metrics.is_file() else 0} epochs logged")
     if left:
         log(f"{len(left)} trials unfinished; run the same command again to continue them")
     return report(out)
@@ -113,7 +113,7 @@ def _tune(
             param_space={"trial": tune.grid_search(specs)},
             tune_config=tune.TuneConfig(
                 scheduler=_stop_marking_asha(max_epochs) if asha else None, max_concurrent_trials=max_concurrent,
-                time_budget_s=deadline, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+                time_budget_s=deadline, reuse_actors=not asha, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
                 name="tune", storage_path=str(out / ".tune"), verbose=0, log_to_file=True,
                 failure_config=tune.FailureConfig(max_failures=RETRIES), callbacks=[_progress(bar, log)]),
@@ -134,6 +134,12 @@ def _progress(bar: tqdm, log: Callable[[str], None]) -> Any:
     from ray.tune import Callback
 
     class Progress(Callback):
+        def __init__(self, bar: tqdm, log: Callable[[str], None]) -> None:
+            self.bar, self.log = bar, log
+
+        def __getstate__(self) -> dict:
+            return {}  # Tune pickles its callbacks into the experiment state; the terminal stays here
+
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             spec, result = trial.config["trial"], trial.last_result or {}
             run_dir = Path(spec["run_dir"])
@@ -155,10 +161,10 @@ def _progress(bar: tqdm, log: Callable[[str], None]) -> Any:
             self._line(spec["name"], f"FAILED after {1 + RETRIES} tries; {log_path}: " + " | ".join(tail))
 
         def _line(self, name: str, what: str) -> None:
-            bar.update(1)
-            log(f"[{time.strftime('%H:%M:%S')}] {name}: {what}")
+            self.bar.update(1)
+            self.log(f"[{time.strftime('%H:%M:%S')}] {name}: {what}")
 
-    return Progress()
+    return Progress(bar, log)
 
 
 def _stop_marking_asha(max_epochs: int) -> Any:
