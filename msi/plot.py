@@ -24,7 +24,7 @@ DPI = 100
 NOT_TERMS = ("epoch", "epoch_seconds", "eval_seconds", "valid")
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
@@ -44,7 +44,7 @@ def plot(dirs: list[Path], out: Path) -> tuple[int, int]:
 
 
 def _figure(n_panels: int) -> tuple[Any, list[Any]]:
-    plt = _pyplot()
+    plt = pyplot()
     ncols = min(3, n_panels)
     nrows = math.ceil(n_panels / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(PANEL[0] * ncols, PANEL[1] * nrows), dpi=DPI, squeeze=False)
@@ -59,7 +59,7 @@ def _save(fig: Any, out: Path) -> tuple[int, int]:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=DPI)  # no bbox_inches="tight": the size is panels x PANEL x DPI
     size = fig.canvas.get_width_height()
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return size
 
 
