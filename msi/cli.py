@@ -178,11 +178,12 @@ def _sweep(argv: list[str] | None) -> int:
         "Locally Ray starts embedded; with --address (or RAY_ADDRESS) the trials run on that Ray cluster, and --out "
         "and the data must be on storage every node sees. Needs the extra: pip install -e '.[sweep]'.")
     p.add_argument("--config", nargs="+", type=Path, help="YAML configs (each one a row of the table)")
-    p.add_argument("--grid", nargs="*", default=[], metavar="key=v1,v2",
+    p.add_argument("--grid", nargs="*", default=None, action="extend", metavar="key=v1,v2",
                    help="axes searched on valid; commas inside [...] stay in a value: eval.ks=[10,20],[5,10]")
     p.add_argument("--seeds", nargs="+", type=int, default=[999, 42, 2026], help="train.seed of each trial")
     p.add_argument("--out", type=Path, help="sweep folder: run directories, sweep.yaml and the tables")
-    p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every trial")
+    p.add_argument("--set", nargs="*", default=None, action="extend", metavar="key=value",
+                   help="overrides for every trial (repeatable)")
     p.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (and torch threads) per trial")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; 0.25 packs four on one GPU")
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at a time (default: as resources allow)")
@@ -204,8 +205,8 @@ def _sweep(argv: list[str] | None) -> int:
         raise MSIError("--cpus-per-trial must be >= 1 and --gpus-per-trial >= 0")
     from msi.sweep import run_sweep
 
-    run_sweep(args.config, args.grid, args.seeds, args.out, args.set, args.cpus_per_trial, args.gpus_per_trial,
-              args.max_concurrent, args.address, args.deadline, args.asha)
+    run_sweep(args.config, args.grid or [], args.seeds, args.out, args.set or [], args.cpus_per_trial,
+              args.gpus_per_trial, args.max_concurrent, args.address, args.deadline, args.asha)
     print((args.out / "results.md").read_text(), end="")
     return 0
 

@@ -113,7 +113,8 @@ def _tune(
             param_space={"trial": tune.grid_search(specs)},
             tune_config=tune.TuneConfig(
                 scheduler=_stop_marking_asha(max_epochs) if asha else None, max_concurrent_trials=max_concurrent,
-                time_budget_s=deadline, reuse_actors=not asha, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+                time_budget_s=deadline, reuse_actors=not asha,  # an ASHA-stopped trial's actor must die with it
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
                 name="tune", storage_path=str(out / ".tune"), verbose=0, log_to_file=True,
                 failure_config=tune.FailureConfig(max_failures=RETRIES), callbacks=[_progress(bar, log)]),

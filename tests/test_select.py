@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import GRID
 
 from msi.errors import MSIError
 from msi.select import grid_points, load_sweep, record_sweep, report, run_name, split_values, summarize
@@ -80,7 +81,8 @@ def test_grid_values_may_hold_commas_inside_brackets():
     assert grid_points(["eval.ks=[10,20],[5]", "loss.alpha=0.1"]) == [
         ("eval.ks=[10,20]", "loss.alpha=0.1"), ("eval.ks=[5]", "loss.alpha=0.1")]
     assert grid_points([]) == [()]
-    assert run_name(Path("c/tiktok.yaml"), ("eval.ks=[10,20]", "loss.alpha=0.1"), 7) == "tiktok_eval.ks-10+20_loss.alpha-0.1_s7"
+    name = run_name(Path("c/tiktok.yaml"), ("eval.ks=[10,20]", "loss.alpha=0.1"), 7)
+    assert name == "tiktok_eval.ks-10+20_loss.alpha-0.1_s7"
 
 
 @pytest.mark.parametrize("bad", ["loss.alpha", "alpha=1,2", "loss.alpha=1,,2"])
@@ -90,9 +92,7 @@ def test_malformed_grid_item_is_an_error_that_names_it(bad):
 
 
 def test_another_sweep_in_the_same_folder_is_refused(sweep):
-    record_sweep(sweep, [sweep.parent / "recall.yaml", sweep.parent / "ndcg.yaml"], VALID_GRID, [1, 2], [])
+    configs = [sweep.parent / "recall.yaml", sweep.parent / "ndcg.yaml"]
+    record_sweep(sweep, configs, GRID, [1, 2], [])  # the same sweep again: accepted
     with pytest.raises(MSIError, match="sweep.yaml: this folder holds another sweep \\(its grid differ\\)"):
-        record_sweep(sweep, [sweep.parent / "recall.yaml", sweep.parent / "ndcg.yaml"], ["loss.alpha=1"], [1, 2], [])
-
-
-VALID_GRID = ["loss.alpha=0.1,0.01", "eval.ks=[10,20],[5,20]"]
+        record_sweep(sweep, configs, ["loss.alpha=1"], [1, 2], [])
