@@ -77,8 +77,8 @@ def run_sweep(
     out = Path(out).resolve()
     overrides = list(overrides or [])
     trials = plan_trials(configs, grid, seeds, out)
+    cfgs = {t.name: trial_config(t, overrides) for t in trials}  # every config loads before anything is written
     record_sweep(out, configs, grid, seeds, overrides)
-    cfgs = {t.name: trial_config(t, overrides) for t in trials}  # every config loads before anything runs
     for cfg in {c.data.name: c for c in cfgs.values()}.values():
         dataset_for(cfg, progress=False)  # generated data is made once, here, not by racing trials
     todo = [t for t in trials if trial_state(t.run_dir) in ("new", "resumable")]
