@@ -1,6 +1,7 @@
 """msi-plot: learning curves of run directories, or the grid of a sweep, as a PNG (matplotlib, Agg backend).
 
-Runs: one panel for the valid ``train.metric`` and one per logged loss term, against the epoch; the seeds of one
+Runs: one panel for the valid ``train.metric`` and one per loss term (the keys the trainer writes before ``epoch``
+in a metrics.jsonl row; diagnostics after it are left out), against the epoch; the seeds of one
 configuration are thin lines, their mean a thick one. Sweep: one panel per config with the mean valid metric of
 every grid point (a heat map for two axes, lines otherwise), the point selected on valid marked with a star.
 """
@@ -21,7 +22,6 @@ from msi.select import SWEEP_FILE, grid_points, load_sweep, split_values, summar
 
 PANEL = (4.0, 3.0)  # inches per panel
 DPI = 100
-NOT_TERMS = ("epoch", "epoch_seconds", "eval_seconds", "valid")
 
 
 def pyplot() -> Any:
@@ -82,8 +82,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> tuple[int, int]:
         key = json.dumps({s: {k: v for k, v in sec.items() if k not in ("seed", "run_name", "out_dir")}
                           for s, sec in cfg.items()}, sort_keys=True)
         groups.setdefault(key, []).append((re.sub(r"_s\d+$", "", d.name), rows))
-    terms = list(dict.fromkeys(k for g in groups.values() for _, rows in g for r in rows for k in r
-                               if k not in NOT_TERMS))
+    terms = list(dict.fromkeys(k for g in groups.values() for _, rows in g for r in rows for k in loss_terms(r)))
     quantities = [f"valid {metric}", *terms]
     fig, axes = _figure(len(quantities))
     for color, runs in enumerate(groups.values()):
@@ -97,6 +96,12 @@ def plot_runs(run_dirs: list[Path], out: Path) -> tuple[int, int]:
         ax.set(title=q, xlabel="epoch")
     axes[0].legend(fontsize=7)
     return _save(fig, out)
+
+
+def loss_terms(row: dict[str, Any]) -> list[str]:
+    """The loss terms of a metrics row: its keys before ``epoch`` (the trainer writes them first)."""
+    keys = list(row)
+    return keys[: keys.index("epoch")] if "epoch" in keys else []
 
 
 def _curve(rows: list[dict], quantity: str, metric: str) -> tuple[np.ndarray, np.ndarray]:

@@ -73,8 +73,8 @@ def _fabricate_sweep(out: Path, valid: dict[str, dict[tuple[str, ...], list]], s
         t.run_dir.mkdir(parents=True)
         (t.run_dir / "config.yaml").write_text(f"train: {{seed: {t.seed}, metric: recall@20}}\n")
         (t.run_dir / "metrics.jsonl").write_text(
-            "".join(f'{{"epoch": {e}, "loss": {1 / e}, "rec": {0.5 / e}, "valid": {{"recall@20": {0.1 * e}}}}}\n'
-                    for e in (1, 2, 3)))
+            "".join(f'{{"loss": {1 / e}, "rec": {0.5 / e}, "epoch": {e}, "grad_id": 0.1, '
+                    f'"valid": {{"recall@20": {0.1 * e}}}}}\n' for e in (1, 2, 3)))
         if state in ("partial", "stopped"):
             (t.run_dir / ("last.pt" if state == "partial" else "stopped.json")).write_text("{}")
             continue
