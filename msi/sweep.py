@@ -112,7 +112,7 @@ def _tune(
             tune.with_resources(run_trial, {"cpu": cpus, "gpu": gpus}),
             param_space={"trial": tune.grid_search(specs)},
             tune_config=tune.TuneConfig(
-                scheduler=_stop_marking_asha(max_epochs) if asha else None, max_concurrent_trials=max_concurrent,
+                scheduler=stop_marking_asha(max_epochs) if asha else None, max_concurrent_trials=max_concurrent,
                 time_budget_s=deadline, reuse_actors=not asha,  # an ASHA-stopped trial's actor must die with it
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(
@@ -168,7 +168,7 @@ def _progress(bar: tqdm, log: Callable[[str], None]) -> Any:
     return Progress(bar, log)
 
 
-def _stop_marking_asha(max_epochs: int) -> Any:
+def stop_marking_asha(max_epochs: int) -> Any:
     """ASHA on the valid metric per epoch; every trial it stops gets ``stopped.json`` and is never scored."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 

@@ -4,6 +4,7 @@ re-running; a failing trial; the one-line error without the extra. The Ray tests
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -89,3 +90,23 @@ def test_without_ray_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(MSIError, match=r"pip install -e '\.\[sweep\]'"):
         import_ray()
+
+
+@needs_ray
+def test_asha_marks_the_trials_it_stops_and_never_a_finished_one(tmp_path):
+    from types import SimpleNamespace
+
+    from msi.sweep import stop_marking_asha
+
+    scheduler = stop_marking_asha(max_epochs=9)  # grace period 1 epoch, reduction factor 3
+    trials = [SimpleNamespace(trial_id=str(i), config={"trial": {"run_dir": str(tmp_path / f"r{i}")}})
+              for i in range(4)]
+    for t in trials:
+        Path(t.config["trial"]["run_dir"]).mkdir()
+        scheduler.on_trial_add(None, t)
+    (tmp_path / "r3" / "results.json").write_text("{}")  # finished before the scheduler's word reached it
+    decisions = [scheduler.on_trial_result(None, t, {"epoch": 1, "valid": v})
+                 for t, v in zip(trials, [0.5, 0.9, 0.1, 0.2])]
+    assert decisions == ["CONTINUE", "CONTINUE", "STOP", "STOP"]
+    assert [trial_state(tmp_path / f"r{i}") for i in range(4)] == ["new", "new", "stopped", "done"]
+    assert json.loads((tmp_path / "r2" / "stopped.json").read_text()) == {"by": "asha", "epoch": 1, "valid": 0.1}
