@@ -260,6 +260,67 @@ def _run_prepare(args: argparse.Namespace) -> None:
     print(f"wrote {summary['folder']}: {', '.join(summary['files'])}")
 
 
+def _sweep(argv: list[str] | None) -> int:
+    p = _parser(
+        "msi-sweep", "Configs x grid x seeds on Ray Tune; the grid point with the best mean valid train.metric "
+        "wins (test is read for it only); re-running the same command finishes an interrupted sweep.",
+        "Locally Ray starts embedded; with --address (or RAY_ADDRESS) the trials run on that Ray cluster, and --out "
+        "and the data must be on storage every node sees. Needs the extra: pip install -e '.[sweep]'.")
+    p.add_argument("--config", nargs="+", type=Path, help="YAML configs (each one a row of the table)")
+    p.add_argument("--grid", nargs="*", default=None, action="extend", metavar="key=v1,v2",
+                   help="axes searched on valid; commas inside [...] stay in a value: eval.ks=[10,20],[5,10]")
+    p.add_argument("--seeds", nargs="+", type=int, default=[999, 42, 2026], help="train.seed of each trial")
+    p.add_argument("--out", type=Path, help="sweep folder: run directories, sweep.yaml and the tables")
+    p.add_argument("--set", nargs="*", default=None, action="extend", metavar="key=value",
+                   help="overrides for every trial (repeatable)")
+    p.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (and torch threads) per trial")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; 0.25 packs four on one GPU")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at a time (default: as resources allow)")
+    p.add_argument("--address", default=None, help="a running Ray cluster (default: RAY_ADDRESS, else embedded)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds; then running trials stop (their last.pt stays) and the table covers finished ones")
+    p.add_argument("--asha", action="store_true", help="stop weak trials early on valid (never scored, never selected)")
+    p.add_argument("--report", type=Path, metavar="DIR", help="re-render DIR's tables from its run directories")
+    args = p.parse_args(argv)
+    if args.report:
+        from msi.select import report
+
+        report(args.report)
+        print((args.report / "results.md").read_text(), end="")
+        return 0
+    if not args.config or not args.out:
+        p.error("--config and --out are required (or --report DIR)")
+    if args.cpus_per_trial < 1 or args.gpus_per_trial < 0:
+        raise MSIError("--cpus-per-trial must be >= 1 and --gpus-per-trial >= 0")
+    from msi.sweep import run_sweep
+
+    run_sweep(args.config, args.grid or [], args.seeds, args.out, args.set or [], args.cpus_per_trial,
+              args.gpus_per_trial, args.max_concurrent, args.address, args.deadline, args.asha)
+    print((args.out / "results.md").read_text(), end="")
+    return 0
+
+
+def _plot(argv: list[str] | None) -> int:
+    p = _parser("msi-plot", "Learning curves of run directories (seeds overlaid with their mean), or a sweep's "
+                "grid of mean valid metrics with the selected point marked, as a PNG. Needs: pip install -e '.[plot]'.")
+    p.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run directories, or one msi-sweep folder")
+    p.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    args = p.parse_args(argv)
+    from msi.plot import plot
+
+    width, height = plot(args.dirs, args.out)
+    print(f"wrote {args.out} ({width}x{height})")
+    return 0
+
+
+def sweep_main(argv: list[str] | None = None) -> int:
+    return _guard(_sweep, argv)
+
+
+def plot_main(argv: list[str] | None = None) -> int:
+    return _guard(_plot, argv)
+
+
 def train_main(argv: list[str] | None = None) -> int:
     return _guard(_train, argv)
 
@@ -276,7 +337,8 @@ def data_main(argv: list[str] | None = None) -> int:
     return _guard(_data, argv)
 
 
-TOOLS = {"train": train_main, "eval": eval_main, "recommend": recommend_main, "data": data_main}
+TOOLS = {"train": train_main, "eval": eval_main, "recommend": recommend_main, "data": data_main,
+         "sweep": sweep_main, "plot": plot_main}
 
 
 def msi_main(argv: list[str] | None = None) -> int:

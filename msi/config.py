@@ -77,6 +77,7 @@ class TrainConfig:
     autocast: str = "off"  # off | bf16: bfloat16 autocast of the dense layers (a GPU speed option; changes numbers)
     out_dir: str = "runs"  # runs are written to <out_dir>/<run name>/ (relative: to the YAML file)
     run_name: str = ""  # empty: <data name>-<model name>-<timestamp>
+    tensorboard: bool = False  # also write TensorBoard event files to <run dir>/tensorboard/ (extra: tensorboard)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from msi.config import Config, dump_config
 from msi.errors import CheckpointError, DataError, Interrupted, MSIError
 from msi.evaluate import Evaluator
 from msi.models import Recommender, build_model, epoch_diagnostics
+from msi.runinfo import TensorBoardLog, write_env
 from msi.run import data_signature, dataset_for, open_run, resolve_device, seed_everything
 
 try:
@@ -36,7 +38,7 @@ try:
 except ImportError:  # Windows: no flock; runs there are not protected against a second process
     fcntl = None
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "best.pt", "last.pt", "results.json")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "best.pt", "last.pt", "results.json", "env.json", "tensorboard")
 LOCK_FILE = ".lock"
 Log = Callable[..., None]
 
@@ -134,7 +136,8 @@ def _clear_run_dir(run_dir: Path, overwrite: bool, log: Log) -> None:
         raise MSIError(f"{run_dir}: holds files msi-train did not write ({', '.join(foreign)}); --overwrite "
                        "removes only run files: choose another --out")
     for name in present:
-        (run_dir / name).unlink()
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     if present:
         log(f"--overwrite: removed {', '.join(present)} from {run_dir}")
 
@@ -179,6 +182,7 @@ def _setup(
     if not resume:
         dump_config(cfg, run_dir / "config.yaml")
         metrics_path.write_text("")
+    write_env(run_dir, dev)
     evaluator = Evaluator(dataset, dev, cfg.eval.ks, cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
     pairs = torch.from_numpy(dataset.train).to(dev)
     return _Run(run_dir, cfg, model, optimizer, evaluator, pairs, data_signature(dataset), progress,
@@ -190,6 +194,7 @@ def _loop(run: _Run, quiet: bool, log: Log) -> None:
     t, p = run.cfg.train, run.progress
     start, seconds_before = time.time(), p["train_seconds"]
     epochs = range(p["epoch"], t.epochs) if not p["stopped"] else range(0)
+    tensorboard = TensorBoardLog(run.dir, t.tensorboard)
     try:
         for epoch in tqdm(epochs, desc="epochs", disable=quiet, initial=p["epoch"], total=t.epochs):
             run.model.start_epoch(epoch)
@@ -207,6 +212,7 @@ def _loop(run: _Run, quiet: bool, log: Log) -> None:
             p["train_seconds"] = seconds_before + time.time() - start
             with open(run.dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            tensorboard.log(row)
             p["stopped"] = p["bad_evals"] >= t.patience
             if p["stopped"] or (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs:
                 _save(run, "last.pt")
@@ -218,6 +224,8 @@ def _loop(run: _Run, quiet: bool, log: Log) -> None:
             f"interrupted; {run.dir / 'last.pt'} holds epoch {run.saved_epoch}: continue with "
             f"msi-train --resume {run.dir}"
         ) from None
+    finally:
+        tensorboard.close()
 
 
 def _validate(run: _Run, row: dict[str, Any], log: Log) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +48,45 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
     root = tmp_path_factory.mktemp("synth")
     generate("tiny", root / "tiny", seed=0, progress=False)
     return load_dataset(root, "tiny", MODALITIES)
+
+
+GRID = ["loss.alpha=0.1,0.01", "eval.ks=[10,20],[10,20,50]"]
+
+
+def _fabricate_sweep(out: Path, valid: dict[str, dict[tuple[str, ...], list]], seeds: tuple[int, ...] = (1, 2)) -> Path:
+    """A sweep folder of made-up run directories over ``GRID``, no training. ``valid[config][point]`` lists per
+    seed ``(recall@20, ndcg@10, with_test)`` for a finished run, ``"partial"`` (last.pt only) or ``"stopped"``
+    (stopped.json); a config's ``train.metric`` is ``ndcg@10`` when its name starts with ``ndcg``. A run written
+    without test metrics makes any reading of them fail."""
+    from msi.select import plan_trials, record_sweep
+
+    configs = []
+    for name in valid:
+        path = out.parent / f"{name}.yaml"
+        metric = "ndcg@10" if name.startswith("ndcg") else "recall@20"
+        path.write_text("data: {root: data, name: tiny, synth_preset: tiny}\nmodel: {embedding_dim: 16}\n"
+                        f"train: {{epochs: 3, metric: '{metric}', device: cpu}}\n")
+        configs.append(path)
+    record_sweep(out, configs, GRID, list(seeds), [])
+    for t in plan_trials(configs, GRID, list(seeds), out):
+        state = valid[t.config.stem][t.point][list(seeds).index(t.seed)]
+        t.run_dir.mkdir(parents=True)
+        (t.run_dir / "config.yaml").write_text(f"train: {{seed: {t.seed}, metric: recall@20}}\n")
+        (t.run_dir / "metrics.jsonl").write_text(
+            "".join(f'{{"loss": {1 / e}, "rec": {0.5 / e}, "epoch": {e}, "grad_id": 0.1, '
+                    f'"valid": {{"recall@20": {0.1 * e}}}}}\n' for e in (1, 2, 3)))
+        if state in ("partial", "stopped"):
+            (t.run_dir / ("last.pt" if state == "partial" else "stopped.json")).write_text("{}")
+            continue
+        recall, ndcg, with_test = state
+        results = {"valid": {"recall@20": recall, "ndcg@10": ndcg}, "best_epoch": 3 + t.seed}
+        if with_test:
+            results["test"] = {"recall@20": recall / 2, "ndcg@10": ndcg / 2}
+        (t.run_dir / "results.json").write_text(json.dumps(results))
+    return out
+
+
+@pytest.fixture
+def fabricate_sweep():
+    """``fabricate_sweep(out, valid)`` -> ``out`` (see ``_fabricate_sweep``)."""
+    return _fabricate_sweep

@@ -1,0 +1,90 @@
+"""Records of a run beside its metrics: ``env.json`` (where and with what it ran), optional TensorBoard events."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from msi.errors import MSIError
+
+
+def git_commit(folder: Path) -> str | None:
+    """The commit checked out at ``folder`` (with ``-dirty`` when it has changes), or None outside a checkout."""
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def environment(device: torch.device | None = None, argv: list[str] | None = None) -> dict[str, Any]:
+    """Python, torch, CUDA and cuDNN versions, the device name, the host, the command line, the git commit."""
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine() or "cpu"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "device": str(device),
+        "device_name": name,
+        "host": platform.node(),
+        "command": list(sys.argv if argv is None else argv),
+        "git_commit": git_commit(Path(__file__).resolve().parent),
+    }
+
+
+def write_env(run_dir: str | Path, device: torch.device | None = None, argv: list[str] | None = None) -> Path:
+    """Write ``<run_dir>/env.json`` (see ``environment``); returns its path."""
+    path = Path(run_dir) / "env.json"
+    path.write_text(json.dumps(environment(device, argv), indent=2) + "\n")
+    return path
+
+
+class TensorBoardLog:
+    """Per-epoch scalars for TensorBoard in ``<run_dir>/tensorboard/`` (``train.tensorboard: true``).
+
+    Disabled, every method does nothing. Enabled without the package, the constructor fails with a one-line error
+    naming the extra. Loss terms go under ``train/``, valid metrics under ``valid/``; the x axis is the epoch.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool) -> None:
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise MSIError("train.tensorboard: true needs TensorBoard: pip install -e '.[tensorboard]'") from None
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        """One metrics.jsonl row: every loss term, the valid metrics when present, the epoch's seconds."""
+        if self.writer is None:
+            return
+        epoch = row["epoch"]
+        for key, value in row.items():
+            if key == "valid":
+                for metric, v in value.items():
+                    self.writer.add_scalar(f"valid/{metric}", v, epoch)
+            elif key != "epoch":
+                self.writer.add_scalar(f"train/{key}", value, epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

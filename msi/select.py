@@ -1,0 +1,270 @@
+"""Valid-only selection over a sweep's run directories, and its tables: results.md, results.csv, summary.json.
+
+A sweep is configs x grid points x seeds; each trial is one ordinary run directory
+``<out>/<config>_<key-value...>_s<seed>/``. The rule, in one place (``summarize``): per config, the grid point with
+the best mean valid ``train.metric`` over its seeds wins; a point is eligible only when every seed has finished
+(``results.json``) and none was stopped early (``stopped.json``, written when ASHA stops a trial); test numbers are
+read only for the selected point. ``<out>/sweep.yaml`` records what the sweep is, so the tables can be re-rendered
+from the run directories alone (``report``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from msi.config import Config, load_config
+from msi.errors import MSIError
+
+SWEEP_FILE = "sweep.yaml"
+STOPPED_FILE = "stopped.json"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One (config, grid point, seed) of a sweep and the run directory that holds it."""
+
+    config: Path  # the YAML file
+    point: tuple[str, ...]  # grid overrides, e.g. ("loss.alpha=0.1", "model.dropout=0.3")
+    seed: int
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+
+def split_values(text: str) -> list[str]:
+    """Split ``v1,v2`` on commas outside brackets and braces: ``[10,20],[5,10]`` -> ``["[10,20]", "[5,10]"]``."""
+    values, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += ch
+    values.append(current)
+    return [v.strip() for v in values]
+
+
+def grid_points(grid: list[str]) -> list[tuple[str, ...]]:
+    """``["a.b=1,2", "c.d=[1,2],[3]"]`` -> every combination, as tuples of ``key=value`` overrides."""
+    axes = []
+    for item in grid:
+        key, sep, values = item.partition("=")
+        parts = split_values(values)
+        if not sep or "." not in key or not all(parts):
+            raise MSIError(f"--grid {item!r}: expected section.key=v1,v2 (e.g. loss.alpha=0.1,0.01)")
+        axes.append([f"{key.strip()}={v}" for v in parts])
+    return list(itertools.product(*axes))
+
+
+def run_name(config: Path, point: tuple[str, ...], seed: int) -> str:
+    """``quickstart_loss.alpha-0.1_s999``; list values lose their brackets and join with '+'."""
+    parts = [config.stem]
+    for override in point:
+        key, _, value = override.partition("=")
+        parts.append(f"{key}-" + re.sub(r"[^\w.+-]", "", value.replace(",", "+")))
+    return "_".join(parts) + f"_s{seed}"
+
+
+def plan_trials(configs: list[Path], grid: list[str], seeds: list[int], out: Path) -> list[Trial]:
+    """Every (config, grid point, seed) in a fixed order: config, then grid point, then seed."""
+    stems = [Path(c).stem for c in configs]
+    if len(set(stems)) != len(stems):
+        raise MSIError(f"--config: two config files share a name ({', '.join(stems)}); run names need distinct ones")
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise MSIError(f"--seeds {seeds}: expected distinct seeds")
+    points = grid_points(grid)
+    return [Trial(Path(c), p, s, Path(out) / run_name(Path(c), p, s))
+            for c in configs for p in points for s in seeds]
+
+
+def trial_config(trial: Trial, overrides: list[str]) -> Config:
+    """The config of a trial: its YAML, then ``--set`` overrides, the grid point and the seed."""
+    return load_config(trial.config, [*overrides, *trial.point, f"train.seed={trial.seed}"])
+
+
+def trial_state(run_dir: Path) -> str:
+    """``done`` (results.json), ``stopped`` (ASHA stopped it), ``resumable`` (last.pt) or ``new``."""
+    if (run_dir / STOPPED_FILE).is_file():
+        return "stopped"
+    if (run_dir / "results.json").is_file():
+        return "done"
+    return "resumable" if (run_dir / "last.pt").is_file() else "new"
+
+
+def record_sweep(out: Path, configs: list[Path], grid: list[str], seeds: list[int], overrides: list[str]) -> None:
+    """Write ``<out>/sweep.yaml``, or refuse when the one there describes another sweep."""
+    record = {"configs": [str(Path(c).resolve()) for c in configs], "grid": list(grid), "seeds": list(seeds),
+              "set": list(overrides)}
+    path = Path(out) / SWEEP_FILE
+    if path.is_file():
+        old = read_sweep(Path(out))
+        if old != record:
+            diff = ", ".join(k for k in record if old.get(k) != record[k])
+            raise MSIError(f"{path}: this folder holds another sweep (its {diff} differ); use a new --out, or "
+                           "repeat the command that made it")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(record, sort_keys=False))
+
+
+def read_sweep(out: Path) -> dict[str, Any]:
+    path = Path(out) / SWEEP_FILE
+    if not path.is_file():
+        raise MSIError(f"{path}: not found; is {out} a folder written by msi-sweep?")
+    record = yaml.safe_load(path.read_text())
+    if not isinstance(record, dict) or set(record) != {"configs", "grid", "seeds", "set"}:
+        raise MSIError(f"{path}: expected the keys configs, grid, seeds, set")
+    return record
+
+
+def stats(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (None for one value) and n."""
+    return {"mean": statistics.mean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values), "values": values}
+
+
+def _read_results(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def summarize(trials: list[Trial], metrics: dict[str, str]) -> dict[str, Any]:
+    """Select per config (``metrics``: config stem -> its ``train.metric``) on valid only; see the module doc."""
+    by_point: dict[str, dict[tuple[str, ...], list[Trial]]] = {}
+    for t in trials:
+        by_point.setdefault(t.config.stem, {}).setdefault(t.point, []).append(t)
+    out: dict[str, Any] = {}
+    for name, points in by_point.items():
+        metric, grid = metrics[name], []
+        for point, group in points.items():
+            states = [trial_state(t.run_dir) for t in group]
+            valid = [_read_results(t.run_dir)["valid"][metric] for t, s in zip(group, states) if s == "done"]
+            grid.append({"point": list(point), "valid": stats(valid), "finished": len(valid),
+                         "stopped": states.count("stopped"), "eligible": states.count("done") == len(group)})
+        eligible = [g for g in grid if g["eligible"]]
+        best = max(eligible, key=lambda g: g["valid"]["mean"], default=None)  # first of equals: grid order
+        out[name] = {"metric": metric, "grid": grid, "selected": best and _selected(points[tuple(best["point"])])}
+    return out
+
+
+def _selected(group: list[Trial]) -> dict[str, Any]:
+    """Valid and test metrics of the selected point, the only place test numbers are read."""
+    results = [_read_results(t.run_dir) for t in group]
+    keys = list(results[0]["test"])
+    return {"point": list(group[0].point), "run_dirs": [str(t.run_dir) for t in group],
+            "valid": {k: stats([r["valid"][k] for r in results]) for k in keys},
+            "test": {k: stats([r["test"][k] for r in results]) for k in keys},
+            "best_epoch": [r["best_epoch"] for r in results]}
+
+
+def popularity_floor(cfg: Config, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Valid and test metrics of the popularity baseline (items ranked by train count) on ``cfg``'s data."""
+    from msi.evaluate import Evaluator
+    from msi.models import Popularity
+    from msi.run import dataset_for, resolve_device
+
+    data = dataset_for(cfg, progress=False)
+    dev = resolve_device(device)
+    ev = Evaluator(data, dev, cfg.eval.ks, cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
+    model = Popularity(data.n_users, data.n_items, data.train).to(dev)
+    return {"valid": ev(model, "valid"), "test": ev(model, "test")}
+
+
+def load_sweep(out: Path) -> tuple[dict[str, Any], list[Trial], dict[str, Config]]:
+    """The record of ``<out>/sweep.yaml``, its trials, and one config per config file (the first trial's)."""
+    record = read_sweep(Path(out))
+    trials = plan_trials([Path(c) for c in record["configs"]], record["grid"], record["seeds"], Path(out))
+    cfgs: dict[str, Config] = {}
+    for t in trials:
+        cfg = trial_config(t, record["set"])
+        if cfgs.setdefault(t.config.stem, cfg).train.metric != cfg.train.metric:
+            raise MSIError(f"{t.config}: train.metric differs between grid points; selection needs one metric")
+    return record, trials, cfgs
+
+
+def report(out: Path) -> dict[str, Any]:
+    """Re-read ``<out>``'s run directories, select, and write results.md, results.csv and summary.json."""
+    out = Path(out)
+    record, trials, cfgs = load_sweep(out)
+    floors = {}
+    for cfg in cfgs.values():
+        if cfg.data.name not in floors:
+            floors[cfg.data.name] = popularity_floor(cfg)
+    metrics = {name: cfg.train.metric for name, cfg in cfgs.items()}
+    summary = {"out": str(out.resolve()), "seeds": record["seeds"], "grid": record["grid"], "set": record["set"],
+               "configs": summarize(trials, metrics), "popularity": floors}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "results.md").write_text(render_markdown(summary))
+    (out / "results.csv").write_text(render_csv(summary))
+    return summary
+
+
+def _ms(s: dict[str, Any]) -> str:
+    if s["mean"] is None:
+        return "n/a"
+    return f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["std"] is not None else "")
+
+
+def _columns(summary: dict[str, Any]) -> list[str]:
+    keys = [k for c in summary["configs"].values() if c["selected"] for k in c["selected"]["test"]]
+    keys += [k for f in summary["popularity"].values() for k in f["test"]]
+    return list(dict.fromkeys(k for k in keys if k.split("@")[0] in ("recall", "ndcg")))
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    cols = _columns(summary)
+    seeds = ", ".join(map(str, summary["seeds"]))
+    lines = [f"Selected per config on the mean valid metric over seeds {seeds} (only points whose seeds all "
+             "finished are eligible); test is read for the selected point only. Mean ± sample std over n seeds.",
+             "", "| config | selected point | n | " + " | ".join(f"test {c}" for c in cols)
+             + " | valid (selection metric) | best epochs |", "|---" * (len(cols) + 5) + "|"]
+    for name, c in summary["configs"].items():
+        s = c["selected"]
+        if s is None:
+            lines.append(f"| {name} | none eligible | 0 |" + " |" * len(cols) + " | |")
+            continue
+        cells = [_ms(s["test"][k]) if k in s["test"] else "" for k in cols]
+        lines.append(f"| {name} | {' '.join(s['point']) or '-'} | {len(s['run_dirs'])} | " + " | ".join(cells)
+                     + f" | {c['metric']} {_ms(s['valid'][c['metric']])} | {'/'.join(map(str, s['best_epoch']))} |")
+    for data, floor in summary["popularity"].items():
+        cells = [f"{floor['test'][k]:.4f}" if k in floor["test"] else "" for k in cols]
+        lines.append(f"| popularity, {data} | - | - | " + " | ".join(cells) + " | | - |")
+    for name, c in summary["configs"].items():
+        if len(c["grid"]) > 1:
+            lines += ["", f"Grid of {name}: valid {c['metric']}, mean ± std over seeds (test not read)", "",
+                      "| point | valid | finished | eligible |", "|---|---|---|---|"]
+            chosen = c["selected"]["point"] if c["selected"] else None
+            lines += [f"| {' '.join(g['point'])}{' (selected)' if g['point'] == chosen else ''} | {_ms(g['valid'])} "
+                      f"| {g['finished']} | {'yes' if g['eligible'] else 'no'} |" for g in c["grid"]]
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(summary: dict[str, Any]) -> str:
+    """Long format: one row per (config, point, role, split, metric)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["config", "point", "role", "split", "metric", "mean", "std", "n"])
+    for name, c in summary["configs"].items():
+        for g in c["grid"]:
+            v = g["valid"]
+            w.writerow([name, " ".join(g["point"]), "grid", "valid", c["metric"], v["mean"], v["std"], v["n"]])
+        s = c["selected"]
+        for split in ("valid", "test") if s else ():
+            for k, v in s[split].items():
+                w.writerow([name, " ".join(s["point"]), "selected", split, k, v["mean"], v["std"], v["n"]])
+    for data, floor in summary["popularity"].items():
+        for split in ("valid", "test"):
+            w.writerows([f"popularity, {data}", "", "popularity", split, k, v, "", ""] for k, v in floor[split].items())
+    return buf.getvalue()

@@ -1,0 +1,245 @@
+"""msi-sweep: configs x grid x seeds on Ray Tune, resumable from the run directories, selected on valid only.
+
+Each trial runs the normal trainer in a Ray worker and writes an ordinary run directory. The run directories are
+the truth: a trial with ``results.json`` is skipped, one with ``last.pt`` resumes, one with ``stopped.json`` (ASHA
+stopped it) is never run, resumed or selected again; anything else is a partial start and is cleared. So
+re-running the same command after a crash, Ctrl-C or ``--deadline`` finishes the sweep. Selection and the tables
+are ``msi.select``'s. Each trial appends its node and any traceback to ``<out>/logs/<run name>.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+import msi
+from msi.config import config_from_dict
+from msi.errors import MSIError
+from msi.run import dataset_for
+from msi.select import STOPPED_FILE, Trial, plan_trials, record_sweep, report, trial_config, trial_state
+
+RETRIES = 2  # a failing trial is tried 1 + RETRIES times, then reported
+QUIET_ENV = {  # only our lines reach the terminal: no Ray banners, dashboards, usage stats or new-style output
+    "RAY_AIR_NEW_OUTPUT": "0", "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0",
+    "TUNE_DISABLE_SIGINT_HANDLER": "1", "RAY_CHDIR_TO_TRIAL_DIR": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    "RAY_TRAIN_V2_ENABLED": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "1000000",
+    "PYTHONWARNINGS": "ignore",
+}
+
+
+def import_ray() -> Any:
+    """Ray with its noise turned off, or a one-line error naming the extra."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    try:
+        import ray
+        from ray import tune  # noqa: F401
+    except ImportError:
+        raise MSIError("msi-sweep needs Ray Tune: pip install -e '.[sweep]'") from None
+    for name in ("ray", "ray.tune", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    return ray
+
+
+def start_ray(address: str | None = None) -> bool:
+    """Start Ray embedded (``address`` None and no RAY_ADDRESS) or join a cluster; False if already running.
+
+    Workers get this very ``msi`` package through ``py_modules``, so every node imports the driver's code.
+    """
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    package = str(Path(msi.__file__).resolve().parent)
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False,
+             include_dashboard=False, logging_level=logging.ERROR,
+             runtime_env={"py_modules": [package], "env_vars": {k: v for k, v in QUIET_ENV.items()},
+                          "excludes": ["__pycache__"]})
+    return True
+
+
+def run_sweep(
+    configs: list[Path], grid: list[str], seeds: list[int], out: Path, overrides: list[str] | None = None,
+    cpus_per_trial: int = 1, gpus_per_trial: float = 0.0, max_concurrent: int | None = None,
+    address: str | None = None, deadline: float | None = None, asha: bool = False,
+    log: Callable[[str], None] = tqdm.write,
+) -> dict[str, Any]:
+    """Run every unfinished trial of the sweep, then select on valid and write the tables; returns the summary."""
+    out = Path(out).resolve()
+    overrides = list(overrides or [])
+    trials = plan_trials(configs, grid, seeds, out)
+    cfgs = {t.name: trial_config(t, overrides) for t in trials}  # every config loads before anything is written
+    record_sweep(out, configs, grid, seeds, overrides)
+    for cfg in {c.data.name: c for c in cfgs.values()}.values():
+        dataset_for(cfg, progress=False)  # generated data is made once, here, not by racing trials
+    todo = [t for t in trials if trial_state(t.run_dir) in ("new", "resumable")]
+    log(f"{len(trials)} trials: {len(trials) - len(todo)} already finished or stopped, {len(todo)} to run")
+    if todo:
+        _tune(todo, cfgs, out, cpus_per_trial, gpus_per_trial, max_concurrent, address, deadline, asha, log)
+    left = [t for t in trials if trial_state(t.run_dir) in ("new", "resumable")]
+    for t in left:
+        metrics = t.run_dir / "metrics.jsonl"
+        log(f"{t.name}: unfinished, {metrics.read_text().count(chr(10)) if metrics.is_file() else 0} epochs logged")
+    if left:
+        log(f"{len(left)} trials unfinished; run the same command again to continue them")
+    return report(out)
+
+
+def _tune(
+    todo: list[Trial], cfgs: dict, out: Path, cpus: int, gpus: float, max_concurrent: int | None,
+    address: str | None, deadline: float | None, asha: bool, log: Callable[[str], None],
+) -> None:
+    ray = import_ray()
+    from ray import tune
+
+    specs = [{"name": t.name, "run_dir": str(t.run_dir), "config": cfgs[t.name].to_dict(), "threads": cpus,
+              "device": "cuda" if gpus > 0 else "cpu", "metric": cfgs[t.name].train.metric,
+              "log": str(out / "logs" / f"{t.name}.log")} for t in todo]
+    max_epochs = max(cfgs[t.name].train.epochs for t in todo)
+    started = start_ray(address)
+    bar = tqdm(total=len(todo), desc="trials", unit="trial", leave=False)
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(run_trial, {"cpu": cpus, "gpu": gpus}),
+            param_space={"trial": tune.grid_search(specs)},
+            tune_config=tune.TuneConfig(
+                scheduler=stop_marking_asha(max_epochs) if asha else None, max_concurrent_trials=max_concurrent,
+                time_budget_s=deadline, reuse_actors=not asha,  # an ASHA-stopped trial's actor must die with it
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=str(out / ".tune"), verbose=0, log_to_file=True,
+                failure_config=tune.FailureConfig(max_failures=RETRIES), callbacks=[_progress(bar, log)]),
+        )
+        tuner.fit()
+    finally:
+        bar.close()
+        if started:
+            ray.shutdown()
+
+
+def _trial_name(trial: Any) -> str:
+    return trial.config["trial"]["name"]
+
+
+def _progress(bar: tqdm, log: Callable[[str], None]) -> Any:
+    """A Tune callback: one line per finished, stopped or failed trial, and the progress bar."""
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def __init__(self, bar: tqdm, log: Callable[[str], None]) -> None:
+            self.bar, self.log = bar, log
+
+        def __getstate__(self) -> dict:
+            return {}  # Tune pickles its callbacks into the experiment state; the terminal stays here
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            spec, result = trial.config["trial"], trial.last_result or {}
+            run_dir = Path(spec["run_dir"])
+            state = trial_state(run_dir)
+            if state == "done":
+                res = json.loads((run_dir / "results.json").read_text())
+                what = (f"done, valid {spec['metric']} {res['valid'][spec['metric']]:.4f} at epoch "
+                        f"{res['best_epoch']} ({res['train_seconds']:.0f} s)")
+            elif state == "stopped":
+                what = f"stopped by ASHA after epoch {result.get('epoch')} (not selectable)"
+            else:
+                what = f"stopped after epoch {result.get('epoch', 0)} (resumable)"
+            self._line(spec["name"], f"{what}, node {str(result.get('node', '?'))[:8]}")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            spec = trial.config["trial"]
+            log_path = Path(spec["log"])
+            tail = log_path.read_text().strip().splitlines()[-3:] if log_path.is_file() else []
+            self._line(spec["name"], f"FAILED after {1 + RETRIES} tries; {log_path}: " + " | ".join(tail))
+
+        def _line(self, name: str, what: str) -> None:
+            self.bar.update(1)
+            self.log(f"[{time.strftime('%H:%M:%S')}] {name}: {what}")
+
+    return Progress(bar, log)
+
+
+def stop_marking_asha(max_epochs: int) -> Any:
+    """ASHA on the valid metric per epoch; every trial it stops gets ``stopped.json`` and is never scored."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class StopMarkingASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            decision = super().on_trial_result(tune_controller, trial, result)
+            run_dir = Path(trial.config["trial"]["run_dir"])
+            if decision == TrialScheduler.STOP and not result.get("finished") and trial_state(run_dir) != "done":
+                (run_dir / STOPPED_FILE).write_text(json.dumps(
+                    {"by": "asha", "epoch": result["epoch"], "valid": result["valid"]}) + "\n")
+            return decision
+
+    # max_t beyond the last epoch: ASHA never stops a trial for reaching it, the trainer ends its runs
+    return StopMarkingASHA(time_attr="epoch", metric="valid", mode="max", max_t=max_epochs + 1,
+                           grace_period=max(1, max_epochs // 10), reduction_factor=3)
+
+
+def run_trial(params: dict[str, Any]) -> None:
+    """The Ray Tune trainable: train (or resume) one run directory in this worker, reporting valid per epoch."""
+    import ray
+    import torch
+    from ray import tune
+
+    spec = params["trial"]
+    run_dir, log_path = Path(spec["run_dir"]), Path(spec["log"])
+    torch.set_num_threads(spec["threads"])
+    node = ray.get_runtime_context().get_node_id()
+    resume = trial_state(run_dir) == "resumable"
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # a partial start (neither results.json nor last.pt): start it again, clean
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'} on node {node} "
+                f"(host {os.uname().nodename}, pid {os.getpid()}, msi from {Path(msi.__file__).parent})\n")
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(target=_train_into, args=(spec, resume, outcome), daemon=True)
+    thread.start()
+    reported = 0
+    while True:
+        alive = thread.is_alive()  # read after this check, so the rows written before the end are all seen
+        for row in read_valid_rows(run_dir / "metrics.jsonl", spec["metric"], after=reported):
+            tune.report({"epoch": row[0], "valid": row[1], "node": node})
+            reported = row[0]
+        if not alive:
+            break
+        thread.join(timeout=1.0)
+    if "error" in outcome:
+        with open(log_path, "a") as f:
+            f.write(outcome["error"])
+        raise RuntimeError(f"{spec['name']}: {outcome['error'].strip().splitlines()[-1]}")
+    res = outcome["results"]
+    tune.report({"epoch": res["epochs_run"], "valid": res["valid"][spec["metric"]], "node": node, "finished": True})
+
+
+def _train_into(spec: dict[str, Any], resume: bool, outcome: dict[str, Any]) -> None:
+    from msi.train import train
+
+    try:
+        if resume:
+            outcome["results"] = train(None, resume=spec["run_dir"], quiet=True, device=spec["device"])
+        else:
+            cfg = config_from_dict(spec["config"])
+            outcome["results"] = train(cfg, out=spec["run_dir"], quiet=True, device=spec["device"])
+    except Exception:
+        outcome["error"] = traceback.format_exc()
+
+
+def read_valid_rows(path: Path, metric: str, after: int = 0) -> list[tuple[int, float]]:
+    """(epoch, valid metric) of the complete rows of a metrics.jsonl with an evaluation, after epoch ``after``."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    rows = [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line]
+    return [(r["epoch"], r["valid"][metric]) for r in rows if "valid" in r and r["epoch"] > after]

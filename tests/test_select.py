@@ -1,0 +1,98 @@
+"""msi/select.py: valid-only selection on fabricated run directories, list-valued grids, the sweep record, tables."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from conftest import GRID
+
+from msi.errors import MSIError
+from msi.select import grid_points, load_sweep, record_sweep, report, run_name, split_values, summarize
+
+A = ("loss.alpha=0.1", "eval.ks=[10,20]")
+B = ("loss.alpha=0.1", "eval.ks=[10,20,50]")
+C = ("loss.alpha=0.01", "eval.ks=[10,20]")
+D = ("loss.alpha=0.01", "eval.ks=[10,20,50]")
+# (recall@20, ndcg@10, test written); runs of points that must not be selected carry no test metrics
+VALID = {
+    "recall": {A: [(0.30, 0.9, False), (0.32, 0.9, False)], B: [(0.50, 0.1, True), (0.52, 0.1, True)],
+               C: [(0.90, 0.9, False), "partial"], D: [(0.95, 0.9, False), "stopped"]},
+    "ndcg": {A: [(0.90, 0.1, False), (0.90, 0.1, False)], B: [(0.10, 0.4, True), (0.10, 0.6, True)],
+             C: ["partial", "partial"], D: [(0.10, 0.9, False), "stopped"]},
+}
+
+
+@pytest.fixture
+def sweep(fabricate_sweep, tmp_path) -> Path:
+    return fabricate_sweep(tmp_path / "sweep", VALID)
+
+
+def select(out: Path) -> dict:
+    _, trials, cfgs = load_sweep(out)
+    return summarize(trials, {name: cfg.train.metric for name, cfg in cfgs.items()})
+
+
+def test_best_mean_valid_wins_among_points_whose_seeds_all_finished(sweep):
+    chosen = select(sweep)["recall"]
+    assert chosen["selected"]["point"] == list(B)  # C and D score higher on valid but miss a seed
+    assert chosen["selected"]["test"]["recall@20"]["mean"] == pytest.approx(0.255)
+    assert chosen["selected"]["test"]["recall@20"]["std"] == pytest.approx(0.0070710678)
+    assert chosen["selected"]["valid"]["recall@20"]["n"] == 2
+    assert chosen["selected"]["best_epoch"] == [4, 5]
+    grid = {tuple(g["point"]): g for g in chosen["grid"]}
+    assert [grid[p]["eligible"] for p in (A, B, C, D)] == [True, True, False, False]
+    assert grid[C]["finished"] == 1 and grid[D]["stopped"] == 1
+    assert grid[A]["valid"]["mean"] == pytest.approx(0.31)
+
+
+def test_train_metric_other_than_recall_is_honoured(sweep):
+    chosen = select(sweep)["ndcg"]
+    assert chosen["metric"] == "ndcg@10"
+    assert chosen["selected"]["point"] == list(B)  # A wins on recall@20
+    assert chosen["selected"]["valid"]["ndcg@10"]["mean"] == pytest.approx(0.5)
+
+
+def test_no_eligible_point_selects_nothing(fabricate_sweep, tmp_path):
+    out = fabricate_sweep(tmp_path / "s", {"recall": {p: ["partial", (0.5, 0.5, False)] for p in (A, B, C, D)}})
+    assert select(out)["recall"]["selected"] is None
+
+
+def test_report_writes_the_tables_and_the_popularity_floor(sweep):
+    summary = report(sweep)
+    assert json.loads((sweep / "summary.json").read_text()) == summary
+    assert summary["configs"] == select(sweep)
+    assert set(summary["popularity"]) == {"tiny"}
+    md = (sweep / "results.md").read_text()
+    assert "| recall | loss.alpha=0.1 eval.ks=[10,20,50] | 2 | 0.2550 ± 0.0071 |" in md
+    assert "| loss.alpha=0.1 eval.ks=[10,20,50] (selected) | 0.5100 ± 0.0141 | 2 | yes |" in md
+    assert "popularity, tiny" in md
+    rows = list(csv.DictReader(io.StringIO((sweep / "results.csv").read_text())))
+    test_rows = [r for r in rows if r["split"] == "test" and r["role"] == "selected"]
+    assert {(r["config"], r["point"]) for r in test_rows} == {("recall", " ".join(B)), ("ndcg", " ".join(B))}
+
+
+def test_grid_values_may_hold_commas_inside_brackets():
+    assert split_values("[10,20],[5,10], 3") == ["[10,20]", "[5,10]", "3"]
+    assert split_values("{a: 1, b: 2},{a: 3}") == ["{a: 1, b: 2}", "{a: 3}"]
+    assert grid_points(["eval.ks=[10,20],[5]", "loss.alpha=0.1"]) == [
+        ("eval.ks=[10,20]", "loss.alpha=0.1"), ("eval.ks=[5]", "loss.alpha=0.1")]
+    assert grid_points([]) == [()]
+    name = run_name(Path("c/tiktok.yaml"), ("eval.ks=[10,20]", "loss.alpha=0.1"), 7)
+    assert name == "tiktok_eval.ks-10+20_loss.alpha-0.1_s7"
+
+
+@pytest.mark.parametrize("bad", ["loss.alpha", "alpha=1,2", "loss.alpha=1,,2"])
+def test_malformed_grid_item_is_an_error_that_names_it(bad):
+    with pytest.raises(MSIError, match="--grid"):
+        grid_points([bad])
+
+
+def test_another_sweep_in_the_same_folder_is_refused(sweep):
+    configs = [sweep.parent / "recall.yaml", sweep.parent / "ndcg.yaml"]
+    record_sweep(sweep, configs, GRID, [1, 2], [])  # the same sweep again: accepted
+    with pytest.raises(MSIError, match="sweep.yaml: this folder holds another sweep \\(its grid differ\\)"):
+        record_sweep(sweep, configs, ["loss.alpha=1"], [1, 2], [])

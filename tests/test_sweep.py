@@ -1,0 +1,112 @@
+"""msi/sweep.py: a real sweep through Ray Tune on generated data (CPU), stopped at a deadline and finished by
+re-running; a failing trial; the one-line error without the extra. The Ray tests skip without ``.[sweep]``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from msi.cli import sweep_main
+from msi.errors import MSIError
+from msi.select import plan_trials, trial_state
+from msi.sweep import import_ray, read_valid_rows, run_sweep, start_ray
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the extra: .[sweep]")
+GRID = ["loss.alpha=0.1,0.01", "model.dropout=0.3,0.5"]
+SEEDS = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One embedded Ray for the module's sweeps (starting one takes seconds)."""
+    started = start_ray()
+    yield
+    if started:
+        import ray
+
+        ray.shutdown()
+
+
+@pytest.fixture
+def config(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text("data: {root: data, name: tiny, synth_preset: tiny}\nmodel: {embedding_dim: 16}\n"
+                    "train: {epochs: 4, patience: 2, lr: 0.01, device: cpu}\n")
+    return path
+
+
+@needs_ray
+def test_sweep_stopped_at_a_deadline_and_rerun_ends_with_the_uninterrupted_table(ray_session, config, tmp_path,
+                                                                                   capsys):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_sweep([config], GRID, SEEDS, full)
+    run_sweep([config], GRID, SEEDS, cut, deadline=3)
+    states = [trial_state(t.run_dir) for t in plan_trials([config], GRID, SEEDS, cut)]
+    assert states.count("done") < len(states)  # 8 trials cannot all finish in 3 s on 2 cores
+    capsys.readouterr()
+    argv = ["--config", config, "--grid", *GRID, "--seeds", *SEEDS, "--out", cut]
+    assert sweep_main([str(a) for a in argv]) == 0
+    out = capsys.readouterr().out
+    assert (cut / "results.md").read_text() == (full / "results.md").read_text()
+    assert out.endswith((full / "results.md").read_text())
+    assert all(trial_state(t.run_dir) == "done" for t in plan_trials([config], GRID, SEEDS, cut))
+    assert "| tiny | " in out and "popularity, tiny" in out
+
+
+@needs_ray
+def test_failing_trial_is_retried_then_reported_and_the_table_still_written(ray_session, config, tmp_path, capsys):
+    out = tmp_path / "broken"
+    argv = ["--config", config, "--seeds", "1", "--out", out, "--set", "train.epochs=1", "train.eval_every=2"]
+    assert sweep_main([str(a) for a in argv]) == 0
+    captured = capsys.readouterr()
+    assert "tiny_s1: FAILED after 3 tries" in captured.err + captured.out
+    assert "no evaluation ran" in captured.err + captured.out
+    assert (out / "logs" / "tiny_s1.log").read_text().count(" on node ") == 3  # start, 2 resumes
+    assert "| tiny | none eligible | 0 |" in (out / "results.md").read_text()
+
+
+def test_rerun_with_another_grid_into_the_same_folder_is_refused(config, tmp_path):
+    from msi.select import record_sweep
+
+    record_sweep(tmp_path / "s", [config], GRID, SEEDS, [])
+    with pytest.raises(MSIError, match="another sweep"):
+        run_sweep([config], ["loss.alpha=0.5"], SEEDS, tmp_path / "s")
+
+
+def test_valid_rows_skip_epochs_without_evaluation_and_an_unfinished_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "loss": 1.0}\n{"epoch": 2, "valid": {"recall@20": 0.5}}\n'
+                    '{"epoch": 3, "valid": {"recall@20": 0.7}}\n{"epoch": 4, "val')
+    assert read_valid_rows(path, "recall@20") == [(2, 0.5), (3, 0.7)]
+    assert read_valid_rows(path, "recall@20", after=2) == [(3, 0.7)]
+    assert read_valid_rows(tmp_path / "none.jsonl", "recall@20") == []
+
+
+def test_without_ray_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(MSIError, match=r"pip install -e '\.\[sweep\]'"):
+        import_ray()
+
+
+@needs_ray
+def test_asha_marks_the_trials_it_stops_and_never_a_finished_one(tmp_path):
+    from types import SimpleNamespace
+
+    from msi.sweep import stop_marking_asha
+
+    scheduler = stop_marking_asha(max_epochs=9)  # grace period 1 epoch, reduction factor 3
+    trials = [SimpleNamespace(trial_id=str(i), config={"trial": {"run_dir": str(tmp_path / f"r{i}")}})
+              for i in range(4)]
+    for t in trials:
+        Path(t.config["trial"]["run_dir"]).mkdir()
+        scheduler.on_trial_add(None, t)
+    (tmp_path / "r3" / "results.json").write_text("{}")  # finished before the scheduler's word reached it
+    decisions = [scheduler.on_trial_result(None, t, {"epoch": 1, "valid": v})
+                 for t, v in zip(trials, [0.5, 0.9, 0.1, 0.2])]
+    assert decisions == ["CONTINUE", "CONTINUE", "STOP", "STOP"]
+    assert [trial_state(tmp_path / f"r{i}") for i in range(4)] == ["new", "new", "stopped", "done"]
+    assert json.loads((tmp_path / "r2" / "stopped.json").read_text()) == {"by": "asha", "epoch": 1, "valid": 0.1}
