@@ -18,10 +18,12 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
 
     Logits are cosine similarities / tau; row i of ``a`` and row i of ``b`` are the positive pair, the other rows
     the negatives; the cross-entropy is averaged over both directions. The estimate lies in (-inf, log B].
+    CE of row i = logsumexp_j(logits_ij) - logits_ii: two (B,) log-sum-exps, no (B, B) log-softmax, no transpose
+    copy, and 1/tau applied to the (B, d) codes rather than to the (B, B) logits.
     """
-    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / tau  # (B, B)
-    target = torch.arange(a.shape[0], device=a.device)
-    ce = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    logits = (F.normalize(a, dim=-1) / tau) @ F.normalize(b, dim=-1).T  # (B, B)
+    lse = torch.logsumexp(logits, 1) + torch.logsumexp(logits, 0)  # (B,): row i of a, column i of b
+    ce = 0.5 * lse.mean() - logits.diagonal().mean()
     return math.log(a.shape[0]) - ce
 
 
@@ -37,14 +39,13 @@ def first_occurrence(ids: torch.Tensor) -> torch.Tensor:
 def masked_info_nce(a: torch.Tensor, b: torch.Tensor, tau: float, keep: torch.Tensor) -> torch.Tensor:
     """``info_nce`` over the rows where ``keep`` (B,) bool is True, computed on all B rows: the other rows are
     neither anchors nor negatives. Equals ``info_nce(a[keep], b[keep], tau)`` up to summation order."""
-    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / tau  # (B, B)
-    drop = ~keep[None, :]  # a dropped row is no negative: its logit becomes the dtype's lowest value, exp() = 0
-    low = torch.finfo(logits.dtype).min
-    target = torch.arange(a.shape[0], device=a.device)
-    ce_ab = F.cross_entropy(logits.masked_fill(drop, low), target, reduction="none")
-    ce_ba = F.cross_entropy(logits.T.masked_fill(drop, low), target, reduction="none")
+    logits = (F.normalize(a, dim=-1) / tau) @ F.normalize(b, dim=-1).T  # (B, B)
+    low = torch.finfo(logits.dtype).min  # a dropped row or column is no negative: exp(low - max) = 0
+    lse_ab = torch.logsumexp(logits.masked_fill(~keep[None, :], low), 1)
+    lse_ba = torch.logsumexp(logits.masked_fill(~keep[:, None], low), 0)
     n = keep.sum()
-    ce = 0.5 * (torch.where(keep, ce_ab, 0.0).sum() + torch.where(keep, ce_ba, 0.0).sum()) / n
+    lse = torch.where(keep, lse_ab + lse_ba, 0.0).sum()
+    ce = (0.5 * lse - torch.where(keep, logits.diagonal(), 0.0).sum()) / n
     return torch.log(n.to(ce.dtype)) - ce
 
 
