@@ -141,3 +141,31 @@ def test_snapshot_restore_undoes_steps_in_place(tiny) -> None:
     state = opt.state_dict()["state"]
     for k, s in before[1]["state"].items():
         assert all(torch.equal(v, state[k][n]) for n, v in s.items())
+
+
+# 3 epochs of the implementation before msi.step (commit cbffa67: foreach Adam, torch.unique, cross-entropy InfoNCE,
+# sliced readout) on the tiny set, batch 64, seeds as in _pinned_run: the mean loss terms of each epoch and the sum
+# of |parameter| at the end
+REFERENCE_LOSSES = [
+    {"rec": 2.0199623107910156, "align": 1.9233652353286743, "mask": 1.9793235063552856, "reg": 4.963735580444336, "nce": -0.05725213885307312, "akl": 134.96400451660156, "ssd": 0.07074853777885437, "loss": 6.4260993003845215},
+    {"rec": 1.9827864170074463, "align": 1.883667230606079, "mask": 1.7685073614120483, "reg": 4.778984069824219, "nce": 0.23735308647155762, "akl": 115.01610565185547, "ssd": -0.22585147619247437, "loss": 6.090274333953857},
+    {"rec": 1.9584935903549194, "align": 1.8102554082870483, "mask": 1.5964666604995728, "reg": 4.733516216278076, "nce": 0.4866458773612976, "akl": 112.60588836669922, "ssd": -0.47538530826568604, "loss": 5.79102897644043},
+]
+REFERENCE_PARAM_SUMS = {"user_emb": 417.71741060580825, "item_emb": 303.44122039937065, "raw.image": 1839.2966363789747, "raw.text": 800.9676500039641, "proj.image.weight": 228.99928028075374, "proj.image.bias": 5.356109875719994, "proj.text.weight": 124.74714144686732, "proj.text.bias": 6.507010439701844, "head.image.weight": 350.1793953176948, "head.image.bias": 1.6881903243775014, "head.text.weight": 359.2424813739817, "head.text.bias": 1.7008067358401604, "predictor.weight": 410.28212246563635, "predictor.bias": 4.317398977000266}
+
+
+def _pinned_run(tiny, static: bool) -> tuple[list[dict], dict[str, float]]:
+    model = _msi(tiny)
+    model.static_shapes(static)
+    opt = make_optimizer(model, 1e-3)
+    torch.manual_seed(2)
+    rows = [_train_epoch(model, opt, torch.from_numpy(tiny.train), 64, e, quiet=True) for e in range(3)]
+    return rows, {k: float(v.double().abs().sum()) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_trajectory_matches_the_implementation_before_this_module(tiny, static) -> None:
+    rows, sums = _pinned_run(tiny, static)
+    for row, want in zip(rows, REFERENCE_LOSSES):
+        assert {k: row[k] for k in want} == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert sums == pytest.approx(REFERENCE_PARAM_SUMS, rel=1e-5)

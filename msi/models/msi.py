@@ -138,14 +138,16 @@ class MSI(Recommender):
         codes, gauss = self._modality_codes()
         U, d = self.n_users, self.item_emb.shape[1]
         item_blocks = [self.item_emb] + ([codes[m] for m in self.modalities] if self.use_ip else [])
-        x0 = torch.cat(
-            [self.user_emb.repeat(1, len(item_blocks)), torch.cat(item_blocks, dim=1)], dim=0
-        )  # (N, g*d): g graphs side by side, one sparse product per layer
+        x0_items = torch.cat(item_blocks, dim=1)  # (I, g*d)
+        x0 = torch.cat([self.user_emb.repeat(1, len(item_blocks)), x0_items], dim=0)
+        # (N, g*d): g graphs side by side, one sparse product per layer
         z = lightgcn_readout(self.adj if self.edges is None else self.edges, x0, self.n_layers)
-        items = z[U:] + x0[U:]  # residual of eq. 17 on item rows, every graph
-        out = {"user": z[:U, :d], "id": items[:, :d]}
+        # split, not slices: the backward of a split is one concatenation, that of each slice a zero-filled (N, g*d)
+        z_users, z_items = z.split([U, self.n_items])
+        views = (z_items + x0_items).split(d, dim=1)  # residual of eq. 17 on item rows, every graph
+        out = {"user": z_users.split(d, dim=1)[0], "id": views[0]}
         for g, m in enumerate(self.modalities):
-            out[m] = items[:, (g + 1) * d : (g + 2) * d] if self.use_ip else codes[m]
+            out[m] = views[g + 1] if self.use_ip else codes[m]
         return out, codes, gauss
 
     @torch.no_grad()
