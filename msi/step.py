@@ -34,6 +34,7 @@ class TrainStep:
         self.cuda_graph = cuda_graph and isinstance(model, MSI) and model.device.type == "cuda"
         self.capture_error: str | None = None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, dict[str, torch.Tensor]]] = {}
+        self._grads: dict[int, list[torch.Tensor | None]] = {}
         if self.cuda_graph:
             _make_capturable(optimizer, model.device)
 
@@ -85,6 +86,8 @@ class TrainStep:
             self.model.static_shapes(False)
         torch.cuda.synchronize()
         _restore(self.model, self.optimizer, saved)
+        # the graph's gradients stay referenced here: capturing another batch size re-points p.grad
+        self._grads[len(batch)] = [p.grad for p in self.model.parameters()]
         self._graphs[len(batch)] = (graph, static_batch, terms)
         return self._graphs[len(batch)]
 
