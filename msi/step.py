@@ -62,8 +62,8 @@ class TrainStep:
         """Capture the step for ``len(batch)``; None (and eager from then on) if capture fails."""
         saved = _snapshot(self.model, self.optimizer)
         static_batch = batch.clone()
-        self.model.static_shapes(True)
         try:
+            self.model.static_shapes(True)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
