@@ -2,7 +2,9 @@
 
 For every data set and model: the median training step (forward + backward + Adam on a batch of 2048 pairs, after
 warm-up), one epoch (timed with the trainer's own loop, ``msi.train.run_epoch``), one full evaluation of the valid
-users (``msi.evaluate.Evaluator``) and peak memory. Per data set also: the fused graph product (one sparse product
+users (``msi.evaluate.Evaluator``) and peak memory. The step and the epoch run through ``msi.step.TrainStep``, as the
+trainer does: on CUDA a captured CUDA graph (``--cuda-graph``, default on; the eager step is timed too, and a capture
+that fails is reported while the eager figures are still measured). Per data set also: the fused graph product (one sparse product
 over N x 3d) against three N x d products, CSR against COO, and a profile of one MSI step. An analytic count of an
 epoch's floating-point work, divided by the epoch time and by this machine's dense float32 matmul rate measured in the
 same run, gives the efficiency figure. Results go to JSON and a Markdown table, rewritten after each data set.
@@ -11,8 +13,13 @@ Data: ``baby`` and ``sports`` are the real graphs in ``../shared/data`` with gen
 shapes (their values do not change the cost); ``tiktok`` is the real set (image + audio); ``elec`` is the generated
 preset, written once into ``--cache``.
 
+With ``--mmrec-bm3 DIR`` (a copy of ``/work/shared/reference/mmrec-bm3``) MMRec's own BM3 step is timed by its
+``time_bm3.py`` in a subprocess on the same device, threads and graph, with random features of the same widths, and
+the ratios of our MSI and BM3 steps and epochs to it are written beside.
+
 Example (the README table):
     python scripts/bench.py --datasets baby sports tiktok elec --threads 2 --epoch-steps 20
+    python scripts/bench.py --device cuda --datasets baby tiktok --mmrec-bm3 .ref/mmrec-bm3
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +53,7 @@ from msi.evaluate import Evaluator
 from msi.models import MSI, Recommender, build_model
 from msi.models.base import lightgcn_readout
 from msi.run import resolve_device, seed_everything
+from msi.step import TrainStep
 from msi.train import make_optimizer, run_epoch
 
 DATASETS = ("baby", "sports", "tiktok", "elec")
@@ -187,14 +197,6 @@ def model_config(name: str, freeze: bool) -> Config:
     return cfg
 
 
-def train_step(model: Recommender, optimizer: torch.optim.Optimizer, users: torch.Tensor, items: torch.Tensor) -> None:
-    """What ``msi.train.run_epoch`` does per batch, minus its bookkeeping."""
-    terms = model.loss(users, items)
-    optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    optimizer.step()
-
-
 def phase_ms(
     model: Recommender, optimizer: torch.optim.Optimizer, next_batch: Callable[[], torch.Tensor],
     device: torch.device, repeats: int,
@@ -220,7 +222,8 @@ def phase_ms(
 
 
 def time_epoch(
-    model: Recommender, optimizer: torch.optim.Optimizer, pairs: torch.Tensor, batch: int, steps: int | None
+    model: Recommender, optimizer: torch.optim.Optimizer, pairs: torch.Tensor, batch: int, steps: int | None,
+    step: TrainStep,
 ) -> tuple[float, int]:
     """Seconds of one epoch with the trainer's loop; with ``steps`` (fewer than an epoch's) time that many steps
     over a random subset of the train pairs and scale up. Returns (epoch seconds, steps timed)."""
@@ -228,7 +231,7 @@ def time_epoch(
     timed = n_batches if steps is None else min(steps, n_batches)
     subset = pairs if timed == n_batches else pairs[torch.randperm(len(pairs), device=pairs.device)[: timed * batch]]
     sync(pairs.device)
-    seconds = run_epoch(model, optimizer, subset, batch, 0, quiet=True)["epoch_seconds"]
+    seconds = run_epoch(model, optimizer, subset, batch, 0, quiet=True, step=step)["epoch_seconds"]
     return seconds * n_batches / timed, timed
 
 
@@ -254,14 +257,19 @@ def bench_model(
     pairs = torch.from_numpy(dataset.train).to(device)
     batches = [pairs[torch.randperm(len(pairs), device=device)[: args.batch_size]] for _ in range(4)]
     next_batch = itertools.cycle(batches).__next__
+    model.train()
+    fast = TrainStep(model, optimizer, cuda_graph=args.cuda_graph)  # what the trainer runs
+    eager = TrainStep(model, optimizer)
 
-    def step() -> None:
-        b = next_batch()
-        train_step(model, optimizer, b[:, 0], b[:, 1])
+    def step(runner: TrainStep = fast) -> None:
+        runner(next_batch())
 
     step_ms = median_ms(step, device, args.repeats, args.warmup)
+    graph = {"cuda_graph": fast.cuda_graph, "capture_error": fast.capture_error}
+    if fast.cuda_graph or fast.capture_error:  # the eager step beside the captured one (or the failed capture)
+        graph["eager_step_ms"] = median_ms(lambda: step(eager), device, args.repeats, args.warmup)
     phases = phase_ms(model, optimizer, next_batch, device, args.repeats)
-    epoch_s, timed = time_epoch(model, optimizer, pairs, args.batch_size, args.epoch_steps)
+    epoch_s, timed = time_epoch(model, optimizer, pairs, args.batch_size, args.epoch_steps, fast)
     train_peak = peak_mb(device)
     eval_s, eval_peak = time_eval(model, evaluator, args, device)
     flops = step_flops(model, args.batch_size, len(torch.unique(batches[0][:, 1])))
@@ -274,10 +282,10 @@ def bench_model(
         "mem_before_mb": base, "mem_kind": "cuda_allocated" if device.type == "cuda" else "rss",
         "mem_peak_per_phase": per_phase, "gflop_per_step": {k: v / 1e9 for k, v in flops.items()},
         "gflop_per_epoch": sum(flops.values()) * n_batches / 1e9, "gflops": gflops, "matmul_fraction": gflops / matmul,
-        "freeze_features": cfg.model.freeze_features,
+        "freeze_features": cfg.model.freeze_features, **graph,
     }
     if name == "msi":
-        row["profile"] = profile_step(step, device, args.profile_top)
+        row["profile"] = profile_step(lambda: step(eager), device, args.profile_top)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -354,15 +362,58 @@ def bench_dataset(dataset: Dataset, args: argparse.Namespace, device: torch.devi
           f"(CSR); fused COO {products['coo']['fused_ms']:.1f} ms", flush=True)
     evaluator = Evaluator(dataset, device, cfg.eval.ks, cfg.eval.batch_users)
     for model_name in args.models:
-        row = bench_model(model_name, dataset, evaluator, args, device, matmul)
+        try:
+            row = bench_model(model_name, dataset, evaluator, args, device, matmul)
+        except Exception as e:  # one model failing must not lose the others' figures
+            result.setdefault("errors", {})[model_name] = f"{type(e).__name__}: {e}"
+            print(f"  {model_name:9s} FAILED: {result['errors'][model_name]}", flush=True)
+            continue
         result["models"][model_name] = row
         note = f" (from {row['epoch_steps_timed']} steps)" if row["epoch_extrapolated"] else ""
-        print(f"  {model_name:9s} step {row['step_ms']:8.1f} ms | epoch {row['epoch_s']:8.2f} s{note} | "
+        graph = f" (eager {row['eager_step_ms']:.1f} ms)" if "eager_step_ms" in row else ""
+        print(f"  {model_name:9s} step {row['step_ms']:8.1f} ms{graph} | epoch {row['epoch_s']:8.2f} s{note} | "
               f"eval {row['eval_s']:7.2f} s | peak {row['peak_mem_mb']:8.0f} MB | {row['gflops']:6.1f} GFLOP/s",
               flush=True)
+        if row.get("capture_error"):
+            print(f"  {model_name:9s} CUDA graph capture failed, eager figures: {row['capture_error']}", flush=True)
     if {"msi", "bm3"} <= set(result["models"]):
         result["msi_bm3_epoch_ratio"] = result["models"]["msi"]["epoch_s"] / result["models"]["bm3"]["epoch_s"]
+    if args.mmrec_bm3 is not None:
+        result["mmrec_bm3"] = mmrec_bm3(dataset, args, device)
+        result["vs_mmrec_bm3"] = mmrec_ratios(result["models"], result["mmrec_bm3"])
+        print(f"  MMRec BM3 {json.dumps(result['mmrec_bm3'])}\n  ratios {json.dumps(result['vs_mmrec_bm3'])}",
+              flush=True)
     return result
+
+
+def mmrec_bm3(dataset: Dataset, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """MMRec's own BM3 step, timed by ``<args.mmrec_bm3>/time_bm3.py`` in a subprocess on the same device and threads,
+    on this data set's train graph with random features of its widths; its JSON, or {"error": ...}."""
+    widths = [str(f.shape[1]) for f in dataset.features.values()]
+    steps = str(max(args.repeats, 3))
+    script = args.mmrec_bm3 / "time_bm3.py"
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), MKL_NUM_THREADS=str(torch.get_num_threads()))
+    inter = dataset.path / f"{dataset.name}.inter"
+    cmd = [sys.executable, str(script), str(inter), str(device), steps, *widths]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.mmrec_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"time_bm3.py ran past {args.mmrec_timeout} s"}
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        return {"error": f"time_bm3.py exit {out.returncode}: {out.stderr.strip()[-500:]}"}
+    return json.loads(lines[-1])
+
+
+def mmrec_ratios(models: dict[str, dict], mmrec: dict[str, Any]) -> dict[str, float]:
+    """Our step and epoch over MMRec BM3's (below 1: we are faster), for each of our models measured."""
+    if "step_ms" not in mmrec:
+        return {}
+    out = {}
+    for name, row in models.items():
+        out[f"{name}_step"] = row["step_ms"] / mmrec["step_ms"]
+        out[f"{name}_epoch"] = row["epoch_s"] / mmrec["epoch_s"]
+    return out
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -408,6 +459,9 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     for ds, r in res["datasets"].items():
         lines += [_table_row(ds, name, row) for name, row in r["models"].items()]
+        if "step_ms" in r.get("mmrec_bm3", {}):
+            lines.append(_mmrec_row(ds, r["mmrec_bm3"]))
+    lines += _mmrec_lines(res)
     lines += ["", "Graph product (forward + backward of the readout), ms: one N x 3d product vs three N x d:", ""]
     for ds, r in res["datasets"].items():
         csr, coo = r["graph_product"]["csr"], r["graph_product"]["coo"]
@@ -427,9 +481,39 @@ def markdown(res: dict[str, Any]) -> str:
 def _table_row(ds: str, name: str, row: dict[str, Any]) -> str:
     phases = " / ".join(_f(v) for v in row["phases_ms"].values())
     star = "*" if row["epoch_extrapolated"] else ""
-    return (f"| {ds} | {name} | {_f(row['step_ms'])} | {phases} | {_f(row['epoch_s'], 2)}{star} | "
+    step = _f(row["step_ms"]) + (f" (eager {_f(row['eager_step_ms'])})" if "eager_step_ms" in row else "")
+    return (f"| {ds} | {name} | {step} | {phases} | {_f(row['epoch_s'], 2)}{star} | "
             f"{_f(row['eval_s'], 2)} | {_f(row['train_peak_mem_mb'], 0)} / {_f(row['eval_peak_mem_mb'], 0)} | "
             f"{_f(row['gflop_per_epoch'], 0)} | {_f(row['gflops'])} | {_f(100 * row['matmul_fraction'])} |")
+
+
+def _mmrec_row(ds: str, mm: dict[str, Any]) -> str:
+    peak = _f(mm["peak_gpu_mb"], 0) if mm.get("peak_gpu_mb") is not None else "-"
+    return (f"| {ds} | MMRec BM3 | {_f(mm['step_ms'])} | - | {_f(mm['epoch_s'], 2)} | {_f(mm['full_eval_s'], 2)} | "
+            f"{peak} | - | - | - |")
+
+
+def _mmrec_lines(res: dict[str, Any]) -> list[str]:
+    """Per data set: our step and epoch over MMRec BM3's, or why MMRec's timing is missing."""
+    out = []
+    for ds, r in res["datasets"].items():
+        mm = r.get("mmrec_bm3")
+        if mm is None:
+            continue
+        if "error" in mm:
+            out.append(f"- {ds}: MMRec BM3 not timed: {mm['error']}")
+            continue
+        ratios = ", ".join(f"{k.replace('_', ' ')} {_f(v, 2)}x" for k, v in r["vs_mmrec_bm3"].items())
+        out.append(f"- {ds}: ours / MMRec BM3 (below 1: faster): {ratios}")
+    for ds, r in res["datasets"].items():
+        out += [f"- {ds}: {name} FAILED: {why}" for name, why in r.get("errors", {}).items()]
+        out += [f"- {ds}: {name}: CUDA graph capture failed ({row['capture_error']}); the figures are eager"
+                for name, row in r["models"].items() if row.get("capture_error")]
+    if out:
+        out = ["", "MMRec's BM3 (its `time_bm3.py`, same device and threads; its step is a mean over the timed "
+               "steps after 3 warm-up, its eval a full ranking of all users without metrics; peak = CUDA only):",
+               "", *out]
+    return out
 
 
 def _profile_table(ds: str, prof: dict[str, Any]) -> list[str]:
@@ -470,6 +554,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n matmul that sets the reference rate")
     p.add_argument("--profile-top", type=int, default=10, help="ops listed in the profile of one MSI step")
     p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, time MSI's step as a captured CUDA graph, as the trainer runs it (default on)")
+    p.add_argument("--mmrec-bm3", type=Path, help="folder with MMRec's time_bm3.py (a copy of "
+                                                  "../shared/reference/mmrec-bm3): time MMRec's BM3 in the same run")
+    p.add_argument("--mmrec-timeout", type=float, default=900, help="seconds allowed to one time_bm3.py run")
     p.add_argument("--out-json", type=Path, default=Path("bench.json"))
     p.add_argument("--out-md", type=Path, default=Path("bench.md"))
     args = p.parse_args(argv)

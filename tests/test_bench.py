@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,13 +48,29 @@ def keep_threads():
     torch.set_num_threads(threads)
 
 
-def test_main_writes_json_and_markdown(bench, shared: Path, tmp_path: Path, keep_threads) -> None:
+FAKE_TIME_BM3 = """import json, sys
+assert sys.argv[2] == "cpu" and sys.argv[1].endswith(".inter")
+print("a log line")
+print(json.dumps({"impl": "MMRec BM3", "step_ms": 2.0, "steps_per_epoch": 1, "epoch_s": 0.002,
+                  "full_eval_s": 0.5, "peak_gpu_mb": None, "argv": sys.argv[3:]}))
+"""
+
+
+@pytest.fixture
+def fake_mmrec(tmp_path: Path) -> Path:
+    """A stand-in for the mmrec-bm3 folder whose time_bm3.py checks its arguments and prints fixed JSON."""
+    (tmp_path / "mmrec").mkdir()
+    (tmp_path / "mmrec" / "time_bm3.py").write_text(FAKE_TIME_BM3)
+    return tmp_path / "mmrec"
+
+
+def test_main_writes_json_and_markdown(bench, shared: Path, tmp_path: Path, keep_threads, fake_mmrec) -> None:
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     res = bench.main([
         "--datasets", "baby", "sports", "tiktok", "elec", "--quick", "--device", "cpu", "--threads", "1",
         "--repeats", "1", "--warmup", "0", "--epoch-steps", "1", "--matmul-size", "64",
         "--shared-data", str(shared), "--cache", str(tmp_path / "cache"), "--elec-preset", "tiny",
-        "--out-json", str(out_json), "--out-md", str(out_md),
+        "--out-json", str(out_json), "--out-md", str(out_md), "--mmrec-bm3", str(fake_mmrec),
     ])
     assert json.loads(out_json.read_text()) == json.loads(json.dumps(res))
     assert {"machine", "settings", "matmul_gflops", "datasets", "skipped"} <= set(res)
@@ -69,9 +86,22 @@ def test_main_writes_json_and_markdown(bench, shared: Path, tmp_path: Path, keep
             assert MODEL_KEYS <= set(row) and row["epoch_extrapolated"] is False  # tiny: one step is the epoch
         assert r["models"]["msi"]["profile"]["rows"]
     assert res["datasets"]["baby"]["features"] == {"image": [40, 4096], "text": [40, 384]}
+    mm = res["datasets"]["baby"]["mmrec_bm3"]
+    assert mm["step_ms"] == 2.0 and mm["argv"] == ["3", "4096", "384"]  # steps = max(repeats, 3), feature widths
+    ratios = res["datasets"]["baby"]["vs_mmrec_bm3"]
+    assert ratios["msi_step"] == res["datasets"]["baby"]["models"]["msi"]["step_ms"] / 2.0
+    assert set(ratios) == {f"{m}_{k}" for m in ("msi", "bm3", "lightgcn") for k in ("step", "epoch")}
     md = out_md.read_text()
-    assert "| data set | model | step ms |" in md and md.count("| tiktok | ") == 3 and "Profile of one MSI step" in md
+    assert "| data set | model | step ms |" in md and md.count("| tiktok | ") == 4 and "Profile of one MSI step" in md
     assert "Skipped sports" in md
+    assert md.count("| MMRec BM3 | 2.0 |") == 3 and "- tiktok: ours / MMRec BM3 (below 1: faster): msi step" in md
+
+
+def test_mmrec_failure_is_recorded_not_raised(bench, tiny, tmp_path: Path) -> None:
+    (tmp_path / "time_bm3.py").write_text("import sys; sys.exit('no scipy here')")
+    args = bench.parse_args(["--mmrec-bm3", str(tmp_path), "--repeats", "1"])
+    out = bench.mmrec_bm3(tiny, args, torch.device("cpu"))
+    assert "no scipy here" in out["error"] and bench.mmrec_ratios({}, out) == {}
 
 
 def test_step_flops_by_hand(bench) -> None:
@@ -91,5 +121,7 @@ def test_step_flops_by_hand(bench) -> None:
 
 
 def test_help_runs_without_measuring() -> None:
-    out = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True, check=True).stdout
-    assert "--epoch-steps" in out and "--freeze-features" in out
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCH.parents[1]), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True, check=True,
+                         env=env).stdout  # this checkout's msi, whichever one is installed
+    assert "--epoch-steps" in out and "--freeze-features" in out and "--mmrec-bm3" in out and "--cuda-graph" in out

@@ -69,3 +69,62 @@ def test_train_end_to_end_on_cuda(tmp_path, extra):
     results = train(cfg, out=tmp_path / "run", quiet=True)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["test"] == results["test"] and 0.0 <= results["test"]["recall@20"] <= 1.0
+
+
+def _captured_and_eager(tiny, steps: int, **kw):
+    """The same model trained ``steps`` steps of batch 48 (and one partial batch of 20) eagerly and with a CUDA
+    graph, from the same seed: (eager terms, eager model, captured terms, captured model, the captured TrainStep)."""
+    from msi.step import TrainStep
+    from msi.train import make_optimizer
+
+    pairs = torch.from_numpy(tiny.train).cuda()
+    batches = [pairs[s * 48 : (s + 1) * 48] for s in range(steps)] + [pairs[:20]]
+    runs = []
+    for graph in (False, True):
+        model = _msi(tiny, **kw).to("cuda")
+        model.dropout = 0.3
+        step = TrainStep(model, make_optimizer(model, 1e-3), cuda_graph=graph)
+        torch.manual_seed(5)
+        terms = [{k: v.clone() for k, v in step(b).items()} for b in batches]
+        runs += [terms, model]
+    return (*runs, step)
+
+
+@pytest.mark.parametrize("kw", [{}, {"code_placement": "mean"}, {"use_ssd": False, "use_ip": False}])
+def test_captured_step_follows_the_eager_step(tiny, kw):
+    eager_terms, eager, graph_terms, captured, step = _captured_and_eager(tiny, 4, **kw)
+    assert step.cuda_graph and step.capture_error is None and len(step._graphs) == 2  # full and partial batch
+    for te, tg in zip(eager_terms, graph_terms):
+        for k in te:
+            torch.testing.assert_close(tg[k], te[k], rtol=1e-4, atol=1e-5, msg=k)
+    for (n, p), q in zip(captured.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=f"grad {n}")
+
+
+def test_failed_capture_is_reported_and_training_goes_on(tiny, monkeypatch):
+    from msi.step import TrainStep
+    from msi.train import make_optimizer
+
+    model = _msi(tiny).to("cuda")
+    before = [p.detach().clone() for p in model.parameters()]
+    step = TrainStep(model, make_optimizer(model, 1e-3), cuda_graph=True)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: (_ for _ in ()).throw(RuntimeError("no graphs here")))
+    batch = torch.from_numpy(tiny.train[:48]).cuda()
+    with pytest.warns(UserWarning, match="no graphs here"):
+        terms = step(batch)
+    assert not step.cuda_graph and "no graphs here" in step.capture_error and torch.isfinite(terms["loss"])
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # the eager step ran
+
+
+def test_train_with_cuda_graph_matches_eager(tmp_path):
+    from msi.train import train
+
+    runs = {}
+    for graph in ("true", "false"):
+        cfg = load_config(None, [f"data.root={tmp_path}", "data.name=tiny", "data.synth_preset=tiny",
+                                 "train.epochs=3", "train.device=cuda", f"train.cuda_graph={graph}"])
+        runs[graph] = train(cfg, out=tmp_path / graph, quiet=True)
+    rows = {g: [json.loads(x) for x in (tmp_path / g / "metrics.jsonl").read_text().splitlines()] for g in runs}
+    for a, b in zip(rows["true"], rows["false"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)

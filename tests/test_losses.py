@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.distributions import Independent, Normal, kl_divergence
 
 from msi.losses import average_kl, bpr_loss, cosine_loss, frobenius_reg, gaussian_kl, info_nce
@@ -102,3 +103,17 @@ def test_frobenius_reg():
     a = torch.tensor([[3.0, 4.0]])  # norm 5
     b = torch.tensor([[1.0, 2.0], [2.0, 4.0]])  # norm 5
     assert frobenius_reg(a, b, denominator=4).item() == pytest.approx(2.5)
+
+
+def test_info_nce_equals_the_cross_entropy_formulation_value_and_gradient():
+    """The log-sum-exp form against the textbook one (the implementation before it): (B, B) logits, cross-entropy
+    of rows and of columns."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, 16, generator=g, requires_grad=True), torch.randn(50, 16, generator=g, requires_grad=True)
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / 0.2
+    target = torch.arange(50)
+    want = math.log(50) - 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    got = info_nce(a, b, 0.2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for x, y in zip(torch.autograd.grad(got, (a, b)), torch.autograd.grad(want, (a, b))):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)

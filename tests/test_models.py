@@ -503,7 +503,8 @@ def test_symmetric_backward_equals_torch_sparse_backward():
 
 
 def test_foreach_adam_gives_the_same_parameters():
-    """The trainer's Adam(foreach=True) is a speed setting: the same numbers as the per-tensor loop."""
+    """Adam(foreach=True) gives the per-tensor loop's numbers exactly. (The trainer uses fused=True, which rounds
+    differently; tests/test_step.py checks it against a pinned trajectory.)"""
     torch.manual_seed(0)
     params = [torch.randn(30, 8), torch.randn(8)]
     runs = []

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msi.losses import average_kl, cosine_loss, frobenius_reg, info_nce
-from msi.models.base import Recommender, lightgcn_readout
+from msi.losses import (average_kl, cosine_loss, first_occurrence, frobenius_reg, info_nce, masked_average_kl,
+                        masked_info_nce)
+from msi.models.base import EdgeList, Recommender, lightgcn_readout
 
 
 CODE_PLACEMENTS = ("sample", "mean")
@@ -84,6 +85,7 @@ class MSI(Recommender):
         self.item_views = ("id", *self.modalities)
         d = embedding_dim
         self.register_buffer("adj", adj, persistent=False)
+        self.edges: EdgeList | None = None  # set by static_shapes(True): the graph product without host syncs
         self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, d)))
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
         self.raw = nn.ParameterDict()
@@ -109,6 +111,12 @@ class MSI(Recommender):
         """Set the AKL weight of epoch ``epoch`` (0-based): beta * min(1, epoch / beta_warmup)."""
         self.beta_scale.fill_(min(1.0, epoch / self.beta_warmup) if self.beta_warmup else 1.0)
 
+    def static_shapes(self, on: bool) -> None:
+        """Static-shape mode, for capture in a CUDA graph (``msi.step``): the graph product runs over an edge list
+        instead of ``torch.sparse.mm``, and L_ssd masks repeated batch items instead of calling ``torch.unique``.
+        The same numbers up to summation order. Call it after moving the model to its device."""
+        self.edges = EdgeList.from_sparse(self.adj) if on else None
+
     def _modality_codes(self) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, ...]]]:
         """z_r^m for each modality (I, d), and (mu_m, sigma_m, sample_m) when SSD is on."""
         codes: dict[str, torch.Tensor] = {}
@@ -130,14 +138,16 @@ class MSI(Recommender):
         codes, gauss = self._modality_codes()
         U, d = self.n_users, self.item_emb.shape[1]
         item_blocks = [self.item_emb] + ([codes[m] for m in self.modalities] if self.use_ip else [])
-        x0 = torch.cat(
-            [self.user_emb.repeat(1, len(item_blocks)), torch.cat(item_blocks, dim=1)], dim=0
-        )  # (N, g*d): g graphs side by side, one sparse product per layer
-        z = lightgcn_readout(self.adj, x0, self.n_layers)
-        items = z[U:] + x0[U:]  # residual of eq. 17 on item rows, every graph
-        out = {"user": z[:U, :d], "id": items[:, :d]}
+        x0_items = torch.cat(item_blocks, dim=1)  # (I, g*d)
+        x0 = torch.cat([self.user_emb.repeat(1, len(item_blocks)), x0_items], dim=0)
+        # (N, g*d): g graphs side by side, one sparse product per layer
+        z = lightgcn_readout(self.adj if self.edges is None else self.edges, x0, self.n_layers)
+        # split, not slices: the backward of a split is one concatenation, that of each slice a zero-filled (N, g*d)
+        z_users, z_items = z.split([U, self.n_items])
+        views = (z_items + x0_items).split(d, dim=1)  # residual of eq. 17 on item rows, every graph
+        out = {"user": z_users.split(d, dim=1)[0], "id": views[0]}
         for g, m in enumerate(self.modalities):
-            out[m] = items[:, (g + 1) * d : (g + 2) * d] if self.use_ip else codes[m]
+            out[m] = views[g + 1] if self.use_ip else codes[m]
         return out, codes, gauss
 
     @torch.no_grad()
@@ -174,11 +184,17 @@ class MSI(Recommender):
 
     def _ssd_terms(self, items: torch.Tensor, gauss: dict[str, tuple]) -> dict[str, torch.Tensor]:
         """L_ssd = -I_NCE(sample^a; sample^b) + beta * AKL over the distinct items of the batch."""
-        uniq = torch.unique(items)
         a, b = self.modalities
-        (mu_a, sd_a, z_a), (mu_b, sd_b, z_b) = (tuple(t[uniq] for t in gauss[m]) for m in (a, b))
-        nce = info_nce(z_a, z_b, self.tau)
-        akl = average_kl(mu_a, sd_a, mu_b, sd_b)
+        if self.edges is None:
+            uniq = torch.unique(items)
+            (mu_a, sd_a, z_a), (mu_b, sd_b, z_b) = (tuple(t[uniq] for t in gauss[m]) for m in (a, b))
+            nce = info_nce(z_a, z_b, self.tau)
+            akl = average_kl(mu_a, sd_a, mu_b, sd_b)
+        else:  # static shapes: every batch row, repeated items masked (the first of each counts)
+            keep = first_occurrence(items)
+            (mu_a, sd_a, z_a), (mu_b, sd_b, z_b) = (tuple(t[items] for t in gauss[m]) for m in (a, b))
+            nce = masked_info_nce(z_a, z_b, self.tau, keep)
+            akl = masked_average_kl(mu_a, sd_a, mu_b, sd_b, keep)
         return {"nce": nce, "akl": akl, "ssd": -nce + self.beta * self.beta_scale * akl}
 
     @torch.no_grad()
