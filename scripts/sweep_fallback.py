@@ -1,0 +1,70 @@
+"""msi-sweep's trials on one machine without Ray: for a machine where Ray cannot be installed.
+
+Takes msi-sweep's arguments (``--config``, ``--grid``, ``--seeds``, ``--set``, ``--out``, ``--max-concurrent``,
+``--deadline``; ``--gpus-per-trial`` only decides cpu or cuda) and runs each unfinished trial as a plain ``msi-train``
+process into the run directory msi-sweep would use (a trial with ``last.pt`` resumes), so the folder stays an
+ordinary msi-sweep folder: ``msi-sweep --report`` and the same ``msi-sweep`` command later both work on it. Planning
+and selection are msi-sweep's own (``msi.select``); nothing here chooses anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from msi.select import plan_trials, record_sweep, report, trial_config, trial_state
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", nargs="+", type=Path, required=True)
+    p.add_argument("--grid", nargs="*", default=[], action="extend")
+    p.add_argument("--seeds", nargs="+", type=int, default=[999, 42, 2026])
+    p.add_argument("--set", nargs="*", default=[], action="extend")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--max-concurrent", type=int, default=1)
+    p.add_argument("--deadline", type=float, default=None, help="seconds; then running trials are stopped")
+    args = p.parse_args(argv)
+    out = args.out.resolve()
+    trials = plan_trials(args.config, args.grid, args.seeds, out)
+    for t in trials:
+        trial_config(t, args.set)  # every config loads before anything is written
+    record_sweep(out, args.config, args.grid, args.seeds, args.set)
+    device = "cuda" if args.gpus_per_trial > 0 else "cpu"
+    stop_at = time.time() + args.deadline if args.deadline else float("inf")
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+
+    def run(t) -> None:
+        if time.time() >= stop_at or trial_state(t.run_dir) not in ("new", "resumable"):
+            return
+        if trial_state(t.run_dir) == "new" and t.run_dir.exists():
+            shutil.rmtree(t.run_dir)
+        cmd = [sys.executable, "-m", "msi.cli", "train", "--quiet", "--device", device]
+        if trial_state(t.run_dir) == "resumable":
+            cmd += ["--resume", str(t.run_dir)]
+        else:
+            cmd += ["--config", str(t.config), *args.set, *t.point, f"train.seed={t.seed}", "--out", str(t.run_dir)]
+        with open(out / "logs" / f"{t.name}.log", "a") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                proc.wait(timeout=max(1.0, stop_at - time.time()) if stop_at < float("inf") else None)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait()
+        print(f"{t.name}: {trial_state(t.run_dir)}", flush=True)
+
+    with ThreadPoolExecutor(args.max_concurrent) as pool:
+        list(pool.map(run, trials))
+    report(out)
+    print((out / "results.md").read_text(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
