@@ -75,7 +75,7 @@ class TrainConfig:
     metric: str = "recall@20"  # valid metric for early stopping and the best checkpoint
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     autocast: str = "off"  # off | bf16: bfloat16 autocast of the dense layers (a GPU speed option; changes numbers)
-    cuda_graph: bool = True  # on CUDA, MSI steps replay a captured CUDA graph (msi/step.py); same numbers up to rounding
+    cuda_graph: bool = False  # experimental, unverified on a GPU: MSI steps replay a captured CUDA graph (msi/step.py)
     out_dir: str = "runs"  # runs are written to <out_dir>/<run name>/ (relative: to the YAML file)
     run_name: str = ""  # empty: <data name>-<model name>-<timestamp>
     tensorboard: bool = False  # also write TensorBoard event files to <run dir>/tensorboard/ (extra: tensorboard)

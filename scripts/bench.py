@@ -3,7 +3,7 @@
 For every data set and model: the median training step (forward + backward + Adam on a batch of 2048 pairs, after
 warm-up), one epoch (timed with the trainer's own loop, ``msi.train.run_epoch``), one full evaluation of the valid
 users (``msi.evaluate.Evaluator``) and peak memory. The step and the epoch run through ``msi.step.TrainStep``, as the
-trainer does: on CUDA a captured CUDA graph (``--cuda-graph``, default on; the eager step is timed too, and a capture
+trainer does: on CUDA optionally a captured CUDA graph (``--cuda-graph``, experimental, default off; the eager step is timed too, and a capture
 that fails is reported while the eager figures are still measured). Per data set also: the fused graph product (one sparse product
 over N x 3d) against three N x d products, CSR against COO, and a profile of one MSI step. An analytic count of an
 epoch's floating-point work, divided by the epoch time and by this machine's dense float32 matmul rate measured in the
@@ -554,7 +554,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n matmul that sets the reference rate")
     p.add_argument("--profile-top", type=int, default=10, help="ops listed in the profile of one MSI step")
     p.add_argument("--seed", type=int, default=2026)
-    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
                    help="on CUDA, time MSI's step as a captured CUDA graph, as the trainer runs it (default on)")
     p.add_argument("--mmrec-bm3", type=Path, help="folder with MMRec's time_bm3.py (a copy of "
                                                   "../shared/reference/mmrec-bm3): time MMRec's BM3 in the same run")
