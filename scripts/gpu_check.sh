@@ -74,7 +74,7 @@ say "== 4. plots, probe, archive"
 timeout 60 python3 -m msi.cli plot "$RUNS/tiktok_msi" --out "$OUT/tiktok_grid.png"
 SEL=$(python3 -c "import json,sys; s=json.load(open('$RUNS/tiktok_msi/summary.json'))['configs']['tiktok']['selected']; print(' '.join(s['run_dirs']) if s else '')" 2>/dev/null)
 [ -n "$SEL" ] && timeout 60 python3 -m msi.cli plot $SEL --out "$OUT/tiktok_curves.png"
-[ -n "$SEL" ] && timeout 60 python3 scripts/compare.py "$RUNS/tiktok_msi" --probe tiktok --device cuda
-timeout 60 python3 scripts/compare.py "$RUNS/tiktok_base" --probe tiktok_bm3 tiktok_wo_s --device cuda
+[ -n "$SEL" ] && timeout 60 python3 scripts/probe.py "$RUNS/tiktok_msi" --probe tiktok --device cuda
+timeout 60 python3 scripts/probe.py "$RUNS/tiktok_base" --probe tiktok_bm3 tiktok_wo_s --device cuda
 (cd "$RUNS" && tar czf "$OUT/runs.tgz" --exclude='*.pt' --exclude='.tune' --exclude='tensorboard' .)
 say "done"

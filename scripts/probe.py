@@ -4,7 +4,7 @@ their ID view or one modality's view (the paper's Table 1 question: what does ea
 Selection is msi-sweep's alone (msi.select, valid only); this script reads ``<sweep>/summary.json`` and scores the
 runs of the selected point, writing ``<sweep>/probe.md``. Example (docs/results.md):
     msi-sweep --config configs/tiktok_bm3.yaml ... --seeds 999 42 2026 --out runs/tiktok
-    python scripts/compare.py runs/tiktok --probe tiktok_bm3
+    python scripts/probe.py runs/tiktok --probe tiktok_bm3
 """
 
 from __future__ import annotations

@@ -1,0 +1,63 @@
+"""scripts/sweep_fallback.py (msi-sweep's trials without Ray) and scripts/probe.py (the modality probe of a sweep),
+end to end on the tiny generated set, on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from msi.select import report, trial_state
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """A 2-point x 2-seed sweep run by the fallback on tiny data, 2 epochs each."""
+    tmp = tmp_path_factory.mktemp("fallback")
+    config = tmp / "tiny.yaml"
+    config.write_text(f"data: {{root: {tmp / 'data'}, name: tiny, synth_preset: tiny}}\n"
+                      "model: {embedding_dim: 16}\ntrain: {epochs: 2, device: cpu}\n")
+    out = tmp / "sweep"
+    args = ["--config", str(config), "--grid", "loss.alpha=0.1,0.01", "--seeds", "1", "2",
+            "--set", "train.patience=5", "--out", str(out), "--max-concurrent", "2"]
+    assert load("sweep_fallback").main(args) == 0
+    return out
+
+
+def test_fallback_writes_an_ordinary_msi_sweep_folder(sweep):
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.startswith("tiny_"))
+    assert [p.name for p in runs] == ["tiny_loss.alpha-0.01_s1", "tiny_loss.alpha-0.01_s2",
+                                      "tiny_loss.alpha-0.1_s1", "tiny_loss.alpha-0.1_s2"]
+    assert all(trial_state(p) == "done" for p in runs)
+    summary = report(sweep)  # msi-sweep --report reads it as its own
+    selected = summary["configs"]["tiny"]["selected"]
+    assert len(selected["run_dirs"]) == 2 and selected["test"]["recall@20"]["n"] == 2
+    assert "(selected)" in (sweep / "results.md").read_text()
+
+
+def test_fallback_rerun_trains_nothing_more(sweep, capsys):
+    before = {p: p.stat().st_mtime for p in sweep.glob("tiny_*/results.json")}
+    args = ["--config", str(sweep.parent / "tiny.yaml"), "--grid", "loss.alpha=0.1,0.01", "--seeds", "1", "2",
+            "--set", "train.patience=5", "--out", str(sweep)]
+    assert load("sweep_fallback").main(args) == 0
+    assert {p: p.stat().st_mtime for p in sweep.glob("tiny_*/results.json")} == before
+
+
+def test_probe_scores_every_view_of_the_selected_runs(sweep, capsys):
+    assert load("probe").main([str(sweep), "--probe", "tiny", "--device", "cpu"]) == 0
+    text = (sweep / "probe.md").read_text()
+    for view in ("| id |", "| image |", "| text |"):
+        assert view in text
+    selected = json.loads((sweep / "summary.json").read_text())["configs"]["tiny"]["selected"]["point"]
+    assert " ".join(selected) in text
