@@ -42,6 +42,17 @@ def write_dataset():
     return _write_dataset
 
 
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (scripts are not part of the package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
     """The generated ``tiny`` preset (60 users, 40 items)."""

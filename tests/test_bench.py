@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ import torch
 from msi.data.graph import normalized_adjacency
 from msi.data.synth import generate
 from msi.models import MSI, LightGCN
+from tests.conftest import load_script
 
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 MODEL_KEYS = {"step_ms", "phases_ms", "epoch_s", "epoch_extrapolated", "eval_s", "peak_mem_mb", "train_peak_mem_mb",
@@ -24,10 +24,7 @@ MODEL_KEYS = {"step_ms", "phases_ms", "epoch_s", "epoch_extrapolated", "eval_s",
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench")
 
 
 @pytest.fixture(scope="module")

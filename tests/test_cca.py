@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-CCA = Path(__file__).resolve().parents[1] / "scripts" / "cca.py"
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def cca():
-    spec = importlib.util.spec_from_file_location("cca_script", CCA)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("cca")
 
 
 def two_views(n: int, shared: np.ndarray, p: int = 12, q: int = 9, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
