@@ -58,14 +58,17 @@ DEADLINE=$(($(left) - 45))
 say "== 3. TikTok grid (deadline ${DEADLINE}s) and baselines; CUDA tests alongside"
 timeout $((DEADLINE + 30)) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_step.py \
   > "$RUNS/pytest_cuda.txt" 2>&1 &
+PIDS=($!)
 COMMON=(--set data.root="$SHARED" train.checkpoint_every=25 train.cuda_graph=$CG --seeds 999 42 2026
         --gpus-per-trial 0.0625 --deadline "$DEADLINE")
 sweep --config configs/tiktok.yaml "${COMMON[@]}" --max-concurrent 11 --out "$RUNS/tiktok_msi" \
   --grid loss.alpha=0.1,0.01,0.001 loss.beta=1e-4,1e-3,0 model.code_placement=sample,mean \
   --set model.dropout=0.5 > "$RUNS/sweep_msi.log" 2>&1 &
+PIDS+=($!)
 sweep --config configs/tiktok_wo_s.yaml configs/tiktok_bm3.yaml configs/tiktok_lightgcn.yaml "${COMMON[@]}" \
   --max-concurrent 4 --out "$RUNS/tiktok_base" > "$RUNS/sweep_base.log" 2>&1 &
-wait
+PIDS+=($!)
+wait "${PIDS[@]}"  # not a bare wait: bash would also wait for the tee behind this script's output, forever
 say "CUDA tests:"; tail -n 3 "$RUNS/pytest_cuda.txt"
 for s in tiktok_msi tiktok_base; do say "$s"; grep -E "trials|unfinished|FAILED|failed" "$RUNS/sweep_${s#tiktok_}.log" | tail -n 3
   cat "$RUNS/$s/results.md" 2>/dev/null; done
