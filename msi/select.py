@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import re
+import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,16 @@ def trial_state(run_dir: Path) -> str:
     if (run_dir / "results.json").is_file():
         return "done"
     return "resumable" if (run_dir / "last.pt").is_file() else "new"
+
+
+def prepare_trial_dir(run_dir: Path) -> bool:
+    """Make ``run_dir`` ready for its trial; True when the trial resumes from ``last.pt``. A partial start (neither
+    results.json nor last.pt) is removed, so the trainer starts it again in an empty directory."""
+    if trial_state(run_dir) == "resumable":
+        return True
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return False
 
 
 def record_sweep(out: Path, configs: list[Path], grid: list[str], seeds: list[int], overrides: list[str]) -> None:

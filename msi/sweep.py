@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 import traceback
@@ -26,7 +25,8 @@ import msi
 from msi.config import config_from_dict
 from msi.errors import MSIError
 from msi.run import dataset_for
-from msi.select import STOPPED_FILE, Trial, plan_trials, record_sweep, report, trial_config, trial_state
+from msi.select import (STOPPED_FILE, Trial, plan_trials, prepare_trial_dir, record_sweep, report, trial_config,
+                        trial_state)
 
 RETRIES = 2  # a failing trial is tried 1 + RETRIES times, then reported
 QUIET_ENV = {  # only our lines reach the terminal: no Ray banners, dashboards, usage stats or new-style output
@@ -196,9 +196,7 @@ def run_trial(params: dict[str, Any]) -> None:
     run_dir, log_path = Path(spec["run_dir"]), Path(spec["log"])
     torch.set_num_threads(spec["threads"])
     node = ray.get_runtime_context().get_node_id()
-    resume = trial_state(run_dir) == "resumable"
-    if not resume and run_dir.exists():
-        shutil.rmtree(run_dir)  # a partial start (neither results.json nor last.pt): start it again, clean
+    resume = prepare_trial_dir(run_dir)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'} on node {node} "

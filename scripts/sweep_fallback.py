@@ -10,14 +10,13 @@ and selection are msi-sweep's own (``msi.select``); nothing here chooses anythin
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from msi.select import plan_trials, record_sweep, report, trial_config, trial_state
+from msi.select import plan_trials, prepare_trial_dir, record_sweep, report, trial_config, trial_state
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,10 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     def run(t) -> None:
         if time.time() >= stop_at or trial_state(t.run_dir) not in ("new", "resumable"):
             return
-        if trial_state(t.run_dir) == "new" and t.run_dir.exists():
-            shutil.rmtree(t.run_dir)
         cmd = [sys.executable, "-m", "msi.cli", "train", "--quiet", "--device", device]
-        if trial_state(t.run_dir) == "resumable":
+        if prepare_trial_dir(t.run_dir):
             cmd += ["--resume", str(t.run_dir)]
         else:
             cmd += ["--config", str(t.config), *args.set, *t.point, f"train.seed={t.seed}", "--out", str(t.run_dir)]
