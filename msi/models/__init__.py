@@ -39,11 +39,8 @@ def build_model(cfg: Config, dataset: Dataset, with_features: bool = True) -> Re
 
 def epoch_diagnostics(model: Recommender) -> dict[str, float]:
     """What the trainer adds to an epoch's metrics row: the gradient norm of each parameter group at the epoch's
-    last step, and for MSI the SSD code statistics (``MSI.code_stats``)."""
-    out = grad_norms(model)
-    if isinstance(model, MSI):
-        out.update(model.code_stats())
-    return out
+    last step, and the model's code statistics (``code_stats``; MSI's SSD scales and cosines)."""
+    return {**grad_norms(model), **model.code_stats()}
 
 
 __all__ = ["MSI", "epoch_diagnostics", "grad_norms", "LightGCN", "Popularity", "Recommender", "build_model", "lightgcn_readout", "mask_rows"]

@@ -126,6 +126,10 @@ class Recommender(nn.Module):
     def start_epoch(self, epoch: int) -> None:
         """Called by the trainer before epoch ``epoch`` (0-based): for schedules such as MSI's beta warm-up."""
 
+    def code_stats(self) -> dict[str, float]:
+        """Statistics of the model's item codes that the trainer logs each epoch (MSI: SSD scales and cosines)."""
+        return {}
+
     def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
