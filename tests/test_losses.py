@@ -117,3 +117,41 @@ def test_info_nce_equals_the_cross_entropy_formulation_value_and_gradient():
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     for x, y in zip(torch.autograd.grad(got, (a, b)), torch.autograd.grad(want, (a, b))):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+def _lse_info_nce(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
+    """The per-row-maximum log-sum-exp form (the implementation before the shared exp)."""
+    logits = (F.normalize(a, dim=-1) / tau) @ F.normalize(b, dim=-1).T
+    lse = torch.logsumexp(logits, 1) + torch.logsumexp(logits, 0)
+    return math.log(a.shape[0]) - (0.5 * lse.mean() - logits.diagonal().mean())
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.2, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_shared_exp_info_nce_equals_the_log_sum_exp_form(tau, dtype):
+    g = torch.Generator().manual_seed(1)
+    a0 = torch.randn(300, 32, generator=g, dtype=dtype)
+    b0 = 0.5 * a0 + torch.randn(300, 32, generator=g, dtype=dtype)  # positives more alike than negatives
+    a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    a2, b2 = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    got, want = info_nce(a, b, tau), _lse_info_nce(a2, b2, tau)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(got, want, **tol)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(a.grad, a2.grad, **tol)
+    torch.testing.assert_close(b.grad, b2.grad, **tol)
+
+
+def test_shared_exp_info_nce_gradcheck_and_small_tau_fallback(monkeypatch):
+    from msi import losses
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(12, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(12, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, y: losses._SharedExpNCE.apply(x, y, 3.0), (a, b))
+    # below tau = 0.05 the shared shift could underflow: the per-row-maximum form runs, and stays finite
+    monkeypatch.setattr(losses._SharedExpNCE, "apply", lambda *args: pytest.fail("shared exp used at tau 0.01"))
+    x = torch.randn(64, 8, generator=g)
+    value = info_nce(x, x + 0.01 * torch.randn(64, 8, generator=g), 0.01)
+    assert torch.isfinite(value) and value <= math.log(64) + 1e-5

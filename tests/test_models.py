@@ -14,6 +14,7 @@ from torch.distributions import Independent, Normal, kl_divergence
 from msi.config import load_config
 from msi.data.graph import interaction_csr, normalized_adjacency
 from msi.models import MSI, LightGCN, build_model, lightgcn_readout
+from msi.models.base import bipartite_blocks
 
 # The paper's variants as constructor arguments (SPEC §2 table).
 VARIANTS = {
@@ -177,6 +178,50 @@ def test_single_fused_product_equals_three_lightgcn_propagations(monkeypatch, us
     assert set(emb) == {"user", "id", "image", "text"}
     for k in expected:
         torch.testing.assert_close(emb[k], expected[k])
+
+
+def test_bipartite_blocks_are_the_off_diagonal_blocks():
+    adj = normalized_adjacency(SMALL_TRAIN, 4, 3)
+    ui, iu = bipartite_blocks(adj, 4)
+    dense = adj.to_dense()
+    assert torch.equal(ui.to_dense(), dense[:4, 4:]) and torch.equal(iu.to_dense(), dense[4:, :4])
+    assert bipartite_blocks(adj.to_sparse_coo(), 4) is None  # only CSR
+    looped = (adj.to_dense() + torch.eye(7)).to_sparse_csr()  # a self-loop: not bipartite
+    assert bipartite_blocks(looped, 4) is None
+
+
+@pytest.mark.parametrize("kw", [{}, {"use_ssd": False}, {"use_ip": False, "use_ssd": False}])
+def test_one_layer_readout_equals_the_stacked_product(monkeypatch, tiny, kw):
+    """With one layer the readout runs as a U x d and an I x d product (base.one_layer_readout): the values, loss
+    terms and gradients of the N x gd product of the general path, to float rounding (torch's CSR kernel may round
+    a product of 16 columns differently from one of 48)."""
+    model = tiny_msi(tiny, n_layers=1, **kw).train()
+    assert model.blocks is not None
+    users, items = torch.from_numpy(tiny.train[:64]).T
+
+    def run(fast: bool):
+        saved = model.adj_ui
+        model.adj_ui = saved if fast else None
+        try:
+            torch.manual_seed(7)
+            out, _, _ = model._propagate()
+            torch.manual_seed(7)
+            terms = model.loss(users, items)
+        finally:
+            model.adj_ui = saved
+        return out, terms, grads(model, terms["loss"])
+
+    calls = CountSparseMM(monkeypatch)
+    fast_out, fast_terms, fast_grads = run(True)
+    assert calls.shapes[:2] == [(tiny.n_users, 16), (tiny.n_items, 16)]  # Â_IU @ users, Â_UI @ item_emb
+    slow_out, slow_terms, slow_grads = run(False)
+    for k in slow_out:
+        torch.testing.assert_close(fast_out[k], slow_out[k], rtol=1e-6, atol=1e-7, msg=k)
+    for k in slow_terms:
+        torch.testing.assert_close(fast_terms[k], slow_terms[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert fast_grads.keys() == slow_grads.keys()
+    for k in slow_grads:
+        torch.testing.assert_close(fast_grads[k], slow_grads[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 def test_without_ip_only_the_id_graph_is_propagated(monkeypatch):

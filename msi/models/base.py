@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -22,6 +23,60 @@ class _SymmetricSpMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:  # type: ignore[override]
         return None, torch.sparse.mm(ctx.adj, grad)
+
+
+class _BlockSpMM(torch.autograd.Function):
+    """A @ X for a sparse block A of a symmetric matrix, given also A's transpose: the gradient is A^T @ G."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.a_t = a_t
+        return torch.sparse.mm(a, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:  # type: ignore[override]
+        return None, None, torch.sparse.mm(ctx.a_t, grad)
+
+
+def bipartite_blocks(adj: torch.Tensor, n_users: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The two off-diagonal blocks (Â_UI (U, I), Â_IU (I, U)) of a CSR Â over users 0..U-1 then items, as CSR
+    tensors, or None when Â is not bipartite (a user-user or item-item entry) or not CSR. Row u of Â_UI holds the
+    non-zeros of row u of Â in the same order."""
+    if adj.layout != torch.sparse_csr:
+        return None
+    crow, col, val = adj.crow_indices(), adj.col_indices(), adj.values()
+    n = adj.shape[0]
+    split = int(crow[n_users])
+    if bool((col[:split] < n_users).any()) or bool((col[split:] >= n_users).any()):
+        return None
+    n_items = n - n_users
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        ui = torch.sparse_csr_tensor(crow[: n_users + 1], col[:split] - n_users, val[:split], (n_users, n_items),
+                                     check_invariants=False)
+        iu = torch.sparse_csr_tensor(crow[n_users:] - split, col[split:], val[split:], (n_items, n_users),
+                                     check_invariants=False)
+    return ui, iu
+
+
+def one_layer_readout(
+    blocks: tuple[torch.Tensor, torch.Tensor], users: torch.Tensor, items: list[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``lightgcn_readout`` with one layer on a bipartite Â, for graphs that share the user rows ``users`` (U, d)
+    and differ in their item rows ``items`` [(I, d), ...]: returns the readout's user rows of the first graph and
+    the item rows of every graph.
+
+    With one layer the item rows of Â Z_0 are Â_IU @ users in every graph, so they are computed once, and only the
+    first graph's user rows, Â_UI @ items[0], are computed at all: a U x d and an I x d product where the stacked
+    form does an N x gd one. Each output row sums the same terms in the same order as ``lightgcn_readout``, so the
+    values agree to float rounding (bit for bit at d = 64 on our CPU; torch's CSR kernel may round products of
+    different widths differently); the gradient of the shared users sums the graphs before the product, not after.
+    """
+    ui, iu = blocks
+    with torch.autocast(users.device.type, enabled=False):  # float32 products, as in lightgcn_readout
+        shared = _BlockSpMM.apply(iu, ui, users.to(torch.float32))  # (I, d)
+        first = _BlockSpMM.apply(ui, iu, items[0].to(torch.float32))  # (U, d)
+    return (users + first) / 2, [(x + shared) / 2 for x in items]
 
 
 class EdgeList(NamedTuple):

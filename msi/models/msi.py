@@ -8,6 +8,8 @@ Forward pass (SPEC §2), d = embedding_dim, U users, I items, N = U + I:
                          "mean":   z_r^m = mu_m downstream, samples only inside L_ssd (Multi-View IB)
     IP:   Z_0 = [[z_u, z_u, z_u], [z_i, z_r^t, z_r^v]]   (N, 3d), one sparse product per layer for all three graphs
           z_s = mean(Z_0..Z_L), item rows + Z_0 (residual);  keep the ID graph's users and every graph's items
+          (one layer, the default: the item rows of Â Z_0 are Â_IU z_u in all three graphs, so the readout is one
+          I x d and one U x d product over Â's user-item blocks, base.one_layer_readout)
           without IP: only the ID graph is propagated and z_s^m = z_r^m
     CVG:  online view P(z), target view dropout(z) without gradient
     Score s(u, i) = <P(z_s^u), P(z_s^i)>; the modality probe uses P(z_s^m) for the items.
@@ -21,7 +23,7 @@ from torch import nn
 
 from msi.losses import (average_kl, cosine_loss, first_occurrence, frobenius_reg, info_nce, masked_average_kl,
                         masked_info_nce)
-from msi.models.base import EdgeList, Recommender, lightgcn_readout
+from msi.models.base import EdgeList, Recommender, bipartite_blocks, lightgcn_readout, one_layer_readout
 
 
 CODE_PLACEMENTS = ("sample", "mean")
@@ -85,6 +87,10 @@ class MSI(Recommender):
         self.item_views = ("id", *self.modalities)
         d = embedding_dim
         self.register_buffer("adj", adj, persistent=False)
+        # Â's user-item blocks: with one layer, the readout in two small products (base.one_layer_readout)
+        blocks = bipartite_blocks(adj, n_users) if n_layers == 1 else None
+        self.register_buffer("adj_ui", None if blocks is None else blocks[0], persistent=False)
+        self.register_buffer("adj_iu", None if blocks is None else blocks[1], persistent=False)
         self.edges: EdgeList | None = None  # set by static_shapes(True): the graph product without host syncs
         self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, d)))
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
@@ -106,6 +112,11 @@ class MSI(Recommender):
                     self.head[m].weight[d:].zero_()
         self.predictor = nn.Linear(d, d)
         nn.init.xavier_normal_(self.predictor.weight)
+
+    @property
+    def blocks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(Â_UI, Â_IU) when the one-layer readout may use them, else None."""
+        return None if self.adj_ui is None else (self.adj_ui, self.adj_iu)
 
     def start_epoch(self, epoch: int) -> None:
         """Set the AKL weight of epoch ``epoch`` (0-based): beta * min(1, epoch / beta_warmup)."""
@@ -138,6 +149,13 @@ class MSI(Recommender):
         codes, gauss = self._modality_codes()
         U, d = self.n_users, self.item_emb.shape[1]
         item_blocks = [self.item_emb] + ([codes[m] for m in self.modalities] if self.use_ip else [])
+        if self.n_layers == 1 and self.edges is None and self.blocks is not None:
+            user_rows, item_rows = one_layer_readout(self.blocks, self.user_emb, item_blocks)
+            views = [z + x for z, x in zip(item_rows, item_blocks)]  # residual of eq. 17
+            out = {"user": user_rows, "id": views[0]}
+            for g, m in enumerate(self.modalities):
+                out[m] = views[g + 1] if self.use_ip else codes[m]
+            return out, codes, gauss
         x0_items = torch.cat(item_blocks, dim=1)  # (I, g*d)
         x0 = torch.cat([self.user_emb.repeat(1, len(item_blocks)), x0_items], dim=0)
         # (N, g*d): g graphs side by side, one sparse product per layer
