@@ -280,13 +280,21 @@ def _sweep(argv: list[str] | None) -> int:
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds; then running trials stop (their last.pt stays) and the table covers finished ones")
     p.add_argument("--asha", action="store_true", help="stop weak trials early on valid (never scored, never selected)")
-    p.add_argument("--report", type=Path, metavar="DIR", help="re-render DIR's tables from its run directories")
+    p.add_argument("--report", type=Path, nargs="+", metavar="DIR",
+                   help="re-render DIR's tables from its run directories; with several DIRs (a grid run in parts), "
+                        "one selection over all their points, written to --out")
     args = p.parse_args(argv)
     if args.report:
-        from msi.select import report
+        from msi.select import report, union_report
 
-        report(args.report)
-        print((args.report / "results.md").read_text(), end="")
+        if len(args.report) == 1:
+            report(args.report[0])
+            print((args.report[0] / "results.md").read_text(), end="")
+            return 0
+        if not args.out:
+            p.error("--report with several folders writes the union's tables to --out DIR")
+        union_report(args.report, args.out)
+        print((args.out / "results.md").read_text(), end="")
         return 0
     if not args.config or not args.out:
         p.error("--config and --out are required (or --report DIR)")

@@ -222,6 +222,61 @@ def report(out: Path) -> dict[str, Any]:
     return summary
 
 
+# --set keys that say where or how a trial ran, not what it trained: a union of sweeps ignores them
+RUN_ONLY_KEYS = frozenset({"data.root", "train.out_dir", "train.checkpoint_every", "train.cuda_graph",
+                           "train.tensorboard"})
+
+
+def union_trials(outs: list[Path]) -> tuple[list[Trial], dict[str, Config], list[int]]:
+    """The trials of several sweep folders as one grid, for a grid run in parts (on several machines, or a part
+    re-run later): each trial's point becomes its folder's ``--set`` overrides that not every folder shares (less
+    ``RUN_ONLY_KEYS``) plus its grid point, sorted by key. A trial found in several folders counts once: its
+    finished copy (two finished copies are refused), else any copy. The seeds must be the same everywhere."""
+    loaded = [(Path(o), *load_sweep(Path(o))) for o in outs]
+    seeds = loaded[0][1]["seeds"]
+    sets = [[o for o in rec["set"] if o.partition("=")[0] not in RUN_ONLY_KEYS] for _, rec, _, _ in loaded]
+    shared = set.intersection(*(set(x) for x in sets))
+    trials: dict[tuple[str, tuple[str, ...], int], Trial] = {}
+    cfgs: dict[str, Config] = {}
+    for (out, rec, folder_trials, folder_cfgs), overrides in zip(loaded, sets):
+        if rec["seeds"] != seeds:
+            raise MSIError(f"{out}: seeds {rec['seeds']} differ from {loaded[0][0]}'s {seeds}; a union needs the same")
+        label = [o for o in overrides if o not in shared]
+        for name, cfg in folder_cfgs.items():
+            if cfgs.setdefault(name, cfg).train.metric != cfg.train.metric:
+                raise MSIError(f"{out}: {name}'s train.metric differs from another folder's; selection needs one")
+        for t in folder_trials:
+            point = tuple(sorted({o.partition("=")[0]: o for o in [*label, *t.point]}.values()))
+            key = (t.config.stem, point, t.seed)
+            other = trials.get(key)
+            if other is not None and trial_state(other.run_dir) == trial_state(t.run_dir) == "done":
+                raise MSIError(f"{other.run_dir} and {t.run_dir}: the same trial finished twice; keep one")
+            if other is None or trial_state(t.run_dir) == "done":
+                trials[key] = Trial(t.config, point, t.seed, t.run_dir)
+    return list(trials.values()), cfgs, seeds
+
+
+def union_report(outs: list[Path], dest: Path) -> dict[str, Any]:
+    """``report`` over the union of several sweep folders (``union_trials``), written to ``dest``: one selection,
+    by the same rule, over every point of every folder; test is read for the selected point only."""
+    dest = Path(dest)
+    if (dest / SWEEP_FILE).is_file():
+        raise MSIError(f"{dest}: holds a sweep; write the union to a folder of its own")
+    trials, cfgs, seeds = union_trials(outs)
+    floors = {}
+    for cfg in cfgs.values():
+        if cfg.data.name not in floors:
+            floors[cfg.data.name] = popularity_floor(cfg)
+    metrics = {name: cfg.train.metric for name, cfg in cfgs.items()}
+    summary = {"out": [str(Path(o).resolve()) for o in outs], "seeds": seeds, "grid": [], "set": [],
+               "configs": summarize(trials, metrics), "popularity": floors}
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (dest / "results.md").write_text(render_markdown(summary))
+    (dest / "results.csv").write_text(render_csv(summary))
+    return summary
+
+
 def _ms(s: dict[str, Any]) -> str:
     if s["mean"] is None:
         return "n/a"

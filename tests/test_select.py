@@ -11,7 +11,9 @@ import pytest
 from conftest import GRID
 
 from msi.errors import MSIError
-from msi.select import grid_points, load_sweep, record_sweep, report, run_name, split_values, summarize
+from msi.cli import sweep_main
+from msi.select import (grid_points, load_sweep, record_sweep, report, run_name, split_values, summarize,
+                        union_report)
 
 A = ("loss.alpha=0.1", "eval.ks=[10,20]")
 B = ("loss.alpha=0.1", "eval.ks=[10,20,50]")
@@ -96,3 +98,48 @@ def test_another_sweep_in_the_same_folder_is_refused(sweep):
     record_sweep(sweep, configs, GRID, [1, 2], [])  # the same sweep again: accepted
     with pytest.raises(MSIError, match="sweep.yaml: this folder holds another sweep \\(its grid differ\\)"):
         record_sweep(sweep, configs, ["loss.alpha=1"], [1, 2], [])
+
+
+# A grid run in parts: dropout 0.5 on one machine (X), dropout 0.3 on another (Y), and X's unfinished trials
+# finished later in a folder of their own (Z, another data.root: where it ran, not what it trained)
+X = {A: [(0.30, 0, False), (0.32, 0, False)], B: [(0.50, 0, False), (0.52, 0, False)],
+     C: [(0.90, 0, True), "partial"], D: ["partial", "partial"]}
+Y = {A: [(0.60, 0, True), (0.62, 0, True)], B: [(0.10, 0, False)] * 2, C: [(0.10, 0, False)] * 2,
+     D: [(0.10, 0, False)] * 2}
+Z = {A: ["partial"] * 2, B: ["partial"] * 2, C: ["partial", (0.80, 0, True)], D: ["partial"] * 2}
+DROP5 = ("data.root=/gpu/data", "train.checkpoint_every=5", "model.dropout=0.5")
+
+
+def test_union_selects_over_the_points_of_every_folder(fabricate_sweep, tmp_path, capsys):
+    x = fabricate_sweep(tmp_path / "x", {"recall": X}, overrides=DROP5)
+    y = fabricate_sweep(tmp_path / "y", {"recall": Y}, overrides=("model.dropout=0.3",))
+    summary = union_report([x, y], tmp_path / "xy")
+    chosen = summary["configs"]["recall"]["selected"]
+    assert chosen["point"] == ["eval.ks=[10,20]", "loss.alpha=0.1", "model.dropout=0.3"]  # sorted, run keys left out
+    assert chosen["test"]["recall@20"]["mean"] == pytest.approx(0.305)
+    assert len(summary["configs"]["recall"]["grid"]) == 8
+    # the same through the command line, which prints the union's table
+    assert sweep_main(["--report", str(x), str(y), "--out", str(tmp_path / "xy2")]) == 0
+    assert "loss.alpha=0.1 model.dropout=0.3 (selected)" in capsys.readouterr().out
+
+
+def test_union_counts_a_trial_finished_in_another_folder_once(fabricate_sweep, tmp_path):
+    x = fabricate_sweep(tmp_path / "x", {"recall": X}, overrides=DROP5)
+    z = fabricate_sweep(tmp_path / "z", {"recall": Z}, overrides=("data.root=/cpu/data", "model.dropout=0.5"))
+    summary = union_report([x, z], tmp_path / "xz")
+    chosen = summary["configs"]["recall"]["selected"]
+    assert chosen["point"] == ["eval.ks=[10,20]", "loss.alpha=0.01"]  # C, seed 1 from x and seed 2 from z
+    assert chosen["valid"]["recall@20"]["values"] == [0.90, 0.80]
+    assert {Path(r).parent.name for r in chosen["run_dirs"]} == {"x", "z"}
+
+
+def test_union_refuses_twice_finished_trials_and_other_seeds(fabricate_sweep, tmp_path):
+    x = fabricate_sweep(tmp_path / "x", {"recall": X}, overrides=DROP5)
+    twice = fabricate_sweep(tmp_path / "t", {"recall": X}, overrides=DROP5)
+    with pytest.raises(MSIError, match="the same trial finished twice"):
+        union_report([x, twice], tmp_path / "u")
+    seeds = fabricate_sweep(tmp_path / "s", {"recall": Y}, seeds=(1, 3), overrides=("model.dropout=0.3",))
+    with pytest.raises(MSIError, match="seeds \\[1, 3\\] differ"):
+        union_report([x, seeds], tmp_path / "u2")
+    with pytest.raises(MSIError, match="holds a sweep"):
+        union_report([x, seeds], x)
