@@ -209,16 +209,22 @@ def report(out: Path) -> dict[str, Any]:
     """Re-read ``<out>``'s run directories, select, and write results.md, results.csv and summary.json."""
     out = Path(out)
     record, trials, cfgs = load_sweep(out)
+    head = {"out": str(out.resolve()), "seeds": record["seeds"], "grid": record["grid"], "set": record["set"]}
+    return _write_tables(out, head, trials, cfgs)
+
+
+def _write_tables(dest: Path, head: dict[str, Any], trials: list[Trial], cfgs: dict[str, Config]) -> dict[str, Any]:
+    """Select over ``trials``, add the popularity floor of each data set, and write the three tables to ``dest``."""
     floors = {}
     for cfg in cfgs.values():
         if cfg.data.name not in floors:
             floors[cfg.data.name] = popularity_floor(cfg)
     metrics = {name: cfg.train.metric for name, cfg in cfgs.items()}
-    summary = {"out": str(out.resolve()), "seeds": record["seeds"], "grid": record["grid"], "set": record["set"],
-               "configs": summarize(trials, metrics), "popularity": floors}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "results.md").write_text(render_markdown(summary))
-    (out / "results.csv").write_text(render_csv(summary))
+    summary = {**head, "configs": summarize(trials, metrics), "popularity": floors}
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (dest / "results.md").write_text(render_markdown(summary))
+    (dest / "results.csv").write_text(render_csv(summary))
     return summary
 
 
@@ -263,18 +269,8 @@ def union_report(outs: list[Path], dest: Path) -> dict[str, Any]:
     if (dest / SWEEP_FILE).is_file():
         raise MSIError(f"{dest}: holds a sweep; write the union to a folder of its own")
     trials, cfgs, seeds = union_trials(outs)
-    floors = {}
-    for cfg in cfgs.values():
-        if cfg.data.name not in floors:
-            floors[cfg.data.name] = popularity_floor(cfg)
-    metrics = {name: cfg.train.metric for name, cfg in cfgs.items()}
-    summary = {"out": [str(Path(o).resolve()) for o in outs], "seeds": seeds, "grid": [], "set": [],
-               "configs": summarize(trials, metrics), "popularity": floors}
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (dest / "results.md").write_text(render_markdown(summary))
-    (dest / "results.csv").write_text(render_csv(summary))
-    return summary
+    head = {"out": [str(Path(o).resolve()) for o in outs], "seeds": seeds, "grid": [], "set": []}
+    return _write_tables(dest, head, trials, cfgs)
 
 
 def _ms(s: dict[str, Any]) -> str:
