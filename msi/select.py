@@ -237,7 +237,8 @@ def union_trials(outs: list[Path]) -> tuple[list[Trial], dict[str, Config], list
     """The trials of several sweep folders as one grid, for a grid run in parts (on several machines, or a part
     re-run later): each trial's point becomes its folder's ``--set`` overrides that not every folder shares (less
     ``RUN_ONLY_KEYS``) plus its grid point, sorted by key. A trial found in several folders counts once: its
-    finished copy (two finished copies are refused), else any copy. The seeds must be the same everywhere."""
+    finished copy, else any copy; two finished copies are refused unless their results.json are the same (a copied
+    run directory). The seeds must be the same everywhere."""
     loaded = [(Path(o), *load_sweep(Path(o))) for o in outs]
     seeds = loaded[0][1]["seeds"]
     sets = [[o for o in rec["set"] if o.partition("=")[0] not in RUN_ONLY_KEYS] for _, rec, _, _ in loaded]
@@ -256,6 +257,8 @@ def union_trials(outs: list[Path]) -> tuple[list[Trial], dict[str, Config], list
             key = (t.config.stem, point, t.seed)
             other = trials.get(key)
             if other is not None and trial_state(other.run_dir) == trial_state(t.run_dir) == "done":
+                if _read_results(other.run_dir) == _read_results(t.run_dir):
+                    continue  # a copy of the same run
                 raise MSIError(f"{other.run_dir} and {t.run_dir}: the same trial finished twice; keep one")
             if other is None or trial_state(t.run_dir) == "done":
                 trials[key] = Trial(t.config, point, t.seed, t.run_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from conftest import GRID
 from msi.errors import MSIError
 from msi.cli import sweep_main
 from msi.select import (grid_points, load_sweep, record_sweep, report, run_name, split_values, summarize,
-                        union_report)
+                        union_report, union_trials)
 
 A = ("loss.alpha=0.1", "eval.ks=[10,20]")
 B = ("loss.alpha=0.1", "eval.ks=[10,20,50]")
@@ -135,9 +136,14 @@ def test_union_counts_a_trial_finished_in_another_folder_once(fabricate_sweep, t
 
 def test_union_refuses_twice_finished_trials_and_other_seeds(fabricate_sweep, tmp_path):
     x = fabricate_sweep(tmp_path / "x", {"recall": X}, overrides=DROP5)
-    twice = fabricate_sweep(tmp_path / "t", {"recall": X}, overrides=DROP5)
+    twice = fabricate_sweep(tmp_path / "t", {"recall": {**X, A: [(0.31, 0, False), (0.32, 0, False)]}},
+                            overrides=DROP5)  # A finished again, with another result
     with pytest.raises(MSIError, match="the same trial finished twice"):
         union_report([x, twice], tmp_path / "u")
+    copied = tmp_path / "c"
+    shutil.copytree(x, copied)  # the same run directories, copied: counted once
+    trials, _, _ = union_trials([x, copied])
+    assert len(trials) == 8 and {t.run_dir.parent for t in trials} == {x}
     seeds = fabricate_sweep(tmp_path / "s", {"recall": Y}, seeds=(1, 3), overrides=("model.dropout=0.3",))
     with pytest.raises(MSIError, match="seeds \\[1, 3\\] differ"):
         union_report([x, seeds], tmp_path / "u2")
