@@ -9,24 +9,10 @@ import torch
 from torch import nn
 
 
-class _SymmetricSpMM(torch.autograd.Function):
-    """Â @ X for a symmetric sparse Â: the gradient with respect to X is Â @ G, with no transpose to build.
-
-    (torch's own backward transposes Â, which for CSR re-sorts it on every step.)
-    """
-
-    @staticmethod
-    def forward(ctx, adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.adj = adj
-        return torch.sparse.mm(adj, x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:  # type: ignore[override]
-        return None, torch.sparse.mm(ctx.adj, grad)
-
-
 class _BlockSpMM(torch.autograd.Function):
-    """A @ X for a sparse block A of a symmetric matrix, given also A's transpose: the gradient is A^T @ G."""
+    """A @ X for a sparse A given also A's transpose: the gradient with respect to X is A^T @ G, with no transpose
+    to build (torch's own backward transposes A, which for CSR re-sorts it on every step). For a symmetric Â pass
+    Â twice; for a block of one, the block and its mirror."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -100,7 +86,7 @@ def edge_product(edges: EdgeList, x: torch.Tensor) -> torch.Tensor:
 
 
 class _SymmetricEdgeProduct(torch.autograd.Function):
-    """``edge_product`` with the symmetric backward of ``_SymmetricSpMM``: the gradient with respect to X is Â @ G."""
+    """``edge_product`` with the symmetric backward of ``_BlockSpMM``: the gradient with respect to X is Â @ G."""
 
     @staticmethod
     def forward(ctx, rows, cols, vals, x):  # type: ignore[override]
@@ -123,7 +109,7 @@ def lightgcn_readout(adj: torch.Tensor | EdgeList, x0: torch.Tensor, n_layers: i
     for _ in range(n_layers):
         with torch.autocast(x0.device.type, enabled=False):
             z = z.to(torch.float32)
-            z = _SymmetricEdgeProduct.apply(*adj, z) if isinstance(adj, EdgeList) else _SymmetricSpMM.apply(adj, z)
+            z = _SymmetricEdgeProduct.apply(*adj, z) if isinstance(adj, EdgeList) else _BlockSpMM.apply(adj, adj, z)
         out = out + z
     return out / (n_layers + 1)
 

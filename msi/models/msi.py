@@ -149,21 +149,20 @@ class MSI(Recommender):
         codes, gauss = self._modality_codes()
         U, d = self.n_users, self.item_emb.shape[1]
         item_blocks = [self.item_emb] + ([codes[m] for m in self.modalities] if self.use_ip else [])
-        if self.n_layers == 1 and self.edges is None and self.blocks is not None:
+        if self.edges is None and self.blocks is not None:  # one layer: two block products
             user_rows, item_rows = one_layer_readout(self.blocks, self.user_emb, item_blocks)
-            views = [z + x for z, x in zip(item_rows, item_blocks)]  # residual of eq. 17
-            out = {"user": user_rows, "id": views[0]}
-            for g, m in enumerate(self.modalities):
-                out[m] = views[g + 1] if self.use_ip else codes[m]
-            return out, codes, gauss
-        x0_items = torch.cat(item_blocks, dim=1)  # (I, g*d)
-        x0 = torch.cat([self.user_emb.repeat(1, len(item_blocks)), x0_items], dim=0)
-        # (N, g*d): g graphs side by side, one sparse product per layer
-        z = lightgcn_readout(self.adj if self.edges is None else self.edges, x0, self.n_layers)
-        # split, not slices: the backward of a split is one concatenation, that of each slice a zero-filled (N, g*d)
-        z_users, z_items = z.split([U, self.n_items])
-        views = (z_items + x0_items).split(d, dim=1)  # residual of eq. 17 on item rows, every graph
-        out = {"user": z_users.split(d, dim=1)[0], "id": views[0]}
+            views = [z + x for z, x in zip(item_rows, item_blocks)]  # residual of eq. 17, every graph
+        else:
+            x0_items = torch.cat(item_blocks, dim=1)  # (I, g*d)
+            x0 = torch.cat([self.user_emb.repeat(1, len(item_blocks)), x0_items], dim=0)
+            # (N, g*d): g graphs side by side, one sparse product per layer
+            z = lightgcn_readout(self.adj if self.edges is None else self.edges, x0, self.n_layers)
+            # split, not slices: the backward of a split is one concatenation, that of each slice a zero-filled
+            # (N, g*d)
+            z_users, z_items = z.split([U, self.n_items])
+            user_rows = z_users.split(d, dim=1)[0]
+            views = (z_items + x0_items).split(d, dim=1)  # residual of eq. 17 on item rows, every graph
+        out = {"user": user_rows, "id": views[0]}
         for g, m in enumerate(self.modalities):
             out[m] = views[g + 1] if self.use_ip else codes[m]
         return out, codes, gauss
