@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Independent, Normal, kl_divergence
 
-from msi.losses import average_kl, bpr_loss, cosine_loss, frobenius_reg, gaussian_kl, info_nce
+from msi.losses import average_kl, bpr_loss, cosine_loss, frobenius_reg, gaussian_kl, info_nce, jsd_mi
 
 
 def _gaussians(b: int, d: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -155,3 +155,13 @@ def test_shared_exp_info_nce_gradcheck_and_small_tau_fallback(monkeypatch):
     x = torch.randn(64, 8, generator=g)
     value = info_nce(x, x + 0.01 * torch.randn(64, 8, generator=g), 0.01)
     assert torch.isfinite(value) and value <= math.log(64) + 1e-5
+
+
+def test_jsd_mi_hand_values():
+    """A critic that cannot tell pairs from others (all scores 0) gives -2 log 2; a perfect one approaches 0."""
+    zeros = torch.zeros(5)
+    assert float(jsd_mi(zeros, zeros)) == pytest.approx(-2 * math.log(2.0))
+    assert float(jsd_mi(torch.full((5,), 30.0), torch.full((5,), -30.0))) == pytest.approx(0.0, abs=1e-12)
+    pos, neg = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 3.0])
+    want = -(F.softplus(-pos).mean() + F.softplus(neg).mean())
+    assert float(jsd_mi(pos, neg)) == pytest.approx(float(want))

@@ -68,6 +68,7 @@ def test_projections_get_adam_updates_of_ordinary_size_after_a_few_dozen_steps(t
 
 
 def ssd_terms_twice(model: MSI, ds, seeds=(1, 2)) -> list[dict[str, torch.Tensor]]:
+    """The loss terms of the first 64 train pairs, once per seed."""
     users, items = torch.from_numpy(ds.train[:64, 0]), torch.from_numpy(ds.train[:64, 1])
     out = []
     for s in seeds:
@@ -138,3 +139,46 @@ def test_grad_norms_by_parameter_group(tiny):
     manual = sum(float(p.grad.pow(2).sum()) for p in model.proj.parameters()) ** 0.5
     assert norms["grad_projections"] == pytest.approx(manual, rel=1e-5)
     assert {"sigma_image", "sigma_text", "cos_pair", "cos_random"} <= set(norms)
+
+
+def test_jsd_estimator_uses_a_trained_critic_on_the_batch_items(tiny):
+    """mi_estimator "jsd": L_ssd = -JSD(critic on (a_i, b_i) vs (a_{i-1}, b_i)) + beta * AKL over the distinct batch
+    items, the critic gets gradients, and the InfoNCE model has no critic."""
+    assert not hasattr(tiny_msi(tiny), "critic")
+    model = tiny_msi(tiny, mi_estimator="jsd", beta=0.5).eval()  # eval: codes = mu, deterministic
+    users, items = torch.from_numpy(tiny.train[:40, 0]), torch.from_numpy(tiny.train[:40, 1])
+    t = model.loss(users, items)
+    assert "jsd" in t and "nce" not in t
+    _, _, gauss = model._propagate()
+    uniq = torch.unique(items)
+    za, zb = (gauss[m][2][uniq] for m in model.modalities)
+    pos = model.critic(torch.cat([za, zb], 1)).squeeze(1)
+    neg = model.critic(torch.cat([torch.cat([za[-1:], za[:-1]]), zb], 1)).squeeze(1)
+    want = -torch.nn.functional.softplus(-pos).mean() - torch.nn.functional.softplus(neg).mean()
+    torch.testing.assert_close(t["jsd"], want)
+    torch.testing.assert_close(t["ssd"], -t["jsd"] + 0.5 * t["akl"])
+    t["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.critic.parameters())
+    assert "grad_critic" in grad_norms(model)
+
+
+def test_score_views_all_adds_the_modality_views_for_scoring_only(tiny):
+    base, both = tiny_msi(tiny).eval(), tiny_msi(tiny, score_views="all").eval()
+    e0, e1 = base.embeddings(), both.embeddings()
+    torch.testing.assert_close(e1["id"], e0["id"] + sum(e0[m] for m in base.modalities))
+    for k in ("user", *base.modalities):
+        torch.testing.assert_close(e1[k], e0[k], msg=k)
+    l0, l1 = (ssd_terms_twice(m, tiny, seeds=(5,))[0] for m in (base, both))  # the same dropout masks
+    for k in l0:
+        torch.testing.assert_close(l1[k], l0[k], msg=k)
+    torch.testing.assert_close(both.score(torch.arange(3)), e1["user"][:3] @ e1["id"].T)
+
+
+def test_estimator_and_score_views_are_config_keys_with_faithful_defaults(tiny):
+    cfg = load_config(None, [])
+    assert (cfg.model.mi_estimator, cfg.model.score_views) == ("infonce", "id")
+    cfg = load_config(None, ["model.mi_estimator=jsd", "model.score_views=all"])
+    assert (cfg.model.mi_estimator, cfg.model.score_views) == ("jsd", "all")
+    for bad in ("model.mi_estimator=mine", "model.score_views=both"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, [bad])

@@ -26,6 +26,9 @@ MODEL_NAMES = ("msi", "lightgcn")
 METRICS = ("recall", "ndcg", "precision", "map")
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 MAX_LR = 1.0  # Adam moves every weight by about lr per step: above 1 the weights overflow within a few steps
+CODE_PLACEMENTS = ("sample", "mean")  # model.code_placement
+MI_ESTIMATORS = ("infonce", "jsd")  # model.mi_estimator
+SCORE_VIEWS = ("id", "all")  # model.score_views
 
 
 @dataclass
@@ -51,6 +54,8 @@ class ModelConfig:
     use_ip: bool = True  # interaction preserving (modality LightGCN graphs)
     freeze_features: bool = False  # keep raw item features fixed (BM3 trains them)
     code_placement: str = "sample"  # sample: SSD samples feed graphs and losses | mean: means downstream, samples in L_ssd
+    mi_estimator: str = "infonce"  # infonce: cosine InfoNCE (SPEC) | jsd: MLP critic with the Jensen-Shannon bound (MIB)
+    score_views: str = "id"  # id: score items with P z_s^i (SPEC) | all: P z_s^i + sum_m P z_s^m
 
 
 @dataclass
@@ -75,7 +80,6 @@ class TrainConfig:
     metric: str = "recall@20"  # valid metric for early stopping and the best checkpoint
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     autocast: str = "off"  # off | bf16: bfloat16 autocast of the dense layers (a GPU speed option; changes numbers)
-    cuda_graph: bool = False  # experimental, unverified on a GPU: MSI steps replay a captured CUDA graph (msi/step.py)
     out_dir: str = "runs"  # runs are written to <out_dir>/<run name>/ (relative: to the YAML file)
     run_name: str = ""  # empty: <data name>-<model name>-<timestamp>
     tensorboard: bool = False  # also write TensorBoard event files to <run dir>/tensorboard/ (extra: tensorboard)
@@ -288,7 +292,9 @@ def validate(cfg: Config) -> None:
         (m.n_layers >= 0, "model.n_layers", "must be >= 0"),
         (0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
         (m.tau > 0, "model.tau", "must be > 0"),
-        (m.code_placement in ("sample", "mean"), "model.code_placement", "must be sample or mean"),
+        (m.code_placement in CODE_PLACEMENTS, "model.code_placement", f"must be one of {', '.join(CODE_PLACEMENTS)}"),
+        (m.mi_estimator in MI_ESTIMATORS, "model.mi_estimator", f"must be one of {', '.join(MI_ESTIMATORS)}"),
+        (m.score_views in SCORE_VIEWS, "model.score_views", f"must be one of {', '.join(SCORE_VIEWS)}"),
         (all(v >= 0 for v in asdict(lo).values()), "loss", "weights must be >= 0"),
         (t.epochs > 0, "train.epochs", "must be > 0"),
         (t.batch_size > 0, "train.batch_size", "must be > 0"),

@@ -68,26 +68,12 @@ class _SharedExpNCE(torch.autograd.Function):
         return g @ b, g.T @ a, None
 
 
-def first_occurrence(ids: torch.Tensor) -> torch.Tensor:
-    """(B,) bool, True at exactly one position of each distinct value of ``ids`` (B,): a fixed-size stand-in for
-    ``torch.unique`` (no host sync, static shapes, so it can sit inside a CUDA graph)."""
-    sorted_ids, order = torch.sort(ids, stable=True)
-    first = torch.ones_like(sorted_ids, dtype=torch.bool)
-    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    return torch.empty_like(first).scatter_(0, order, first)
-
-
-def masked_info_nce(a: torch.Tensor, b: torch.Tensor, tau: float, keep: torch.Tensor) -> torch.Tensor:
-    """``info_nce`` over the rows where ``keep`` (B,) bool is True, computed on all B rows: the other rows are
-    neither anchors nor negatives. Equals ``info_nce(a[keep], b[keep], tau)`` up to summation order."""
-    logits = (F.normalize(a, dim=-1) / tau) @ F.normalize(b, dim=-1).T  # (B, B)
-    low = torch.finfo(logits.dtype).min  # a dropped row or column is no negative: exp(low - max) = 0
-    lse_ab = torch.logsumexp(logits.masked_fill(~keep[None, :], low), 1)
-    lse_ba = torch.logsumexp(logits.masked_fill(~keep[:, None], low), 0)
-    n = keep.sum()
-    lse = torch.where(keep, lse_ab + lse_ba, 0.0).sum()
-    ce = (0.5 * lse - torch.where(keep, logits.diagonal(), 0.0).sum()) / n
-    return torch.log(n.to(ce.dtype)) - ce
+def jsd_mi(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon lower bound on mutual information from critic scores (as the Multi-View Information
+    Bottleneck estimates it): E_pos[-softplus(-T)] - E_neg[softplus(T)], for scores of paired (B,) and unpaired
+    (B,) samples. It is at most 0, reached as the critic separates the pairs from the others perfectly; a critic
+    that cannot tell them apart gives -2 log 2."""
+    return -F.softplus(-pos).mean() - F.softplus(neg).mean()
 
 
 def gaussian_kl(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
@@ -99,14 +85,6 @@ def gaussian_kl(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigm
 def average_kl(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
     """AKL = (KL(p1 || p2) + KL(p2 || p1)) / 2, averaged over the B rows."""
     return 0.5 * (gaussian_kl(mu1, sigma1, mu2, sigma2) + gaussian_kl(mu2, sigma2, mu1, sigma1)).mean()
-
-
-def masked_average_kl(
-    mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor, keep: torch.Tensor
-) -> torch.Tensor:
-    """``average_kl`` over the rows where ``keep`` (B,) bool is True, computed on all B rows (static shapes)."""
-    akl = 0.5 * (gaussian_kl(mu1, sigma1, mu2, sigma2) + gaussian_kl(mu2, sigma2, mu1, sigma1))
-    return torch.where(keep, akl, 0.0).sum() / keep.sum()
 
 
 def frobenius_reg(*matrices: torch.Tensor, denominator: int) -> torch.Tensor:

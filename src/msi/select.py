@@ -229,7 +229,7 @@ def _write_tables(dest: Path, head: dict[str, Any], trials: list[Trial], cfgs: d
 
 
 # --set keys that say where or how a trial ran, not what it trained: a union of sweeps ignores them
-RUN_ONLY_KEYS = frozenset({"data.root", "train.out_dir", "train.checkpoint_every", "train.cuda_graph",
+RUN_ONLY_KEYS = frozenset({"data.root", "train.out_dir", "train.checkpoint_every",
                            "train.tensorboard"})
 
 

@@ -27,12 +27,12 @@ from tqdm import tqdm
 
 from msi.checkpoint import first_non_finite, rng_state, save_checkpoint, set_rng_state
 from msi.config import Config, dump_config
+from msi.data.dataset import Dataset
 from msi.errors import CheckpointError, DataError, Interrupted, MSIError
 from msi.evaluate import Evaluator
 from msi.models import Recommender, build_model, epoch_diagnostics
 from msi.runinfo import TensorBoardLog, write_env
 from msi.run import data_signature, dataset_for, open_run, resolve_device, seed_everything
-from msi.step import TrainStep
 
 try:
     import fcntl
@@ -61,14 +61,17 @@ class _Run:
     signature: dict[str, Any]  # msi.run.data_signature, saved in every checkpoint
     progress: dict[str, Any]  # epoch, best_metric, best_epoch, bad_evals, stopped, train_seconds (in last.pt)
     saved_epoch: int  # the epoch last.pt holds
-    step: TrainStep  # one optimisation step, eager or a replayed CUDA graph
 
 
 def train(
     cfg: Config | None, out: str | Path | None = None, resume: str | Path | None = None, overwrite: bool = False,
     quiet: bool = False, device: str | None = None, allow_other_data: bool = False,
+    model: Recommender | None = None, data: Dataset | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg``'s model, select on valid, score test once; returns the contents of ``results.json``.
+
+    ``model`` and ``data``: train this very model object (built by ``build_model(cfg, data)``) on this data set
+    instead of building them from ``cfg`` (not with ``resume``).
 
     ``out``: the run directory (default ``<train.out_dir>/<run name>``); it must be empty or missing unless
     ``overwrite`` (its run files are removed first). ``resume``: a run directory to continue from its last.pt
@@ -76,6 +79,8 @@ def train(
     ``allow_other_data``: resume on data of the same shape but another fingerprint.
     """
     log: Log = (lambda *a: None) if quiet else (lambda *a: tqdm.write(" ".join(str(x) for x in a)))
+    if resume is not None and (model is not None or data is not None):
+        raise MSIError("train(resume=...) continues the saved model on its saved data: pass no model= or data=")
     run_dir = Path(resume) if resume is not None else _run_dir(cfg, out)
     if resume is not None and not (run_dir / "last.pt").is_file():
         raise CheckpointError(f"{run_dir / 'last.pt'}: checkpoint not found; nothing to resume")
@@ -83,7 +88,7 @@ def train(
         if resume is not None and (done := _finished(run_dir)) is not None:
             log(f"{run_dir} is finished (results.json); nothing to resume")
             return done
-        run = _setup(cfg, run_dir, resume is not None, overwrite, device, quiet, allow_other_data, log)
+        run = _setup(cfg, run_dir, resume is not None, overwrite, device, quiet, allow_other_data, log, model, data)
         _loop(run, quiet, log)
         return _finish(run, log)
 
@@ -151,31 +156,47 @@ def _remove_leftovers(run_dir: Path, log: Log) -> None:
             log(f"removed {p}, left by an interrupted write")
 
 
+def _check_model_fits(model: Recommender, cfg: Config, dataset: Dataset) -> None:
+    """A model passed to ``train`` must be the one ``cfg`` describes for ``dataset`` (the same parameter names and
+    shapes), or its checkpoints could not be opened with the saved config."""
+    with torch.random.fork_rng(devices=[]):  # the reference draws its initial weights: leave the seeded RNG as is
+        want = {k: tuple(v.shape) for k, v in build_model(cfg, dataset, with_features=False).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if got != want:
+        diff = sorted(set(got.items()) ^ set(want.items()))[:3]
+        raise MSIError(f"the model passed to train() is not the one the config describes for data set "
+                       f"{dataset.name} (parameters differ: {diff}); build it with build_model(cfg, data)")
+
+
 def _setup(
     cfg: Config | None, run_dir: Path, resume: bool, overwrite: bool, device: str | None, quiet: bool,
-    allow_other_data: bool, log: Log,
+    allow_other_data: bool, log: Log, model: Recommender | None = None, data: Dataset | None = None,
 ) -> _Run:
-    """The run directory, data set, model, optimizer and progress: fresh, or restored from last.pt."""
+    """The run directory, data set, model, optimizer and progress: fresh (``model`` and ``data`` when given), or
+    restored from last.pt."""
     progress = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "bad_evals": 0, "stopped": False,
                 "train_seconds": 0.0}
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
         _remove_leftovers(run_dir, log)
         model, cfg, dataset, state = open_run(run_dir / "last.pt", allow_other_data=allow_other_data)
-        dev = resolve_device(device or cfg.train.device)
-        optimizer = make_optimizer(model.to(dev), cfg.train.lr)
+    else:
+        _clear_run_dir(run_dir, overwrite, log)
+        seed_everything(cfg.train.seed)
+        dataset = data if data is not None else dataset_for(cfg, progress=not quiet)
+        if model is not None:
+            _check_model_fits(model, cfg, dataset)
+        else:
+            model = build_model(cfg, dataset)
+    dev = resolve_device(device or cfg.train.device)
+    model = model.to(dev)  # a Module moves in place: a model passed in is the very object trained
+    optimizer = make_optimizer(model, cfg.train.lr)
+    if resume:
         optimizer.load_state_dict(state["optimizer"])
         progress.update(state["progress"])
         set_rng_state(state["rng"])
         _truncate_log(metrics_path, progress["epoch"], log)
         log(f"resumed {run_dir} after epoch {progress['epoch']}")
-    else:
-        _clear_run_dir(run_dir, overwrite, log)
-        dev = resolve_device(device or cfg.train.device)
-        seed_everything(cfg.train.seed)
-        dataset = dataset_for(cfg, progress=not quiet)
-        model = build_model(cfg, dataset).to(dev)
-        optimizer = make_optimizer(model, cfg.train.lr)
     log(dataset.summary())
     for split in ("valid", "test"):  # before an epoch is spent
         if len(dataset.split(split)) == 0:
@@ -187,10 +208,8 @@ def _setup(
     write_env(run_dir, dev)
     evaluator = Evaluator(dataset, dev, cfg.eval.ks, cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
     pairs = torch.from_numpy(dataset.train).to(dev)
-    t = cfg.train  # the step is built after the resume's optimizer load: a captured graph keeps Adam's addresses
-    step = TrainStep(model, optimizer, cuda_graph=t.cuda_graph and t.autocast == "off", bf16=t.autocast == "bf16")
     return _Run(run_dir, cfg, model, optimizer, evaluator, pairs, data_signature(dataset), progress,
-                progress["epoch"], step)
+                progress["epoch"])
 
 
 def _loop(run: _Run, quiet: bool, log: Log) -> None:
@@ -202,7 +221,7 @@ def _loop(run: _Run, quiet: bool, log: Log) -> None:
     try:
         for epoch in tqdm(epochs, desc="epochs", disable=quiet, initial=p["epoch"], total=t.epochs):
             run.model.start_epoch(epoch)
-            row = run_epoch(run.model, run.optimizer, run.pairs, t.batch_size, epoch, quiet, step=run.step)
+            row = run_epoch(run.model, run.optimizer, run.pairs, t.batch_size, epoch, quiet, t.autocast == "bf16")
             bad = first_non_finite(run.model.state_dict())
             if bad is not None:
                 raise TrainingDiverged(
@@ -261,20 +280,20 @@ def _save(run: _Run, name: str) -> None:
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     """Adam, no weight decay; fused=True: one pass over each parameter, the per-tensor loop's numbers up to
-    rounding (tests/test_step.py), 5x faster on the CPU over the raw features."""
+    rounding (tests/test_train.py's pinned trajectory), 5x faster on the CPU over the raw features."""
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
 def run_epoch(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, pairs: torch.Tensor, batch_size: int,
-    epoch: int, quiet: bool = True, bf16: bool = False, step: TrainStep | None = None,
+    epoch: int, quiet: bool = True, bf16: bool = False,
 ) -> dict[str, Any]:
     """One pass over the shuffled train pairs (n, 2); returns the mean of every loss term and the time.
 
-    ``step`` runs each batch (default: an eager ``TrainStep``, with ``bf16`` autocast of the forward pass and the
-    loss only); pass the run's own to keep its captured CUDA graphs.
+    Each batch: zero_grad, the loss (under bfloat16 autocast with ``bf16``: the forward pass and the loss only,
+    as nanoGPT does), backward, the Adam step. zero_grad comes first so the last step's gradients are still there
+    for ``epoch_diagnostics``.
     """
-    step = step or TrainStep(model, optimizer, bf16=bf16)
     model.train()
     t0 = time.time()
     perm = torch.randperm(len(pairs)).to(pairs.device)
@@ -283,10 +302,14 @@ def run_epoch(
     losses = torch.empty(n_batches, device=pairs.device)  # checked once per epoch: no GPU sync per step
     for b in tqdm(range(n_batches), desc=f"epoch {epoch + 1}", leave=False, disable=quiet):
         batch = pairs[perm[b * batch_size : (b + 1) * batch_size]]
-        terms = step(batch)  # detached; a CUDA graph's outputs are overwritten by its next replay, so sum now
-        losses[b] = terms["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(pairs.device.type, dtype=torch.bfloat16, enabled=bf16):
+            terms = model.loss(batch[:, 0], batch[:, 1])
+        terms["loss"].backward()
+        optimizer.step()
+        losses[b] = terms["loss"].detach()
         for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v
+            sums[k] = sums.get(k, 0.0) + v.detach()
     bad = torch.nonzero(~torch.isfinite(losses))
     if len(bad):
         b = int(bad[0])

@@ -33,7 +33,7 @@ def build_model(cfg: Config, dataset: Dataset, with_features: bool = True) -> Re
         embedding_dim=m.embedding_dim, n_layers=m.n_layers, dropout=m.dropout, tau=m.tau, use_ssd=m.use_ssd,
         use_ip=m.use_ip, freeze_features=m.freeze_features, code_placement=m.code_placement,
         alpha=lo.alpha, beta=lo.beta, gamma=lo.gamma, w_align=lo.w_align, w_mask=lo.w_mask,
-        beta_warmup=lo.beta_warmup,
+        beta_warmup=lo.beta_warmup, mi_estimator=m.mi_estimator, score_views=m.score_views,
     )
 
 

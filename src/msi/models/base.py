@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -65,42 +64,8 @@ def one_layer_readout(
     return (users + first) / 2, [(x + shared) / 2 for x in items]
 
 
-class EdgeList(NamedTuple):
-    """A symmetric sparse Â as its non-zeros: Â[rows[e], cols[e]] = vals[e], each (nnz,), for ``edge_product``."""
-
-    rows: torch.Tensor
-    cols: torch.Tensor
-    vals: torch.Tensor
-
-    @classmethod
-    def from_sparse(cls, adj: torch.Tensor) -> EdgeList:
-        coo = adj.to_sparse_coo().coalesce()
-        return cls(coo.indices()[0], coo.indices()[1], coo.values())
-
-
-def edge_product(edges: EdgeList, x: torch.Tensor) -> torch.Tensor:
-    """Â @ X as a gather and an index_add_ over the edge list: (N, k) -> (N, k). Static shapes and no host sync,
-    so it can be captured in a CUDA graph (torch.sparse.mm may not); the sums run in another order than CSR's."""
-    out = torch.zeros_like(x)
-    return out.index_add_(0, edges.rows, x.index_select(0, edges.cols) * edges.vals[:, None])
-
-
-class _SymmetricEdgeProduct(torch.autograd.Function):
-    """``edge_product`` with the symmetric backward of ``_BlockSpMM``: the gradient with respect to X is Â @ G."""
-
-    @staticmethod
-    def forward(ctx, rows, cols, vals, x):  # type: ignore[override]
-        ctx.edges = EdgeList(rows, cols, vals)
-        return edge_product(ctx.edges, x)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        return None, None, None, edge_product(ctx.edges, grad)
-
-
-def lightgcn_readout(adj: torch.Tensor | EdgeList, x0: torch.Tensor, n_layers: int) -> torch.Tensor:
-    """Mean of Z_0..Z_L with Z_{l+1} = Â Z_l: (N, N) symmetric sparse Â (or its ``EdgeList``), (N, k) dense Z_0
-    -> (N, k).
+def lightgcn_readout(adj: torch.Tensor, x0: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """Mean of Z_0..Z_L with Z_{l+1} = Â Z_l: (N, N) symmetric sparse Â, (N, k) dense Z_0 -> (N, k).
 
     Several graphs that share Â go through in one call by stacking their node matrices along the columns.
     The product runs in Â's dtype (float32) outside autocast: torch has no bfloat16 sparse product on the CPU.
@@ -109,7 +74,7 @@ def lightgcn_readout(adj: torch.Tensor | EdgeList, x0: torch.Tensor, n_layers: i
     for _ in range(n_layers):
         with torch.autocast(x0.device.type, enabled=False):
             z = z.to(torch.float32)
-            z = _SymmetricEdgeProduct.apply(*adj, z) if isinstance(adj, EdgeList) else _BlockSpMM.apply(adj, adj, z)
+            z = _BlockSpMM.apply(adj, adj, z)
         out = out + z
     return out / (n_layers + 1)
 
@@ -131,7 +96,8 @@ def mask_rows(scores: torch.Tensor, users: torch.Tensor, exclude: torch.Tensor) 
 
 # parameter name (its first dotted part) -> the group whose gradient norm the trainer logs
 PARAM_GROUPS = {"user_emb": "embeddings", "item_emb": "embeddings", "emb": "embeddings", "proj": "projections",
-                "head": "heads", "predictor": "predictor", "raw": "features"}
+                "head": "heads", "predictor": "predictor", "raw": "features",
+                "critic": "critic"}
 
 
 @torch.no_grad()

@@ -4,6 +4,9 @@ Forward pass (SPEC §2), d = embedding_dim, U users, I items, N = U + I:
     h_m   = W_m x_m                           (I, d)   one linear map per modality from raw features x_m (I, F_m)
     SSD:  mu_m, s_m = head_m(h_m); sigma_m = softplus(s_m) + 1e-6; the s rows of head_m start at zero
           sample_m = mu_m + sigma_m * eps (training), mu_m (eval);   without SSD: z_r^m = h_m
+          L_ssd = -I(sample^a; sample^b) + beta * AKL over the batch's distinct items; I estimated by
+          mi_estimator "infonce" (cosine InfoNCE, SPEC §2) or "jsd" (an MLP critic T(a, b) with the
+          Jensen-Shannon bound, negatives (a_{j-1}, b_j), as the Multi-View Information Bottleneck does)
           code_placement "sample": z_r^m = sample_m everywhere (the paper's reading, SPEC §2);
                          "mean":   z_r^m = mu_m downstream, samples only inside L_ssd (Multi-View IB)
     IP:   Z_0 = [[z_u, z_u, z_u], [z_i, z_r^t, z_r^v]]   (N, 3d), one sparse product per layer for all three graphs
@@ -12,7 +15,8 @@ Forward pass (SPEC §2), d = embedding_dim, U users, I items, N = U + I:
           I x d and one U x d product over Â's user-item blocks, base.one_layer_readout)
           without IP: only the ID graph is propagated and z_s^m = z_r^m
     CVG:  online view P(z), target view dropout(z) without gradient
-    Score s(u, i) = <P(z_s^u), P(z_s^i)>; the modality probe uses P(z_s^m) for the items.
+    Score s(u, i) = <P(z_s^u), P(z_s^i)> (score_views "id"), or <P(z_s^u), P(z_s^i) + sum_m P(z_s^m)> ("all");
+          the modality probe uses P(z_s^m) for the items.
 """
 
 from __future__ import annotations
@@ -21,12 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msi.losses import (average_kl, cosine_loss, first_occurrence, frobenius_reg, info_nce, masked_average_kl,
-                        masked_info_nce)
-from msi.models.base import EdgeList, Recommender, bipartite_blocks, lightgcn_readout, one_layer_readout
-
-
-CODE_PLACEMENTS = ("sample", "mean")
+from msi.config import CODE_PLACEMENTS, MI_ESTIMATORS, SCORE_VIEWS
+from msi.losses import average_kl, cosine_loss, frobenius_reg, info_nce, jsd_mi
+from msi.models.base import Recommender, bipartite_blocks, lightgcn_readout, one_layer_readout
 
 
 class MSI(Recommender):
@@ -45,6 +46,13 @@ class MSI(Recommender):
             downstream, the samples only inside L_ssd).
         beta_warmup: epochs over which the AKL weight rises linearly from 0 to ``beta`` (0: off); the trainer
             calls ``start_epoch`` before each epoch.
+        mi_estimator: the mutual-information estimate inside L_ssd: "infonce" or "jsd" (a critic MLP, trained
+            with the model).
+        score_views: "id" scores items by their ID-graph view, "all" by the sum of every view (scoring only: the
+            loss terms are the same either way).
+
+    The loss weights stay in the constructor, beside the architecture: the trainer calls ``loss(users, items)``
+    for every registered model alike, and a model's builder is the one place that reads its config.
     """
 
     def __init__(
@@ -67,12 +75,18 @@ class MSI(Recommender):
         w_mask: float = 1.0,
         code_placement: str = "sample",
         beta_warmup: int = 0,
+        mi_estimator: str = "infonce",
+        score_views: str = "id",
     ) -> None:
         super().__init__()
         if not features:
             raise ValueError("MSI needs at least one modality; use LightGCN for an ID-only model")
         if code_placement not in CODE_PLACEMENTS:
             raise ValueError(f"code_placement must be one of {CODE_PLACEMENTS}, got {code_placement!r}")
+        if mi_estimator not in MI_ESTIMATORS:
+            raise ValueError(f"mi_estimator must be one of {MI_ESTIMATORS}, got {mi_estimator!r}")
+        if score_views not in SCORE_VIEWS:
+            raise ValueError(f"score_views must be one of {SCORE_VIEWS}, got {score_views!r}")
         if beta_warmup < 0:
             raise ValueError(f"beta_warmup must be >= 0, got {beta_warmup}")
         if use_ssd and len(features) != 2:
@@ -81,8 +95,8 @@ class MSI(Recommender):
         self.dropout, self.tau, self.use_ssd, self.use_ip = dropout, tau, use_ssd, use_ip
         self.alpha, self.beta, self.gamma, self.w_align, self.w_mask = alpha, beta, gamma, w_align, w_mask
         self.code_placement, self.beta_warmup = code_placement, beta_warmup
-        # the fraction of beta in force this epoch (a buffer, not a float, so a captured step sees its updates)
-        self.register_buffer("beta_scale", torch.ones(()), persistent=False)
+        self.mi_estimator, self.score_views = mi_estimator, score_views
+        self.beta_factor = 1.0  # the fraction of beta in force this epoch (start_epoch)
         self.modalities = tuple(features)
         self.item_views = ("id", *self.modalities)
         d = embedding_dim
@@ -91,7 +105,6 @@ class MSI(Recommender):
         blocks = bipartite_blocks(adj, n_users) if n_layers == 1 else None
         self.register_buffer("adj_ui", None if blocks is None else blocks[0], persistent=False)
         self.register_buffer("adj_iu", None if blocks is None else blocks[1], persistent=False)
-        self.edges: EdgeList | None = None  # set by static_shapes(True): the graph product without host syncs
         self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, d)))
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
         self.raw = nn.ParameterDict()
@@ -112,6 +125,9 @@ class MSI(Recommender):
                     self.head[m].weight[d:].zero_()
         self.predictor = nn.Linear(d, d)
         nn.init.xavier_normal_(self.predictor.weight)
+        if use_ssd and mi_estimator == "jsd":  # T(a, b): (B, 2d) -> (B, 1)
+            self.critic = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ReLU(), nn.Linear(2 * d, 2 * d), nn.ReLU(),
+                                        nn.Linear(2 * d, 1))
 
     @property
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -120,13 +136,7 @@ class MSI(Recommender):
 
     def start_epoch(self, epoch: int) -> None:
         """Set the AKL weight of epoch ``epoch`` (0-based): beta * min(1, epoch / beta_warmup)."""
-        self.beta_scale.fill_(min(1.0, epoch / self.beta_warmup) if self.beta_warmup else 1.0)
-
-    def static_shapes(self, on: bool) -> None:
-        """Static-shape mode, for capture in a CUDA graph (``msi.step``): the graph product runs over an edge list
-        instead of ``torch.sparse.mm``, and L_ssd masks repeated batch items instead of calling ``torch.unique``.
-        The same numbers up to summation order. Call it after moving the model to its device."""
-        self.edges = EdgeList.from_sparse(self.adj) if on else None
+        self.beta_factor = min(1.0, epoch / self.beta_warmup) if self.beta_warmup else 1.0
 
     def _modality_codes(self) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, ...]]]:
         """z_r^m for each modality (I, d), and (mu_m, sigma_m, sample_m) when SSD is on."""
@@ -149,14 +159,14 @@ class MSI(Recommender):
         codes, gauss = self._modality_codes()
         U, d = self.n_users, self.item_emb.shape[1]
         item_blocks = [self.item_emb] + ([codes[m] for m in self.modalities] if self.use_ip else [])
-        if self.edges is None and self.blocks is not None:  # one layer: two block products
+        if self.blocks is not None:  # one layer: two block products
             user_rows, item_rows = one_layer_readout(self.blocks, self.user_emb, item_blocks)
             views = [z + x for z, x in zip(item_rows, item_blocks)]  # residual of eq. 17, every graph
         else:
             x0_items = torch.cat(item_blocks, dim=1)  # (I, g*d)
             x0 = torch.cat([self.user_emb.repeat(1, len(item_blocks)), x0_items], dim=0)
             # (N, g*d): g graphs side by side, one sparse product per layer
-            z = lightgcn_readout(self.adj if self.edges is None else self.edges, x0, self.n_layers)
+            z = lightgcn_readout(self.adj, x0, self.n_layers)
             # split, not slices: the backward of a split is one concatenation, that of each slice a zero-filled
             # (N, g*d)
             z_users, z_items = z.split([U, self.n_items])
@@ -171,7 +181,10 @@ class MSI(Recommender):
     def embeddings(self) -> dict[str, torch.Tensor]:
         """Final (post-predictor) representations used for scoring: user (U, d), id and each modality (I, d)."""
         out, _, _ = self._propagate()
-        return {k: self.predictor(v) for k, v in out.items()}
+        emb = {k: self.predictor(v) for k, v in out.items()}
+        if self.score_views == "all":  # the views stay as they are for the modality probe
+            emb["id"] = emb["id"] + sum(emb[m] for m in self.modalities)
+        return emb
 
     def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms for a batch of positive pairs (B,) and (B,); the key "loss" holds the weighted total."""
@@ -200,19 +213,19 @@ class MSI(Recommender):
         return terms
 
     def _ssd_terms(self, items: torch.Tensor, gauss: dict[str, tuple]) -> dict[str, torch.Tensor]:
-        """L_ssd = -I_NCE(sample^a; sample^b) + beta * AKL over the distinct items of the batch."""
+        """L_ssd = -I(sample^a; sample^b) + beta * AKL over the distinct items of the batch; the estimate of I is
+        logged as ``nce`` (InfoNCE) or ``jsd`` (the critic's Jensen-Shannon bound)."""
         a, b = self.modalities
-        if self.edges is None:
-            uniq = torch.unique(items)
-            (mu_a, sd_a, z_a), (mu_b, sd_b, z_b) = (tuple(t[uniq] for t in gauss[m]) for m in (a, b))
-            nce = info_nce(z_a, z_b, self.tau)
-            akl = average_kl(mu_a, sd_a, mu_b, sd_b)
-        else:  # static shapes: every batch row, repeated items masked (the first of each counts)
-            keep = first_occurrence(items)
-            (mu_a, sd_a, z_a), (mu_b, sd_b, z_b) = (tuple(t[items] for t in gauss[m]) for m in (a, b))
-            nce = masked_info_nce(z_a, z_b, self.tau, keep)
-            akl = masked_average_kl(mu_a, sd_a, mu_b, sd_b, keep)
-        return {"nce": nce, "akl": akl, "ssd": -nce + self.beta * self.beta_scale * akl}
+        uniq = torch.unique(items)
+        (mu_a, sd_a, z_a), (mu_b, sd_b, z_b) = (tuple(t[uniq] for t in gauss[m]) for m in (a, b))
+        if self.mi_estimator == "infonce":
+            name, mi = "nce", info_nce(z_a, z_b, self.tau)
+        else:  # negatives: each b with the previous item's a (a derangement of the batch, as MIB rolls it)
+            pos = self.critic(torch.cat([z_a, z_b], dim=1)).squeeze(1)  # (B,)
+            neg = self.critic(torch.cat([z_a.roll(1, dims=0), z_b], dim=1)).squeeze(1)  # (B,)
+            name, mi = "jsd", jsd_mi(pos, neg)
+        akl = average_kl(mu_a, sd_a, mu_b, sd_b)
+        return {name: mi, "akl": akl, "ssd": -mi + self.beta * self.beta_factor * akl}
 
     @torch.no_grad()
     def code_stats(self) -> dict[str, float]:
