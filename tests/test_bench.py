@@ -1,7 +1,9 @@
-"""Smoke test of scripts/bench.py on tiny generated data: what it writes, and its FLOP count. No timing is checked."""
+"""Smoke test of scripts/bench.py (and its bench_core.py, bench_mmrec.py) on tiny generated data: what it writes,
+the configs it runs and its FLOP count. No timing is checked."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from msi.data.graph import normalized_adjacency
+from msi.errors import ConfigError
 from msi.data.synth import generate
 from msi.models import MSI, LightGCN
 from tests.conftest import load_script
@@ -23,8 +26,26 @@ MODEL_KEYS = {"step_ms", "phases_ms", "epoch_s", "epoch_extrapolated", "eval_s",
 
 
 @pytest.fixture(scope="module")
-def bench():
+def scripts_on_path():
+    """scripts/ first on sys.path, as ``python scripts/bench.py`` has it: bench.py imports its sibling modules."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCH.parent))
+        yield
+
+
+@pytest.fixture(scope="module")
+def bench(scripts_on_path):
     return load_script("bench")
+
+
+@pytest.fixture(scope="module")
+def core(scripts_on_path):
+    return importlib.import_module("bench_core")
+
+
+@pytest.fixture(scope="module")
+def mmrec(scripts_on_path):
+    return importlib.import_module("bench_mmrec")
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +102,7 @@ def test_main_writes_json_and_markdown(bench, shared: Path, tmp_path: Path, keep
         assert r["msi_bm3_epoch_ratio"] > 0
         for row in r["models"].values():
             assert MODEL_KEYS <= set(row) and row["epoch_extrapolated"] is False  # tiny: one step is the epoch
+            assert not {"cuda_graph", "capture_error", "eager_step_ms"} & set(row)  # one (eager) step, no second mode
         assert r["models"]["msi"]["profile"]["rows"]
     assert res["datasets"]["baby"]["features"] == {"image": [40, 4096], "text": [40, 384]}
     mm = res["datasets"]["baby"]["mmrec_bm3"]
@@ -94,31 +116,44 @@ def test_main_writes_json_and_markdown(bench, shared: Path, tmp_path: Path, keep
     assert md.count("| MMRec BM3 | 2.0 |") == 3 and "- tiktok: ours / MMRec BM3 (below 1: faster): msi step" in md
 
 
-def test_mmrec_failure_is_recorded_not_raised(bench, tiny, tmp_path: Path) -> None:
+def test_mmrec_failure_is_recorded_not_raised(bench, mmrec, tiny, tmp_path: Path) -> None:
     (tmp_path / "time_bm3.py").write_text("import sys; sys.exit('no scipy here')")
     args = bench.parse_args(["--mmrec-bm3", str(tmp_path), "--repeats", "1"])
-    out = bench.mmrec_bm3(tiny, args, torch.device("cpu"))
-    assert "no scipy here" in out["error"] and bench.mmrec_ratios({}, out) == {}
+    out = mmrec.mmrec_bm3(tiny, args, torch.device("cpu"))
+    assert "no scipy here" in out["error"] and mmrec.mmrec_ratios({}, out) == {}
 
 
-def test_step_flops_by_hand(bench) -> None:
+def test_model_configs_go_through_load_config(core) -> None:
+    bm3 = core.model_config("bm3", freeze=True, batch_size=512)
+    m = bm3.model
+    assert (m.name, m.use_ssd, m.use_ip, m.freeze_features) == ("msi", False, False, True)
+    assert (bm3.loss.w_align, bm3.loss.w_mask, bm3.train.batch_size) == (2.0, 2.0, 512)
+    lightgcn = core.model_config("lightgcn", freeze=True, batch_size=2048)
+    assert lightgcn.model.name == "lightgcn" and not lightgcn.model.freeze_features  # it has no raw features
+    with pytest.raises(ConfigError, match="train.batch_size"):  # validated like every other caller's config
+        core.model_config("msi", freeze=False, batch_size=0)
+
+
+def test_step_flops_by_hand(core) -> None:
     train = np.array([[0, 0], [0, 1], [1, 1], [2, 0]])  # 4 edges -> nnz 8
     adj = normalized_adjacency(train, 3, 2)
     feats = {"image": torch.zeros(2, 10), "text": torch.zeros(2, 6)}
     msi = MSI(3, 2, adj, feats, embedding_dim=4)
-    got = bench.step_flops(msi, batch=5, n_unique=2)
+    got = core.step_flops(msi, batch=5, n_unique=2)
     # sparse: 4 * nnz * 3 graphs * d * L; projections: 3 * 2 * I * F * d; heads: 3 * 2 modalities * 2 I d (2d);
     # InfoNCE: 3 * 2 n^2 d; predictor: 3 * 2 * (2 + 2) B d^2
     assert got == {"sparse": 4 * 8 * 3 * 4, "projection": 3 * 2 * 2 * 16 * 4, "ssd_heads": 3 * 2 * 2 * 2 * 4 * 8,
                    "info_nce": 3 * 2 * 4 * 4, "predictor": 3 * 2 * 4 * 5 * 16}
     frozen = MSI(3, 2, adj, feats, embedding_dim=4, use_ssd=False, use_ip=False, freeze_features=True)
-    assert bench.step_flops(frozen, batch=5, n_unique=2) == {"sparse": 4 * 8 * 4, "projection": 2 * 2 * 2 * 16 * 4,
+    assert core.step_flops(frozen, batch=5, n_unique=2) == {"sparse": 4 * 8 * 4, "projection": 2 * 2 * 2 * 16 * 4,
                                                             "predictor": 3 * 2 * 4 * 5 * 16}
-    assert bench.step_flops(LightGCN(3, 2, adj, train, embedding_dim=4), 5, 2) == {"sparse": 4 * 8 * 4}
+    assert core.step_flops(LightGCN(3, 2, adj, train, embedding_dim=4), 5, 2) == {"sparse": 4 * 8 * 4}
 
 
-def test_help_runs_without_measuring() -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCH.parents[1]), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True, check=True,
-                         env=env).stdout  # this checkout's msi, whichever one is installed
-    assert "--epoch-steps" in out and "--freeze-features" in out and "--mmrec-bm3" in out and "--cuda-graph" in out
+def test_help_runs_without_measuring(tmp_path: Path) -> None:
+    src = str(BENCH.parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True, check=True, env=env,
+                         cwd=tmp_path).stdout  # this checkout's msi; its sibling modules found from any folder
+    assert "--epoch-steps" in out and "--freeze-features" in out and "--mmrec-bm3" in out
+    assert "--cuda-graph" not in out

@@ -198,7 +198,7 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     Each help text shows its default itself (required options have none), so the text reads the same with or
     without `argparse.ArgumentDefaultsHelpFormatter`.
     """
-    from msi.data.prepare import DEDUPE, ID_ORDERS, SPLITS
+    from msi.data.prepare import DEDUPE, ID_ORDERS, SPLIT_METHODS
 
     required = {"required": True, "default": argparse.SUPPRESS}
     paths = parser.add_argument_group("input and output")
@@ -226,7 +226,7 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     recipe.add_argument("--id-order", choices=ID_ORDERS, default="appearance",
                         help="contiguous ids in order of first appearance in the reviews (MMRec) or of the "
                         "sorted raw ids (default: %(default)s)")
-    recipe.add_argument("--split", choices=SPLITS, default="random",
+    recipe.add_argument("--split", choices=SPLIT_METHODS, default="random",
                         help="per-user split, seeded random or chronological (latest rows test, then valid): "
                         "n < 10 rows gives n-2/1/1, else floor(n/5) held out, half valid, the rest test "
                         "(default: %(default)s)")

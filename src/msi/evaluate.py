@@ -12,12 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from msi.config import METRICS
 from msi.data.dataset import Dataset
 from msi.data.graph import interaction_csr
 from msi.errors import DataError, MSIError
 from msi.models.base import Recommender
-
-METRIC_NAMES = ("recall", "ndcg", "precision", "map")
 
 
 def topk_metrics(hits: torch.Tensor, n_true: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:
@@ -91,7 +90,7 @@ class Evaluator:
             raise DataError(f"{self.dataset.path}: the {split} split has no users to evaluate")
         emb = model.embeddings()
         sums = {f"{m}@{k}": torch.zeros((), dtype=torch.float64, device=self.device)
-                for m in METRIC_NAMES for k in self.ks}
+                for m in METRICS for k in self.ks}
         kmax = min(max(self.ks), self.n_items)
         n_bad = torch.zeros((), dtype=torch.long, device=self.device)  # checked once at the end: no sync per batch
         for start in range(0, len(users), self.batch_users):

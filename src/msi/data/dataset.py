@@ -18,7 +18,8 @@ from msi.errors import DataError, read_utf8
 
 REQUIRED_COLUMNS = ("userID", "itemID", "x_label")
 MIN_ID_LIMIT = 1024  # ids up to max(2 x the distinct count, this) are read; larger ones are taken for a mistake
-SPLITS = {"train": 0, "valid": 1, "test": 2}
+SPLIT_LABELS = {"train": 0, "valid": 1, "test": 2}  # split name -> its x_label
+INTER_HEADER = "userID\titemID\trating\ttimestamp\tx_label"  # the header msi writes (synth, prepare)
 
 
 @dataclass
@@ -36,8 +37,8 @@ class Dataset:
     dropped: dict[str, int] = field(default_factory=dict)  # split -> rows dropped (user has no train row)
 
     def split(self, name: str) -> np.ndarray:
-        if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+        if name not in SPLIT_LABELS:
+            raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLIT_LABELS)}")
         return getattr(self, name)
 
     def summary(self) -> str:
@@ -152,7 +153,7 @@ def load_dataset(root: str | Path, name: str, modalities: dict[str, str] | None 
     has_train = np.zeros(n_users, dtype=bool)
     has_train[users[labels == 0]] = True
     splits, dropped = {}, {}
-    for split, label in SPLITS.items():
+    for split, label in SPLIT_LABELS.items():
         rows = labels == label
         keep = rows & has_train[users]
         dropped[split] = int(rows.sum() - keep.sum())

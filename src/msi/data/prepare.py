@@ -20,13 +20,14 @@ from tqdm import tqdm
 
 from msi import __version__
 from msi.data.amazon import read_image_features, read_item_texts, read_reviews
+from msi.data.dataset import INTER_HEADER, SPLIT_LABELS
 from msi.errors import ConfigError, DataError, MSIError
 
 Encoder = Callable[[list[str]], np.ndarray]
 
 DEDUPE = ("earliest", "latest", "none")
 ID_ORDERS = ("appearance", "sorted")
-SPLITS = ("random", "chronological")
+SPLIT_METHODS = ("random", "chronological")
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 ENCODE_CHUNK = 1000
 SPLIT_RULE = "held out h = min(max(2, n // 5), n - 1) rows per user of n rows; valid = h // 2, test = h - valid"
@@ -194,7 +195,7 @@ def build_interactions(
         "first_skipped_review_line": raw.skipped.first,
         "after_dedupe": _graph_counts(raw.users[unique], raw.items[unique]),
         "after_k_core": _graph_counts(data.users, data.items) | {"rounds": rounds},
-        "split": {name: int((labels == x).sum()) for x, name in enumerate(("train", "valid", "test"))},
+        "split": {name: int((labels == x).sum()) for name, x in SPLIT_LABELS.items()},
     }
     return data, counts
 
@@ -228,7 +229,7 @@ def write_dataset(
 ) -> list[str]:
     """Write the MMRec layout into `folder`; returns the file names written (prepare.json comes after)."""
     with open(folder / f"{name}.inter", "w", encoding="utf-8", newline="\n") as f:
-        f.write("userID\titemID\trating\ttimestamp\tx_label\n")
+        f.write(INTER_HEADER + "\n")
         for start in range(0, len(data.users), 100_000):
             part = slice(start, start + 100_000)
             columns = (data.users, data.items, data.ratings, data.timestamps, data.labels)
@@ -281,7 +282,7 @@ def prepare(
     if min(k_user, k_item) < 1:
         raise ConfigError(f"k-core thresholds must be >= 1, got users {k_user}, items {k_item}")
     for option, value, choices in (("dedupe", dedupe, DEDUPE), ("id_order", id_order, ID_ORDERS),
-                                   ("split", split, SPLITS)):
+                                   ("split", split, SPLIT_METHODS)):
         _check_choice(option, value, choices)
     for label, path in (("reviews", reviews), ("metadata", meta), ("image features", image_features)):
         if path is not None and not Path(path).is_file():  # before the encoder's slow load

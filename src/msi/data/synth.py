@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from msi.data.dataset import INTER_HEADER
 from msi.errors import ConfigError, DataError
 
 # Stream ids: each kind of draw has its own generator, so changing one step leaves the others' bytes alone.
@@ -37,7 +38,6 @@ _FEATURE_CHUNK_VALUES = 1 << 22  # feature values (rows x width) per written chu
 _INTER_CHUNK = 1 << 18  # .inter rows formatted per write
 _OVERSAMPLE = 32  # first-round proposals per missing item; doubles on every later round
 _T0, _T_SPAN = 1_300_000_000, 300_000_000  # timestamps: seconds in [2011, 2020)
-INTER_HEADER = "userID\titemID\trating\ttimestamp\tx_label"
 
 
 @dataclass(frozen=True)
