@@ -15,17 +15,30 @@ from msi.errors import MSIError
 from msi.runinfo import TensorBoardLog, git_commit, write_env
 
 REPO = Path(__file__).resolve().parent.parent
-ROW = {"rec": 0.7, "loss": 1.5, "epoch": 3, "epoch_seconds": 0.2, "valid": {"recall@20": 0.25, "ndcg@20": 0.1}}
+ROW = {"rec": 0.7, "loss": 1.5, "epoch": 3, "epoch_seconds": 0.2, "valid": {"recall@20": 0.25, "ndcg@20": 0.1},
+       "terms": ["rec", "loss"]}
 
 
 def test_env_json_names_versions_device_host_command_and_commit(tmp_path):
     path = write_env(tmp_path, torch.device("cpu"), argv=["msi-train", "--config", "x.yaml"])
-    env = json.loads(path.read_text())
-    assert path == tmp_path / "env.json"
+    record = json.loads(path.read_text())
+    assert path == tmp_path / "env.json" and record["resumes"] == []
+    env = record["first"]
     assert set(env) == {"python", "torch", "cuda", "cudnn", "device", "device_name", "host", "command", "git_commit"}
     assert env["torch"] == torch.__version__ and env["cuda"] == torch.version.cuda
     assert env["device"] == "cpu" and env["command"] == ["msi-train", "--config", "x.yaml"]
     assert env["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_env_json_keeps_the_first_record_and_appends_each_resume(tmp_path):
+    write_env(tmp_path, argv=["msi-train", "--config", "x.yaml"])
+    write_env(tmp_path, argv=["msi-train", "--resume", "r"], resumed=True)
+    write_env(tmp_path, argv=["msi-train", "--resume", "r", "train.epochs=9"], resumed=True)
+    record = json.loads((tmp_path / "env.json").read_text())
+    assert record["first"]["command"] == ["msi-train", "--config", "x.yaml"]
+    assert [r["command"][-1] for r in record["resumes"]] == ["r", "train.epochs=9"]
+    write_env(tmp_path, argv=["msi-train", "--config", "y.yaml"])  # a new run (--overwrite) starts again
+    assert json.loads((tmp_path / "env.json").read_text())["resumes"] == []
 
 
 def test_git_commit_of_a_checkout_and_none_outside_one(tmp_path):
@@ -53,7 +66,7 @@ def test_tensorboard_on_writes_every_term_and_valid_metric(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert tags == {"train/rec", "train/loss", "train/epoch_seconds", "valid/recall@20", "valid/ndcg@20"}
+    assert tags == {"loss/rec", "loss/loss", "epoch/epoch_seconds", "valid/recall@20", "valid/ndcg@20"}
     (point,) = events.Scalars("valid/recall@20")
     assert point.step == 3 and point.value == pytest.approx(0.25)
 

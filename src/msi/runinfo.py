@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from msi.errors import MSIError
+from msi.rundir import ENV, loss_terms, record_env
 
 
 def git_commit(folder: Path) -> str | None:
@@ -48,18 +48,21 @@ def environment(device: torch.device | None = None, argv: list[str] | None = Non
     }
 
 
-def write_env(run_dir: str | Path, device: torch.device | None = None, argv: list[str] | None = None) -> Path:
-    """Write ``<run_dir>/env.json`` (see ``environment``); returns its path."""
-    path = Path(run_dir) / "env.json"
-    path.write_text(json.dumps(environment(device, argv), indent=2) + "\n")
-    return path
+def write_env(
+    run_dir: str | Path, device: torch.device | None = None, argv: list[str] | None = None, resumed: bool = False,
+) -> Path:
+    """Record ``environment`` in ``<run_dir>/env.json``: a new run's as ``first``, a resume's appended to
+    ``resumes`` (``msi.rundir.record_env``); returns its path."""
+    record_env(Path(run_dir), environment(device, argv), resumed)
+    return Path(run_dir) / ENV
 
 
 class TensorBoardLog:
     """Per-epoch scalars for TensorBoard in ``<run_dir>/tensorboard/`` (``train.tensorboard: true``).
 
     Disabled, every method does nothing. Enabled without the package, the constructor fails with a one-line error
-    naming the extra. Loss terms go under ``train/``, valid metrics under ``valid/``; the x axis is the epoch.
+    naming the extra. The loss terms a row names go under ``loss/``, valid metrics under ``valid/``, the other
+    numbers (seconds, diagnostics) under ``epoch/``; the x axis is the epoch.
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool) -> None:
@@ -73,16 +76,18 @@ class TensorBoardLog:
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def log(self, row: dict[str, Any]) -> None:
-        """One metrics.jsonl row: every loss term, the valid metrics when present, the epoch's seconds."""
+        """One metrics.jsonl row (``msi.rundir.append_metrics``): its loss terms, valid metrics, other numbers."""
         if self.writer is None:
             return
-        epoch = row["epoch"]
+        epoch, terms = row["epoch"], loss_terms(row)
         for key, value in row.items():
             if key == "valid":
                 for metric, v in value.items():
                     self.writer.add_scalar(f"valid/{metric}", v, epoch)
-            elif key != "epoch":
-                self.writer.add_scalar(f"train/{key}", value, epoch)
+            elif key in terms:
+                self.writer.add_scalar(f"loss/{key}", value, epoch)
+            elif key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"epoch/{key}", value, epoch)
         self.writer.flush()
 
     def close(self) -> None:
