@@ -283,18 +283,24 @@ def _sweep(argv: list[str] | None) -> int:
     p.add_argument("--report", type=Path, nargs="+", metavar="DIR",
                    help="re-render DIR's tables from its run directories; with several DIRs (a grid run in parts), "
                         "one selection over all their points, written to --out")
+    p.add_argument("--baseline", metavar="CONFIG",
+                   help="with --report: results.md also gets each config's selected point against this config's "
+                        "(its YAML file's name without .yaml), on test, with msi-compare's statistics")
     args = p.parse_args(argv)
+    if args.baseline and not args.report:
+        p.error("--baseline goes with --report DIR")
     if args.report:
         from msi.select import report, union_report
 
-        if len(args.report) == 1:
-            report(args.report[0])
-            print((args.report[0] / "results.md").read_text(), end="")
-            return 0
-        if not args.out:
+        if len(args.report) > 1 and not args.out:
             p.error("--report with several folders writes the union's tables to --out DIR")
-        union_report(args.report, args.out)
-        print((args.out / "results.md").read_text(), end="")
+        dest = args.report[0] if len(args.report) == 1 else args.out
+        summary = report(dest) if len(args.report) == 1 else union_report(args.report, dest)
+        if args.baseline:
+            from msi.compare import add_baseline
+
+            add_baseline(dest, summary, args.baseline)
+        print((dest / "results.md").read_text(), end="")
         return 0
     if not args.config or not args.out:
         p.error("--config and --out are required (or --report DIR)")
@@ -319,6 +325,44 @@ def _plot(argv: list[str] | None) -> int:
     width, height = plot(args.dirs, args.out)
     print(f"wrote {args.out} ({width}x{height})")
     return 0
+
+
+def _compare(argv: list[str] | None) -> int:
+    from msi.compare import BOOTSTRAP_RESAMPLES
+
+    p = _parser(
+        "msi-compare", "Paired comparison of two sets of runs on one data set, paired by seed: each side's per-seed "
+        f"and mean metric, the mean difference B - A, a 95% CI by paired bootstrap over users ({BOOTSTRAP_RESAMPLES:,} "
+        "resamples of the per-user metric averaged over seeds, fixed seed), the Wilcoxon signed-rank p over users "
+        "and the paired t-test p over seeds.",
+        "Each run's best.pt is scored per user. SWEEP_DIR:CONFIG stands for the run directories of CONFIG's "
+        "selected point in an msi-sweep folder (CONFIG: the YAML file's name without .yaml).")
+    p.add_argument("--a", nargs="+", required=True, metavar="RUN_DIR", help="runs of A (or SWEEP_DIR:CONFIG)")
+    p.add_argument("--b", nargs="+", required=True, metavar="RUN_DIR", help="runs of B (or SWEEP_DIR:CONFIG)")
+    p.add_argument("--split", choices=("valid", "test"), default="valid",
+                   help="test is for points already selected on valid only (e.g. SWEEP_DIR:CONFIG), never for "
+                        "choosing between settings")
+    p.add_argument("--metric", default="recall@20", help="recall, ndcg, precision or map @ a cut-off")
+    p.add_argument("--out", type=Path, metavar="FILE.md", help="also write the markdown summary here")
+    p.add_argument("--json", type=Path, metavar="FILE.json", help="write the statistics as JSON here")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    from msi.compare import compare, render_markdown
+    from msi.run import resolve_device
+
+    result = compare(args.a, args.b, args.metric, args.split, resolve_device(args.device), not args.quiet)
+    text = render_markdown(result, " ".join(args.a), " ".join(args.b))
+    print(text, end="")
+    if args.out:
+        args.out.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return 0
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    return _guard(_compare, argv)
 
 
 def sweep_main(argv: list[str] | None = None) -> int:
@@ -346,7 +390,7 @@ def data_main(argv: list[str] | None = None) -> int:
 
 
 TOOLS = {"train": train_main, "eval": eval_main, "recommend": recommend_main, "data": data_main,
-         "sweep": sweep_main, "plot": plot_main}
+         "sweep": sweep_main, "plot": plot_main, "compare": compare_main}
 
 
 def msi_main(argv: list[str] | None = None) -> int:

@@ -77,9 +77,16 @@ class Evaluator:
         as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
         return as_t(users), as_t(counts), as_t(keys)
 
-    @torch.no_grad()
     def __call__(self, model: Recommender, split: str = "valid", item_view: str = "id") -> dict[str, float]:
-        """Average metrics over the split's users, as plain floats keyed ``recall@20`` etc.
+        """Average metrics over the split's users, as plain floats keyed ``recall@20`` etc."""
+        users, values = self.per_user(model, split, item_view)
+        return {name: float(v.sum()) / len(users) for name, v in values.items()}
+
+    @torch.no_grad()
+    def per_user(
+        self, model: Recommender, split: str = "valid", item_view: str = "id"
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The split's evaluated users (n,), ascending, and each metric per user: ``recall@20`` -> (n,) float64.
 
         NaN or +inf scores (a diverged model) are an MSIError: metrics computed from them would mean nothing.
         """
@@ -89,8 +96,7 @@ class Evaluator:
         if len(users) == 0:
             raise DataError(f"{self.dataset.path}: the {split} split has no users to evaluate")
         emb = model.embeddings()
-        sums = {f"{m}@{k}": torch.zeros((), dtype=torch.float64, device=self.device)
-                for m in METRICS for k in self.ks}
+        parts: dict[str, list[torch.Tensor]] = {f"{m}@{k}": [] for m in METRICS for k in self.ks}
         kmax = min(max(self.ks), self.n_items)
         n_bad = torch.zeros((), dtype=torch.long, device=self.device)  # checked once at the end: no sync per batch
         for start in range(0, len(users), self.batch_users):
@@ -101,12 +107,12 @@ class Evaluator:
             pos = torch.searchsorted(keys, cand).clamp(max=len(keys) - 1)
             hits = (keys[pos] == cand).double()
             for name, v in topk_metrics(hits, n_true[start : start + self.batch_users], self.ks).items():
-                sums[name] += v.sum()
+                parts[name].append(v)
         model.train(was_training)
         if n_bad:
             raise MSIError(f"the model's {split} scores are NaN or inf for {int(n_bad)} of {len(users)} users: "
                            "no metrics from a diverged model")
-        return {name: float(s) / len(users) for name, s in sums.items()}
+        return users, {name: torch.cat(v) for name, v in parts.items()}
 
 
 def non_finite_users(top_scores: torch.Tensor) -> torch.Tensor:
