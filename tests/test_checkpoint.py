@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from msi.checkpoint import (
-    FORMAT_VERSION, check_matches_data, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    FORMAT_VERSION, check_matches_data, check_weights, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
 from msi.config import load_config
 from msi.data.synth import generate
@@ -65,13 +65,14 @@ def test_a_pickled_object_is_refused_without_running_it(tmp_path):
     assert "\n" not in message and "\x1b" not in message and "weights_only" not in message
 
 
-@pytest.mark.parametrize("keep", [0.5, 0.0])
-def test_a_truncated_file_is_a_clear_error_naming_it(tmp_path, keep):
+@pytest.mark.parametrize("keep, problem", [(0.5, "truncated checkpoint: the zip archive stops after"),
+                                           (0.99, "truncated checkpoint"), (0.0, "empty file, not a checkpoint")])
+def test_a_truncated_file_is_a_clear_error_naming_it(tmp_path, keep, problem):
     path = tmp_path / "last.pt"
     save_checkpoint(path, payload())
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(CheckpointError, match="truncated or not a checkpoint") as err:
+    with pytest.raises(CheckpointError, match=problem) as err:
         load_checkpoint(path)
     assert str(err.value).startswith(str(path))
     assert "\n" not in str(err.value)
@@ -97,6 +98,44 @@ def test_other_files_are_not_msi_checkpoints(tmp_path):
     save_checkpoint(path, payload(format_version=FORMAT_VERSION + 1))
     with pytest.raises(CheckpointError, match="newer"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"format_version": "1"}, "format_version is '1', not a positive integer"),
+    ({"format_version": None}, "format_version is None"),
+    ({"format_version": True}, "format_version is True"),
+    ({"config": "train: {epochs: 3}"}, "config is a str, not a mapping"),
+    ({"model": [torch.zeros(2)]}, "model is a list, not a mapping"),
+    ({"model": {}}, "model holds no weights"),
+    ({"model": {"w": [1.0, 2.0]}}, "model weight 'w' is a list, not a tensor"),
+    ({"epoch": 1.5}, "epoch is 1.5, not a count of epochs"),
+    ({"data": {}}, "data has no n_users"),
+    ({"data": None}, "data is None, not a mapping"),
+    ({"data": {"n_users": 2, "n_items": "3", "features": {}}}, "data.n_items is '3', not a positive integer"),
+    ({"data": {"n_users": 2, "n_items": 3, "features": ["image"]}}, "data.features is \\['image'\\], not a mapping"),
+    ({"progress": [1]}, "progress is a list, not a mapping"),
+    ({"progress": {"epoch": "2"}}, "progress.epoch is '2', not a count"),
+    ({"optimizer": {"state": []}}, "optimizer is not an optimizer's state"),
+    ({"rng": {"python": 1}}, r"rng holds \['python'\], not the random states"),
+])
+def test_a_malformed_payload_is_not_an_msi_checkpoint(tmp_path, change, problem):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, payload(**change))
+    with pytest.raises(CheckpointError, match=f"^{path}: not an msi checkpoint: {problem}"):
+        load_checkpoint(path)
+
+
+def test_check_weights_refuses_missing_extra_and_reshaped_weights():
+    expected = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+    check_weights({"w": torch.ones(2, 3), "b": torch.ones(3)}, expected, "c.pt")
+    cases = [({"w": torch.zeros(2, 3)}, "model has no weight 'b'"),
+             ({**expected, "x": torch.zeros(1)}, r"model holds weights its config's model does not have \(x\)"),
+             ({**expected, "w": torch.zeros(3)}, r"model weight 'w' is torch.float32 of shape \(3,\), its config's "
+                                                 r"model needs torch.float32 of shape \(2, 3\)"),
+             ({**expected, "b": torch.zeros(3, dtype=torch.int64)}, "model weight 'b' is torch.int64")]
+    for state, problem in cases:
+        with pytest.raises(CheckpointError, match=f"^c.pt: not an msi checkpoint: {problem}"):
+            check_weights(state, expected, "c.pt")
 
 
 def test_atomic_save_leaves_no_temporary_files_and_a_failed_save_keeps_the_old_file(tmp_path):

@@ -18,6 +18,7 @@ from msi.errors import CheckpointError
 FORMAT = "msi-checkpoint"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "msi_version", "config", "model", "epoch", "data")
+_ZIP_TAIL = 65_557  # a zip's end-of-directory record lies in its last 22 + 65535 (comment) bytes
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,7 +69,11 @@ def temporary_path(path: Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU; a missing, truncated, unsafe or foreign file is a CheckpointError."""
+    """Read a checkpoint on the CPU; a missing, truncated, unsafe, foreign or malformed file is a CheckpointError.
+
+    Malformed means a payload that loads safely but does not have the types an msi checkpoint holds
+    (``not an msi checkpoint: <what is wrong>``); whether its weights fit a model is ``check_weights``' job.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -85,17 +90,104 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             ) from None
         raise CheckpointError(f"{path}: not a checkpoint (torch.load cannot read it)") from None
     except Exception as e:  # a text file, a truncated zip, ...: torch raises many types (KeyError, IndexError)
-        raise CheckpointError(f"{path}: truncated or not a checkpoint ({type(e).__name__}: {e})".split("\n")[0]) from None
+        raise CheckpointError(_unreadable(path, e)) from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an msi checkpoint (no '{FORMAT}' header)")
+        raise CheckpointError(f"{path}: not an msi checkpoint: no '{FORMAT}' header")
     missing = [k for k in REQUIRED_KEYS if k not in obj]
     if missing:
         raise CheckpointError(f"{path}: incomplete msi checkpoint, missing {', '.join(missing)}")
-    if obj["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format {obj['format_version']} is newer than this msi ({__version__}) reads"
-        )
+    version = obj["format_version"]
+    if type(version) is not int or version < 1:
+        raise CheckpointError(f"{path}: not an msi checkpoint: format_version is {version!r}, not a positive integer")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version} is newer than this msi ({__version__}) reads")
+    problem = _malformed(obj)
+    if problem:
+        raise CheckpointError(f"{path}: not an msi checkpoint: {problem}")
     return obj
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """The message for a file torch.load cannot read: empty, a truncated zip archive (torch.save's format), or
+    something else."""
+    size = path.stat().st_size
+    if size == 0:
+        return f"{path}: empty file, not a checkpoint"
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(0, size - _ZIP_TAIL))
+        tail = f.read()
+    if head == b"PK\x03\x04" and b"PK\x05\x06" not in tail:  # a zip without its end-of-directory record
+        return f"{path}: truncated checkpoint: the zip archive stops after {size} bytes (an interrupted copy?)"
+    return f"{path}: not an msi checkpoint: torch.load cannot read it ({type(error).__name__}: {error})".split("\n")[0]
+
+
+def _malformed(obj: dict[str, Any]) -> str | None:
+    """What is wrong with the types of a checkpoint's payload, or None when it has those of an msi checkpoint."""
+    for key in ("config", "model", "data"):
+        if not isinstance(obj[key], dict):
+            return f"{key} is {_kind(obj[key])}, not a mapping"
+    if not obj["model"]:
+        return "model holds no weights"
+    for name, value in obj["model"].items():
+        if not isinstance(value, torch.Tensor):
+            return f"model weight {name!r} is {_kind(value)}, not a tensor"
+    if type(obj["epoch"]) is not int or obj["epoch"] < 0:
+        return f"epoch is {obj['epoch']!r}, not a count of epochs"
+    data = obj["data"]
+    for key in ("n_users", "n_items"):
+        if key not in data:
+            return f"data has no {key}"
+        if type(data[key]) is not int or data[key] < 1:
+            return f"data.{key} is {data.get(key)!r}, not a positive integer"
+    features = data.get("features")
+    if not isinstance(features, dict) or not all(isinstance(m, str) and type(w) is int for m, w in features.items()):
+        return f"data.features is {features!r}, not a mapping of modality names to widths"
+    if not isinstance(data.get("fingerprint", ""), str):
+        return f"data.fingerprint is {_kind(data['fingerprint'])}, not a string"
+    return _malformed_resume_state(obj)
+
+
+def _malformed_resume_state(obj: dict[str, Any]) -> str | None:
+    """What is wrong with the types of the resume state (progress, and last.pt's optimizer and rng), or None."""
+    for key in ("progress", "optimizer", "rng"):
+        if key in obj and not isinstance(obj[key], dict):
+            return f"{key} is {_kind(obj[key])}, not a mapping"
+    progress = obj.get("progress", {})
+    for key in ("epoch", "best_epoch", "bad_evals"):
+        if key in progress and (type(progress[key]) is not int or progress[key] < 0):
+            return f"progress.{key} is {progress[key]!r}, not a count"
+    optimizer = obj.get("optimizer", {"state": {}, "param_groups": []})
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
+        return "optimizer is not an optimizer's state (a mapping of state and param_groups)"
+    if "rng" in obj and sorted(obj["rng"]) != sorted(rng_state()):
+        return f"rng holds {sorted(obj['rng'])}, not the random states {sorted(rng_state())}"
+    return None
+
+
+def _kind(value: Any) -> str:
+    """``None``, ``a list``, ``an int``: what a value is, for a message."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def check_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse a checkpoint's model weights that do not fit the model its config builds (``expected``: that model's
+    ``state_dict()``): a weight missing, one too many, or one of another shape."""
+    for name, tensor in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{path}: not an msi checkpoint: model has no weight {name!r}")
+        if state[name].shape != tensor.shape or state[name].is_floating_point() != tensor.is_floating_point():
+            raise CheckpointError(
+                f"{path}: not an msi checkpoint: model weight {name!r} is {state[name].dtype} of shape "
+                f"{tuple(state[name].shape)}, its config's model needs {tensor.dtype} of shape {tuple(tensor.shape)}"
+            )
+    extra = [name for name in state if name not in expected]
+    if extra:
+        raise CheckpointError(f"{path}: not an msi checkpoint: model holds weights its config's model does not "
+                              f"have ({', '.join(extra)})")
 
 
 def check_matches_data(

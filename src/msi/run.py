@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from msi.checkpoint import check_matches_data, first_non_finite, load_checkpoint
+from msi.checkpoint import check_matches_data, check_weights, first_non_finite, load_checkpoint
 from msi.config import Config, config_from_dict
 from msi.data.dataset import Dataset, load_dataset
 from msi.errors import CheckpointError, ConfigError
@@ -95,13 +95,17 @@ def open_run(
     of the same shapes); weights holding NaN or inf are refused.
     """
     ckpt = load_checkpoint(path)
-    cfg = config_from_dict(ckpt["config"])
+    try:
+        cfg = config_from_dict(ckpt["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its saved config does not load ({e})") from None
     dataset = dataset_for(cfg, progress=False) if dataset is None else dataset
     check_matches_data(ckpt, path, data_signature(dataset), allow_other_data)
     bad = first_non_finite(ckpt["model"])
     if bad is not None:
         raise CheckpointError(f"{path}: weight {bad} holds NaN or inf values; the model is not usable")
     model = build_model(cfg, dataset, with_features=False)
+    check_weights(ckpt["model"], model.state_dict(), path)
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     return OpenRun(model, cfg, dataset, ckpt)
