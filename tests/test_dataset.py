@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +203,12 @@ def test_utf8_bom_before_the_header_is_read(tmp_path):
     path.write_bytes("\ufeffuserID\titemID\tx_label\n0\t1\t0\n1\t0\t2\n".encode("utf-8"))
     users, items, labels = read_inter(path)
     assert users.tolist() == [0, 1] and items.tolist() == [1, 0] and labels.tolist() == [0, 2]
+
+
+def test_a_missing_paper_data_set_points_to_the_readme_section(tmp_path):
+    from msi.config import load_config
+    from msi.run import dataset_for
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "baby.yaml", [f"data.root={tmp_path}"])
+    with pytest.raises(DataError, match="see the README's 'Using MMRec's data': data.root=PATH"):
+        dataset_for(cfg)

@@ -110,3 +110,39 @@ def test_asha_marks_the_trials_it_stops_and_never_a_finished_one(tmp_path):
     assert decisions == ["CONTINUE", "CONTINUE", "STOP", "STOP"]
     assert [trial_state(tmp_path / f"r{i}") for i in range(4)] == ["new", "new", "stopped", "done"]
     assert json.loads((tmp_path / "r2" / "stopped.json").read_text()) == {"by": "asha", "epoch": 1, "valid": 0.1}
+
+
+def _init_that_prints(text: str, error: Exception | None):
+    """A stand-in for ray.init that writes ``text`` to the process's stderr (file descriptor 2, as Ray's core
+    does) and then raises ``error`` or returns."""
+    import os
+
+    def init():
+        os.write(2, text.encode())
+        if error is not None:
+            raise error
+    return init
+
+
+def test_a_token_cluster_without_the_token_is_one_line(monkeypatch, capfd):
+    from msi.sweep import join_cluster
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    spam = "gcs_client.cc:210: Failed to get cluster ID from GCS server: Unauthenticated: InvalidAuthToken\n" * 20
+    with pytest.raises(MSIError, match="token authentication; set RAY_AUTH_MODE=token") as e:
+        join_cluster(_init_that_prints(spam, ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379")),
+                     "10.0.0.1:6379")
+    assert "\n" not in str(e.value)
+    assert "Unauthenticated" not in capfd.readouterr().err  # the 20 lines were caught, not shown
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with pytest.raises(MSIError, match="RAY_AUTH_TOKEN"):
+        join_cluster(_init_that_prints(spam, ConnectionError("x")), "10.0.0.1:6379")
+
+
+def test_joining_a_cluster_passes_rays_output_on_and_names_other_failures(capfd):
+    from msi.sweep import join_cluster
+
+    join_cluster(_init_that_prints("Connected to Ray cluster.\n", None), "h:6379")
+    assert "Connected to Ray cluster." in capfd.readouterr().err
+    with pytest.raises(MSIError, match="could not join the Ray cluster at h:6379: Failed to connect"):
+        join_cluster(_init_that_prints("", ConnectionError("Failed to connect to Ray cluster at h:6379")), "h:6379")

@@ -9,9 +9,12 @@ are ``msi.select``'s. Each trial appends its node and any traceback to ``<out>/l
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -60,11 +63,50 @@ def start_ray(address: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     package = str(Path(msi.__file__).resolve().parent)
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=False,
-             include_dashboard=False, logging_level=logging.ERROR,
-             runtime_env={"py_modules": [package], "env_vars": {k: v for k, v in QUIET_ENV.items()},
-                          "excludes": ["__pycache__"]})
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    init = functools.partial(ray.init, address=address, log_to_driver=False, include_dashboard=False,
+                             logging_level=logging.ERROR,
+                             runtime_env={"py_modules": [package], "env_vars": dict(QUIET_ENV),
+                                          "excludes": ["__pycache__"]})
+    if address == "local":
+        init()
+    else:
+        join_cluster(init, address)
     return True
+
+
+def join_cluster(init: Callable[[], Any], address: str) -> None:
+    """Run ``init`` (``ray.init`` joining ``address``) with the process's stderr caught: Ray's core prints a line
+    per retry there (about 20 of "Unauthenticated" when the cluster wants a token the driver lacks). On success the
+    caught text is passed on; on failure it decides the one-line error."""
+    with tempfile.TemporaryFile() as caught:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            init()
+            failure = None
+        except Exception as e:  # ConnectionError, RuntimeError, ...: Ray's own types vary by version
+            failure = e
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        caught.seek(0)
+        text = caught.read().decode(errors="replace")
+    if failure is None:
+        sys.stderr.write(text)
+        return
+    if "Unauthenticated" in text or "InvalidAuthToken" in text:
+        hint = ("the driver has RAY_AUTH_MODE=token but not the cluster's token: give it RAY_AUTH_TOKEN or "
+                "RAY_AUTH_TOKEN_PATH (ray start wrote it to ~/.ray/auth_token on the head node)"
+                if os.environ.get("RAY_AUTH_MODE") == "token" else
+                "set RAY_AUTH_MODE=token for msi-sweep (and copy the head node's ~/.ray/auth_token, or set "
+                "RAY_AUTH_TOKEN, where the driver runs on another host)")
+        raise MSIError(f"Ray cluster at {address} refused this driver: it uses token authentication; {hint}")
+    last = str(failure).strip().splitlines()[-1] if str(failure).strip() else type(failure).__name__
+    raise MSIError(f"could not join the Ray cluster at {address}: {last} (is `ray start --head` running there, "
+                   "and is the address host:port of its GCS, 6379 by default?)")
 
 
 def run_sweep(

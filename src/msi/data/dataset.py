@@ -18,6 +18,7 @@ from msi.errors import DataError, read_utf8
 
 REQUIRED_COLUMNS = ("userID", "itemID", "x_label")
 MIN_ID_LIMIT = 1024  # ids up to max(2 x the distinct count, this) are read; larger ones are taken for a mistake
+MAX_EXACT_ID = 2**53  # ids are parsed as float64, exact below this; larger ones (1e30) are refused before int64
 SPLIT_LABELS = {"train": 0, "valid": 1, "test": 2}  # split name -> its x_label
 INTER_HEADER = "userID\titemID\trating\ttimestamp\tx_label"  # the header msi writes (synth, prepare)
 
@@ -66,10 +67,13 @@ def _scan_for_error(path: Path, lines: list[str], cols: list[int]) -> DataError:
                 value = float(raw)
             except ValueError:
                 return DataError(f"{path}:{lineno}: {name} {raw!r} is not an integer")
-            if not value.is_integer():
+            if not value.is_integer():  # also inf and nan
                 return DataError(f"{path}:{lineno}: {name} {raw!r} is not an integer")
             if value < 0:
                 return DataError(f"{path}:{lineno}: {name} {raw!r} is negative")
+            if value >= MAX_EXACT_ID:
+                return DataError(f"{path}:{lineno}: {name} {raw!r} is far out of range: MMRec's layout numbers ids "
+                                 "from 0 without large gaps (msi-data prepare writes such ids)")
             if name == "x_label" and value not in (0, 1, 2):
                 return DataError(f"{path}:{lineno}: x_label {raw!r} is not 0 (train), 1 (valid) or 2 (test)")
     return DataError(f"{path}: could not be parsed as a tab-separated .inter file")
@@ -87,11 +91,14 @@ def read_inter(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if missing:
         raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} in header {header}")
     cols = [header.index(c) for c in REQUIRED_COLUMNS]
+    if not any(line.strip() for line in lines[1:]):  # no rows: loadtxt would warn before the error about it
+        return tuple(np.empty(0, dtype=np.int64) for _ in range(3))
     try:
         arr = np.loadtxt(io.StringIO(text), delimiter="\t", skiprows=1, usecols=cols, dtype=np.float64, ndmin=2)
     except ValueError:
         raise _scan_for_error(path, lines, cols) from None
-    ok = np.all(arr >= 0) and np.all(arr == np.floor(arr)) and np.all(np.isin(arr[:, 2], (0, 1, 2)))
+    ok = (np.all(arr >= 0) and np.all(arr < MAX_EXACT_ID) and np.all(arr == np.floor(arr))  # inf, nan: not ok
+          and np.all(np.isin(arr[:, 2], (0, 1, 2))))
     if not ok:
         raise _scan_for_error(path, lines, cols)
     ids = arr.astype(np.int64)
@@ -145,7 +152,8 @@ def load_dataset(root: str | Path, name: str, modalities: dict[str, str] | None 
     inter_path = folder / f"{name}.inter"
     if not inter_path.is_file():
         found = sorted(p.name for p in Path(root).glob("*") if (p / f"{p.name}.inter").is_file())
-        raise DataError(f"{inter_path} does not exist; data sets in {root}: {', '.join(found) or 'none'}")
+        raise DataError(f"{inter_path} does not exist; data sets in {root}: {', '.join(found) or 'none'} (for "
+                        "MMRec's Amazon sets see the README's 'Using MMRec's data': data.root=PATH)")
     users, items, labels = read_inter(inter_path)
     if len(users) == 0 or not np.any(labels == 0):
         raise DataError(f"{inter_path}: the train split (x_label 0) is empty")
