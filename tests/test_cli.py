@@ -148,6 +148,17 @@ def test_resume_of_a_finished_run_and_resume_with_a_config(run_dir, workdir, cap
     assert code == 2 and "--resume" in one_line_error(err)
 
 
+def test_resume_extends_a_finished_run_with_more_epochs_and_refuses_other_keys(run_dir, tmp_path, capsys):
+    run_copy = tmp_path / "e2e"
+    shutil.copytree(run_dir, run_copy)
+    code, _, err = run(train_main, ["--resume", run_copy, "model.dropout=0.1", "--quiet"], capsys)
+    assert code == 2 and "--resume cannot change 'model.dropout'" in one_line_error(err)
+    code, out, _ = run(train_main, ["--resume", run_copy, f"train.epochs={EPOCHS + 1}", "--quiet"], capsys)
+    assert code == 0 and json.loads(out)["run_dir"] == str(run_copy)
+    assert json.loads((run_copy / "results.json").read_text())["epochs_run"] == EPOCHS + 1
+    assert f"resume with train.epochs={EPOCHS + 1} (was {EPOCHS})" in (run_copy / "train.log").read_text()
+
+
 def test_data_synth_writes_a_data_set_and_prepare_refuses_to_overwrite_it(tmp_path, capsys):
     code, out, _ = run(data_main, ["synth", "--preset", "tiny", "--out", tmp_path / "gen", "--quiet"], capsys)
     assert code == 0 and str(tmp_path / "gen") in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import msi.train
 from msi.checkpoint import load_checkpoint
 from msi.config import Config, load_config
 from msi.data.synth import generate
-from msi.errors import MSIError
+from msi.errors import ConfigError, MSIError
 from msi.models.msi import MSI
 from msi.train import TrainingDiverged, train
 
@@ -163,3 +164,84 @@ def test_eval_every_and_no_evaluation_at_all(data_root, tmp_path):
     assert results["best_epoch"] in (2, 4)
     with pytest.raises(MSIError, match="no evaluation ran"):
         train(config(data_root, "train.epochs=1", "train.eval_every=2"), out=tmp_path / "none", quiet=True)
+
+
+# ---------------------------------------------------------------- what a run directory keeps (train.log, env.json)
+
+
+def log_lines(run_dir: Path) -> list[str]:
+    """train.log without the time each line was written."""
+    return [line.split(" ", 2)[2] for line in (run_dir / "train.log").read_text().splitlines()]
+
+
+def test_train_log_keeps_the_console_lines_also_when_quiet_and_the_lock_is_gone(run_a):
+    run_dir, results = run_a
+    lines = log_lines(run_dir)
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == [f"epoch {e}" for e in range(1, EPOCHS + 1)]
+    assert lines[-1].startswith(f"best epoch {results['best_epoch']}: valid recall@5=")
+    assert not (run_dir / ".lock").exists()
+    for r in rows(run_dir):  # the loss terms are named in the row; diagnostics and times are not terms
+        assert {"loss", "rec", "align", "mask", "reg", "ssd"} <= set(r["terms"]) <= set(r)
+        assert not {t for t in r["terms"] if t.startswith("grad_") or t.endswith("_seconds") or t == "epoch"}
+
+
+def test_run_dir_in_results_is_absolute(data_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = train(config(data_root, "train.epochs=1"), out="relative", quiet=True)
+    assert results["run_dir"] == str(tmp_path / "relative")
+    assert json.loads((tmp_path / "relative" / "results.json").read_text())["run_dir"] == str(tmp_path / "relative")
+
+
+def test_extending_a_finished_run_trains_on_to_the_run_it_would_have_been(data_root, run_a, tmp_path, capsys):
+    longer = train(config(data_root, f"train.epochs={EPOCHS + 2}"), out=tmp_path / "long", quiet=True)
+    run_dir = tmp_path / "a"
+    shutil.copytree(run_a[0], run_dir)
+    results = train(None, resume=run_dir, overrides=[f"train.epochs={EPOCHS + 2}", "train.tensorboard=false"])
+    assert {k: results[k] for k in ("valid", "test", "best_epoch", "epochs_run")} == \
+        {k: longer[k] for k in ("valid", "test", "best_epoch", "epochs_run")}  # best.pt continued
+    assert json.loads((run_dir / "results.json").read_text()) == results  # written again at the new end
+    assert without_times(rows(run_dir)) == without_times(rows(tmp_path / "long"))
+    assert load_config(run_dir / "config.yaml").train.epochs == EPOCHS + 2
+    lines = log_lines(run_dir)
+    assert f"resume with train.epochs={EPOCHS + 2} (was {EPOCHS}) (config.yaml updated)" in lines
+    assert f"epoch {EPOCHS + 2}: loss=" in capsys.readouterr().out  # not quiet: the console shows what the log keeps
+    assert len([line for line in lines if line.startswith("epoch ")]) == EPOCHS + 2  # appended on resume
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["first"] is not None and len(env["resumes"]) == 1
+
+
+def test_resume_refuses_keys_that_change_the_model_or_the_data(run_a, tmp_path):
+    run_dir = tmp_path / "a"
+    shutil.copytree(run_a[0], run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    for bad in ("model.dropout=0.1", "train.lr=0.1", "data.root=/elsewhere"):
+        with pytest.raises(ConfigError, match=f"--resume cannot change '{bad.partition('=')[0]}'"):
+            train(None, resume=run_dir, overrides=[bad], quiet=True)
+    with pytest.raises(ConfigError, match=f"already trained {EPOCHS} epochs"):
+        train(None, resume=run_dir, overrides=["train.epochs=2"], quiet=True)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    with pytest.raises(MSIError, match="overrides"):
+        train(config(run_dir), out=tmp_path / "new", overrides=["train.epochs=2"], quiet=True)
+
+
+def test_a_damaged_results_json_counts_as_unfinished_and_is_written_again(run_a, tmp_path):
+    run_dir = tmp_path / "a"
+    shutil.copytree(run_a[0], run_dir)
+    (run_dir / "results.json").write_text('{"best_epoch": 2, "val')
+    results = train(None, resume=run_dir, quiet=True)
+    assert {k: results[k] for k in ("valid", "test", "best_epoch")} == {k: run_a[1][k] for k in ("valid", "test",
+                                                                                                  "best_epoch")}
+    assert f"{run_dir / 'results.json'}: damaged, not JSON" in (run_dir / "train.log").read_text()
+
+
+def test_an_early_stopped_run_trains_on_only_with_more_patience(data_root, tmp_path):
+    run_dir = tmp_path / "es"
+    first = train(config(data_root, "train.epochs=60", "train.patience=1"), out=run_dir, quiet=True)
+    assert first["epochs_run"] == first["best_epoch"] + 1 < 60
+    same = train(None, resume=run_dir, overrides=["train.epochs=70"], quiet=True)
+    assert same["epochs_run"] == first["epochs_run"]
+    assert "only a larger train.patience trains it further" in (run_dir / "train.log").read_text()
+    more = train(None, resume=run_dir, overrides=["train.patience=3"], quiet=True)
+    assert more["epochs_run"] >= first["epochs_run"] + 2 and more["epochs_run"] == more["best_epoch"] + 3
+    assert [r["epoch"] for r in rows(run_dir)] == list(range(1, more["epochs_run"] + 1))

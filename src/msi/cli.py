@@ -43,11 +43,15 @@ def _guard(fn: Callable[[list[str] | None], int | None], argv: list[str] | None)
 
 
 def _train(argv: list[str] | None) -> int:
+    from msi.rundir import RESUME_KEYS
+
     p = _parser("msi-train", "Train a model; select it on the valid split; score test once.", EPILOG_OVERRIDES)
     p.add_argument("--config", help="YAML config (relative paths inside resolve against its folder)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its last.pt (a finished run: print its results)")
+                   help="continue the run in RUN_DIR from its last.pt with its saved config (a finished run: print "
+                   f"its results); key=value may change only {', '.join(RESUME_KEYS)} (more epochs extend a "
+                   "finished run)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: the config's train.device)")
     p.add_argument("--out", metavar="DIR", help="run directory, empty or new (default: "
                    "<train.out_dir>/<train.run_name or data-model-time>)")
@@ -55,9 +59,10 @@ def _train(argv: list[str] | None) -> int:
                    help="start over in a run directory that holds an earlier run (its run files are removed)")
     p.add_argument("--allow-other-data", action="store_true",
                    help="with --resume: accept data of the same shape but another fingerprint")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars or per-epoch lines (the run's train.log keeps them)")
     p.add_argument("--list-keys", action="store_true", help="print every config key with its default, then exit")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value anywhere: after --quiet as well as before it
     from msi.config import Config, load_config, valid_keys
 
     if args.list_keys:
@@ -66,15 +71,16 @@ def _train(argv: list[str] | None) -> int:
             section, name = key.split(".")
             print(f"{key} = {defaults[section][name]!r}")
         return 0
-    if args.resume and (args.config or args.overrides or args.out or args.overwrite):
+    if args.resume and (args.config or args.out or args.overwrite):
         raise MSIError("--resume continues a run in its own directory with its saved config; drop --config, "
-                       "overrides, --out and --overwrite")
+                       "--out and --overwrite")
     if not args.resume and not args.config:
         p.error("--config is required (or --resume RUN_DIR); try --config configs/quickstart.yaml")
     from msi.train import train
 
     cfg = None if args.resume else load_config(args.config, args.overrides)
     results = train(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
+                    overrides=args.overrides if args.resume else None,
                     device=args.device, allow_other_data=args.allow_other_data)
     print(json.dumps({"run_dir": results["run_dir"], "best_epoch": results["best_epoch"],
                       "valid": results["valid"], "test": results["test"]}))

@@ -1,23 +1,22 @@
 """The training loop (SPEC §3): Adam over shuffled positive pairs, validation, early stopping, checkpoints.
 
 A run directory holds ``config.yaml``, ``metrics.jsonl`` (one line per epoch), ``best.pt`` (the best valid
-metric so far), ``last.pt`` (the end of the last finished epoch, for ``--resume``) and ``results.json`` (the test
-split scored once, at the end, with the best checkpoint). Nothing is ever chosen by a test score.
+metric so far), ``last.pt`` (the end of the last finished epoch, for ``--resume``), ``results.json`` (the test
+split scored once, at the end, with the best checkpoint), ``env.json`` and ``train.log`` (every line the console
+shows, also when quiet). Nothing is ever chosen by a test score. Its files are read and written by ``msi.rundir``.
 
 A run directory is never clobbered: one that holds files is refused unless the run resumes it or is told to
-overwrite it, and ``.lock`` (an exclusive ``flock`` held while the run lives) refuses a second live process.
+overwrite it, and ``.lock`` (an exclusive ``flock`` held while the run lives, removed at its end) refuses a second
+live process.
 ``train`` reads as three steps: ``_setup`` (directory, data, model), ``_loop`` (epochs) and ``_finish`` (test).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,21 +25,17 @@ import torch
 from tqdm import tqdm
 
 from msi.checkpoint import first_non_finite, rng_state, save_checkpoint, set_rng_state
-from msi.config import Config, dump_config
+from msi.config import Config
 from msi.data.dataset import Dataset
-from msi.errors import CheckpointError, DataError, Interrupted, MSIError
+from msi.errors import CheckpointError, ConfigError, DataError, Interrupted, MSIError
 from msi.evaluate import Evaluator
 from msi.models import Recommender, build_model, epoch_diagnostics
 from msi.runinfo import TensorBoardLog, write_env
 from msi.run import data_signature, dataset_for, open_run, resolve_device, seed_everything
+from msi.rundir import (BEST, LAST, METRICS, RESULTS, DamagedRunFile, append_log, append_metrics,
+                        clear_for_new_run, locked, read_results, remove_leftovers, resume_config, truncate_metrics,
+                        write_atomic, write_config, write_results)
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; runs there are not protected against a second process
-    fcntl = None
-
-RUN_FILES = ("config.yaml", "metrics.jsonl", "best.pt", "last.pt", "results.json", "env.json", "tensorboard")
-LOCK_FILE = ".lock"
 Log = Callable[..., None]
 
 
@@ -66,7 +61,7 @@ class _Run:
 def train(
     cfg: Config | None, out: str | Path | None = None, resume: str | Path | None = None, overwrite: bool = False,
     quiet: bool = False, device: str | None = None, allow_other_data: bool = False,
-    model: Recommender | None = None, data: Dataset | None = None,
+    model: Recommender | None = None, data: Dataset | None = None, overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg``'s model, select on valid, score test once; returns the contents of ``results.json``.
 
@@ -76,21 +71,43 @@ def train(
     ``out``: the run directory (default ``<train.out_dir>/<run name>``); it must be empty or missing unless
     ``overwrite`` (its run files are removed first). ``resume``: a run directory to continue from its last.pt
     with its saved config (``cfg`` is then None); a finished run returns its results.json as it is.
-    ``allow_other_data``: resume on data of the same shape but another fingerprint.
+    ``overrides``: with ``resume``, ``key=value`` changes of ``msi.rundir.RESUME_KEYS`` only (how long and how
+    often); a finished run given more epochs (or more patience, when it stopped early) trains on, and its
+    results.json is written again at the new end. ``allow_other_data``: resume on data of the same shape but
+    another fingerprint. Every console line also goes to the run's train.log, also when ``quiet``.
     """
-    log: Log = (lambda *a: None) if quiet else (lambda *a: tqdm.write(" ".join(str(x) for x in a)))
     if resume is not None and (model is not None or data is not None):
         raise MSIError("train(resume=...) continues the saved model on its saved data: pass no model= or data=")
-    run_dir = Path(resume) if resume is not None else _run_dir(cfg, out)
-    if resume is not None and not (run_dir / "last.pt").is_file():
-        raise CheckpointError(f"{run_dir / 'last.pt'}: checkpoint not found; nothing to resume")
-    with _locked(run_dir):
-        if resume is not None and (done := _finished(run_dir)) is not None:
-            log(f"{run_dir} is finished (results.json); nothing to resume")
+    if overrides and resume is None:
+        raise MSIError("train(overrides=...) changes a resumed run; for a new run put them in cfg")
+    run_dir = Path(os.path.abspath(resume if resume is not None else _run_dir(cfg, out)))
+    if resume is not None and not (run_dir / LAST).is_file():
+        raise CheckpointError(f"{run_dir / LAST}: checkpoint not found; nothing to resume")
+    log = _logger(run_dir, quiet)
+    with locked(run_dir):
+        if resume is not None and not overrides and (done := _finished(run_dir, log)) is not None:
+            if not quiet:  # the console only: resuming a finished run changes nothing in it
+                tqdm.write(f"{run_dir} is finished (results.json); nothing to resume")
             return done
-        run = _setup(cfg, run_dir, resume is not None, overwrite, device, quiet, allow_other_data, log, model, data)
-        _loop(run, quiet, log)
-        return _finish(run, log)
+        run = _setup(cfg, run_dir, resume is not None, overwrite, device, quiet, allow_other_data, log, model, data,
+                     overrides or [])
+        try:
+            _loop(run, quiet, log)
+            return _finish(run, log)
+        except MSIError as e:  # the console's last line (the CLI prints it), kept with the others
+            append_log(run_dir, f"error: {e}")
+            raise
+
+
+def _logger(run_dir: Path, quiet: bool) -> Log:
+    """A line to ``train.log``, and to the console unless ``quiet``."""
+    def log(*parts: Any) -> None:
+        line = " ".join(str(x) for x in parts)
+        append_log(run_dir, line)
+        if not quiet:
+            tqdm.write(line)
+
+    return log
 
 
 def _run_dir(cfg: Config, out: str | Path | None) -> Path:
@@ -101,59 +118,34 @@ def _run_dir(cfg: Config, out: str | Path | None) -> Path:
     return Path(cfg.train.out_dir) / name
 
 
-@contextmanager
-def _locked(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``run_dir/.lock`` while the run lives; the OS drops it when the process dies."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK_FILE, "a+") as f:
-        if fcntl is not None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                raise MSIError(f"{run_dir}: in use by another live msi-train process (pid {f.read().strip() or '?'})"
-                               "; wait for it to end or choose another --out") from None
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield
-
-
-def _finished(run_dir: Path) -> dict[str, Any] | None:
-    """The results.json of a finished run, or None (a partial file counts as not finished)."""
+def _finished(run_dir: Path, log: Log) -> dict[str, Any] | None:
+    """The results.json of a finished run, or None; a damaged one counts as not finished (the run is scored again)."""
     try:
-        return json.loads((run_dir / "results.json").read_text())
-    except (OSError, ValueError):
+        return read_results(run_dir)
+    except DamagedRunFile as e:
+        log(f"{e}; the run counts as unfinished and is scored again")
         return None
 
 
-def _is_leftover(name: str) -> bool:
-    """A temporary file of an interrupted write (``.best.pt.tmp-PID``, ``.results.json.tmp-PID``)."""
-    return name.startswith(".") and ".tmp-" in name
-
-
-def _clear_run_dir(run_dir: Path, overwrite: bool, log: Log) -> None:
-    """Refuse a run directory holding files, unless ``overwrite``: then remove its run files (and leftovers)."""
-    present = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
-    if present and not overwrite:
-        raise MSIError(f"{run_dir}: already holds {', '.join(present)}; pass --resume {run_dir} to continue that "
-                       "run, or --overwrite to start over")
-    foreign = [n for n in present if n not in RUN_FILES and not _is_leftover(n)]
-    if foreign:
-        raise MSIError(f"{run_dir}: holds files msi-train did not write ({', '.join(foreign)}); --overwrite "
-                       "removes only run files: choose another --out")
-    for name in present:
-        path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if present:
-        log(f"--overwrite: removed {', '.join(present)} from {run_dir}")
-
-
-def _remove_leftovers(run_dir: Path, log: Log) -> None:
-    for p in run_dir.iterdir():
-        if _is_leftover(p.name):
-            p.unlink()
-            log(f"removed {p}, left by an interrupted write")
+def _resume_with(run_dir: Path, cfg: Config, overrides: list[str], progress: dict[str, Any], log: Log) -> Config:
+    """The saved config with a resume's overrides (``msi.rundir.resume_config``), recorded in config.yaml and
+    train.log; ``progress`` (last.pt's) stops early or not by the new patience. A finished run so reopened is
+    unfinished until its new end: its results.json goes."""
+    new, changes = resume_config(cfg, overrides)
+    if not changes:
+        return cfg
+    if new.train.epochs < progress["epoch"]:
+        raise ConfigError(f"train.epochs={new.train.epochs}: {run_dir} has already trained {progress['epoch']} epochs")
+    progress["stopped"] = progress["bad_evals"] >= new.train.patience
+    write_config(run_dir, new)
+    log(f"resume with {', '.join(changes)} (config.yaml updated)")
+    if (run_dir / RESULTS).is_file():
+        (run_dir / RESULTS).unlink()
+        log(f"{run_dir / RESULTS} removed: the run is written again at its new end")
+    if progress["stopped"]:
+        log(f"it stopped early at epoch {progress['epoch']} ({progress['bad_evals']} evaluations without a better "
+            f"valid {new.train.metric}); only a larger train.patience trains it further")
+    return new
 
 
 def _check_model_fits(model: Recommender, cfg: Config, dataset: Dataset) -> None:
@@ -171,17 +163,21 @@ def _check_model_fits(model: Recommender, cfg: Config, dataset: Dataset) -> None
 def _setup(
     cfg: Config | None, run_dir: Path, resume: bool, overwrite: bool, device: str | None, quiet: bool,
     allow_other_data: bool, log: Log, model: Recommender | None = None, data: Dataset | None = None,
+    overrides: tuple[str, ...] | list[str] = (),
 ) -> _Run:
     """The run directory, data set, model, optimizer and progress: fresh (``model`` and ``data`` when given), or
     restored from last.pt."""
     progress = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "bad_evals": 0, "stopped": False,
                 "train_seconds": 0.0}
-    metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        _remove_leftovers(run_dir, log)
-        model, cfg, dataset, state = open_run(run_dir / "last.pt", allow_other_data=allow_other_data)
+        for p in remove_leftovers(run_dir):
+            log(f"removed {p}, left by an interrupted write")
+        model, cfg, dataset, state = open_run(run_dir / LAST, allow_other_data=allow_other_data)
+        cfg = _resume_with(run_dir, cfg, list(overrides), state["progress"], log)
     else:
-        _clear_run_dir(run_dir, overwrite, log)
+        removed = clear_for_new_run(run_dir, overwrite)
+        if removed:
+            log(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
         seed_everything(cfg.train.seed)
         dataset = data if data is not None else dataset_for(cfg, progress=not quiet)
         if model is not None:
@@ -195,7 +191,10 @@ def _setup(
         optimizer.load_state_dict(state["optimizer"])
         progress.update(state["progress"])
         set_rng_state(state["rng"])
-        _truncate_log(metrics_path, progress["epoch"], log)
+        dropped = truncate_metrics(run_dir, progress["epoch"])
+        if dropped:
+            log(f"{run_dir / METRICS}: dropped {dropped} lines written after epoch {progress['epoch']} (last.pt's) "
+                "or left partial")
         log(f"resumed {run_dir} after epoch {progress['epoch']}")
     log(dataset.summary())
     for split in ("valid", "test"):  # before an epoch is spent
@@ -203,9 +202,9 @@ def _setup(
             raise DataError(f"{dataset.path / f'{dataset.name}.inter'}: the {split} split is empty (no rows of "
                             "users with train rows): nothing to select on or score")
     if not resume:
-        dump_config(cfg, run_dir / "config.yaml")
-        metrics_path.write_text("")
-    write_env(run_dir, dev)
+        write_config(run_dir, cfg)
+        write_atomic(run_dir / METRICS, "")
+    write_env(run_dir, dev, resumed=resume)
     evaluator = Evaluator(dataset, dev, cfg.eval.ks, cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
     pairs = torch.from_numpy(dataset.train).to(dev)
     return _Run(run_dir, cfg, model, optimizer, evaluator, pairs, data_signature(dataset), progress,
@@ -222,6 +221,7 @@ def _loop(run: _Run, quiet: bool, log: Log) -> None:
         for epoch in tqdm(epochs, desc="epochs", disable=quiet, initial=p["epoch"], total=t.epochs):
             run.model.start_epoch(epoch)
             row = run_epoch(run.model, run.optimizer, run.pairs, t.batch_size, epoch, quiet, t.autocast == "bf16")
+            terms = [k for k in row if k not in ("epoch", "epoch_seconds")]  # run_epoch's mean loss terms
             bad = first_non_finite(run.model.state_dict())
             if bad is not None:
                 raise TrainingDiverged(
@@ -233,9 +233,8 @@ def _loop(run: _Run, quiet: bool, log: Log) -> None:
             if (epoch + 1) % t.eval_every == 0:
                 _validate(run, row, log)
             p["train_seconds"] = seconds_before + time.time() - start
-            with open(run.dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            tensorboard.log(row)
+            append_metrics(run.dir, row, terms)
+            tensorboard.log({**row, "terms": terms})
             p["stopped"] = p["bad_evals"] >= t.patience
             if p["stopped"] or (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs:
                 _save(run, "last.pt")
@@ -322,29 +321,13 @@ def run_epoch(
     return row
 
 
-def _truncate_log(path: Path, epoch: int, log: Log) -> None:
-    """Drop metric rows written after the checkpoint being resumed from, and a partial line (a crash mid-write)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            log(f"{path}: dropped a partial line ({line[:40]!r}...)")
-            continue
-        if isinstance(row, dict) and row.get("epoch", math.inf) <= epoch:
-            kept.append(line)
-    path.write_text("".join(r + "\n" for r in kept))
-
-
 def _fmt(metrics: dict[str, float], keys: tuple[str, ...] = ("recall", "ndcg")) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.split("@")[0] in keys)
 
 
 def _finish(run: _Run, log: Log) -> dict[str, Any]:
     """Score valid and test once with best.pt (opened like any checkpoint) and write ``results.json``."""
-    best_path = run.dir / "best.pt"
+    best_path = run.dir / BEST
     if not best_path.is_file():
         raise MSIError(f"{run.dir}: no evaluation ran, so there is no best checkpoint (train.eval_every > epochs?)")
     model = open_run(best_path, run.evaluator.device, dataset=run.evaluator.dataset).model
@@ -356,10 +339,8 @@ def _finish(run: _Run, log: Log) -> dict[str, Any]:
         "test": run.evaluator(model, "test"),
         "train_seconds": p["train_seconds"],
         "selected_by": f"valid {run.cfg.train.metric}",
-        "run_dir": str(run.dir),
+        "run_dir": str(run.dir),  # absolute (train makes it so)
     }
-    tmp = run.dir / f".results.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(run.dir / "results.json")
+    write_results(run.dir, results)
     log(f"best epoch {results['best_epoch']}: valid {_fmt(results['valid'])} | test {_fmt(results['test'])}")
     return results
