@@ -131,7 +131,10 @@ def test_missing_column(tmp_path, write_dataset, column):
      ("1\t-3\t5\t1\t0", "itemID '-3' is negative"),
      ("1\t0\t5\t1\t3", "x_label '3' is not 0 (train), 1 (valid) or 2 (test)"),
      ("1\t0\t5\t1\tvalid", "x_label 'valid' is not an integer"),
-     ("1\t0", "expected at least 5 tab-separated fields, got 2")],
+     ("1\t0", "expected at least 5 tab-separated fields, got 2"),
+     ("inf\t0\t5\t1\t0", "userID 'inf' is not an integer"),  # was an int64 overflow, then an IndexError
+     ("1\t1e30\t5\t1\t0", "itemID '1e30' is far out of range"),
+     ("9007199254740993\t0\t5\t1\t0", "userID '9007199254740993' is far out of range")],  # 2**53 + 1
 )
 def test_bad_value_names_file_and_line(tmp_path, write_dataset, line, problem):
     # the bad row is the fourth data row: line 5 of the file (the header is line 1)
@@ -152,10 +155,11 @@ def test_empty_train_split(tmp_path, write_dataset):
         load_dataset(tmp_path, "ds")
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # numpy warns that the file holds no data
+@pytest.mark.filterwarnings("error")  # numpy's "input contained no data" once came before the error
 def test_header_only_file_has_an_empty_train_split(tmp_path, write_dataset):
-    path = write_dataset(tmp_path, "ds", HEADER)
-    with pytest.raises(DataError, match=re.escape(f"{path}: the train split (x_label 0) is empty")):
+    path = write_dataset(tmp_path, "ds", HEADER + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}: the train split (x_label 0) is empty: the file holds no "
+                                                  "rows after its header")):
         load_dataset(tmp_path, "ds")
 
 
@@ -175,6 +179,36 @@ def test_non_finite_features(tmp_path, write_dataset, bad):
     path = tmp_path / "ds" / "image_feat.npy"
     with pytest.raises(DataError, match=re.escape(f"{path}: 1 row(s) hold NaN or inf values (first: row 1)")):
         load_dataset(tmp_path, "ds", MODALITIES)
+
+
+@pytest.mark.filterwarnings("error")  # the cast to float32 once warned of an overflow, then said "NaN or inf"
+def test_float64_features_beyond_float32_range(tmp_path, write_dataset):
+    feat = np.zeros((3, 4))
+    feat[2, 1] = -1e300
+    write_dataset(tmp_path, "ds", GOOD, {"image_feat.npy": feat, "text_feat.npy": np.zeros((3, 2), np.float32)})
+    path = tmp_path / "ds" / "image_feat.npy"
+    with pytest.raises(DataError, match=re.escape(f"{path}: 1 row(s) hold values beyond float32's range of ±3.4e38 "
+                                                  "(first: row 2, -1e+300)")):
+        load_dataset(tmp_path, "ds", MODALITIES)
+    feat[2, 1] = 3e38  # within float32's range: read
+    np.save(path, feat)
+    assert load_dataset(tmp_path, "ds", MODALITIES).features["image"][2, 1] == np.float32(3e38)
+
+
+def test_repeated_pairs_are_a_warning_with_counts_by_split(tmp_path, write_dataset, capsys):
+    write_dataset(tmp_path, "ds", GOOD)
+    load_dataset(tmp_path, "ds")
+    assert capsys.readouterr().err == ""
+    # (0, 1) twice more in train, (1, 0) in train and in test: that test row can never be hit
+    path = write_dataset(tmp_path, "ds", GOOD + "0\t1\t4\t106\t0\n0\t1\t4\t107\t0\n1\t0\t4\t108\t0\n")
+    ds = load_dataset(tmp_path, "ds")
+    assert len(ds.train) == 7 and len(ds.test) == 1  # warned, not dropped
+    assert capsys.readouterr().err == (
+        f"warning: {path}: repeated (userID, itemID) pairs: 2 extra row(s) within train, 1 test row(s) whose pair "
+        "is also in train (train items are masked when scoring, so those rows are never hit)\n")
+    write_dataset(tmp_path, "ds", GOOD + "1\t0\t2\t105\t2\n")
+    load_dataset(tmp_path, "ds")
+    assert capsys.readouterr().err.endswith("repeated (userID, itemID) pairs: 1 extra row(s) within test\n")
 
 
 def test_modality_without_a_file(tmp_path, write_dataset):

@@ -1,7 +1,8 @@
-"""Errors that the command-line tools report as one line, without a traceback, and the one text reader."""
+"""Errors that the command-line tools report as one line, without a traceback; warnings; the one text reader."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -33,3 +34,8 @@ def read_utf8(path: str | Path, error: type[MSIError] = DataError) -> str:
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise error(f"{path}:{line}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at offset {e.start})") from None
+
+
+def warn(message: str) -> None:
+    """A ``warning: ...`` line on stderr: something the user should know that does not stop the run."""
+    print(f"warning: {message}", file=sys.stderr)

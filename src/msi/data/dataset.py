@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msi.errors import DataError, read_utf8
+from msi.errors import DataError, read_utf8, warn
 
 REQUIRED_COLUMNS = ("userID", "itemID", "x_label")
 MIN_ID_LIMIT = 1024  # ids up to max(2 x the distinct count, this) are read; larger ones are taken for a mistake
@@ -138,12 +138,17 @@ def load_features(path: str | Path, n_items: int) -> np.ndarray:
         raise DataError(f"{path}: has {feat.shape[0]} rows but the data set has {n_items} items (row r = itemID r)")
     if not np.issubdtype(feat.dtype, np.floating) and not np.issubdtype(feat.dtype, np.integer):
         raise DataError(f"{path}: dtype {feat.dtype} is not numeric")
-    feat = np.ascontiguousarray(feat, dtype=np.float32)
-    bad = ~np.isfinite(feat).all(axis=1)
+    bad = ~np.isfinite(feat).all(axis=1)  # before the cast, which turns float64 beyond float32's range into inf
     if bad.any():
         rows = np.flatnonzero(bad)
         raise DataError(f"{path}: {len(rows)} row(s) hold NaN or inf values (first: row {rows[0]})")
-    return feat
+    if feat.dtype.itemsize > 4 and np.issubdtype(feat.dtype, np.floating):
+        huge = (np.abs(feat) > np.finfo(np.float32).max).any(axis=1)
+        if huge.any():
+            rows = np.flatnonzero(huge)
+            raise DataError(f"{path}: {len(rows)} row(s) hold values beyond float32's range of ±3.4e38 (first: row "
+                            f"{rows[0]}, {feat[rows[0]][np.argmax(np.abs(feat[rows[0]]))]:.3g})")
+    return np.ascontiguousarray(feat, dtype=np.float32)
 
 
 def load_dataset(root: str | Path, name: str, modalities: dict[str, str] | None = None) -> Dataset:
@@ -155,7 +160,9 @@ def load_dataset(root: str | Path, name: str, modalities: dict[str, str] | None 
         raise DataError(f"{inter_path} does not exist; data sets in {root}: {', '.join(found) or 'none'} (for "
                         "MMRec's Amazon sets see the README's 'Using MMRec's data': data.root=PATH)")
     users, items, labels = read_inter(inter_path)
-    if len(users) == 0 or not np.any(labels == 0):
+    if len(users) == 0:
+        raise DataError(f"{inter_path}: the train split (x_label 0) is empty: the file holds no rows after its header")
+    if not np.any(labels == 0):
         raise DataError(f"{inter_path}: the train split (x_label 0) is empty")
     n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
     has_train = np.zeros(n_users, dtype=bool)
@@ -166,5 +173,19 @@ def load_dataset(root: str | Path, name: str, modalities: dict[str, str] | None 
         keep = rows & has_train[users]
         dropped[split] = int(rows.sum() - keep.sum())
         splits[split] = np.stack([users[keep], items[keep]], axis=1)
+    _warn_repeated_pairs(inter_path, splits, n_items)
     features = {m: load_features(folder / file, n_items) for m, file in (modalities or {}).items()}
     return Dataset(name, folder, n_users, n_items, features=features, dropped=dropped, **splits)
+
+
+def _warn_repeated_pairs(path: Path, splits: dict[str, np.ndarray], n_items: int) -> None:
+    """Warn when a (user, item) pair is on several rows: within a split it counts twice; a valid or test row whose
+    pair is also a train row can never be hit (train items are masked when scoring)."""
+    keys = {split: rows[:, 0] * n_items + rows[:, 1] for split, rows in splits.items()}  # (n,) one key per pair
+    within = {split: len(k) - len(np.unique(k)) for split, k in keys.items()}
+    in_train = {split: int(np.isin(keys[split], keys["train"]).sum()) for split in ("valid", "test")}
+    found = [f"{n} extra row(s) within {split}" for split, n in within.items() if n]
+    found += [f"{n} {split} row(s) whose pair is also in train" for split, n in in_train.items() if n]
+    if found:
+        why = " (train items are masked when scoring, so those rows are never hit)" if any(in_train.values()) else ""
+        warn(f"{path}: repeated (userID, itemID) pairs: {', '.join(found)}{why}")
