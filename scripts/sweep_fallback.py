@@ -4,7 +4,8 @@ Takes msi-sweep's arguments (``--config``, ``--grid``, ``--seeds``, ``--set``, `
 ``--deadline``; ``--gpus-per-trial`` only decides cpu or cuda) and runs each unfinished trial as a plain ``msi-train``
 process into the run directory msi-sweep would use (a trial with ``last.pt`` resumes), so the folder stays an
 ordinary msi-sweep folder: ``msi-sweep --report`` and the same ``msi-sweep`` command later both work on it. Planning
-and selection are msi-sweep's own (``msi.select``); nothing here chooses anything.
+and selection are msi-sweep's own (``msi.select``); nothing here chooses anything. Each trial's log,
+``<out>/logs/<run name>.log``, gets the lines its run's train.log gained (one per epoch), then what msi-train printed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from msi.select import plan_trials, prepare_trial_dir, record_sweep, report, trial_config, trial_state
+from msi.rundir import read_log
+from msi.select import copy_log, plan_trials, prepare_trial_dir, record_sweep, report, trial_config, trial_state
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,13 +49,17 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--resume", str(t.run_dir)]
         else:
             cmd += ["--config", str(t.config), *args.set, *t.point, f"train.seed={t.seed}", "--out", str(t.run_dir)]
-        with open(out / "logs" / f"{t.name}.log", "a") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                proc.wait(timeout=max(1.0, stop_at - time.time()) if stop_at < float("inf") else None)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                proc.wait()
+        offset = read_log(t.run_dir)[1]  # train.log's lines from here on are this process's
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            output, _ = proc.communicate(timeout=max(1.0, stop_at - time.time()) if stop_at < float("inf") else None)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            output, _ = proc.communicate()
+        log_path = out / "logs" / f"{t.name}.log"
+        copy_log(t.run_dir, log_path, offset)  # the epoch lines, then what msi-train printed (its result or error)
+        with open(log_path, "ab") as log:
+            log.write(output)
         print(f"{t.name}: {trial_state(t.run_dir)}", flush=True)
 
     with ThreadPoolExecutor(args.max_concurrent) as pool:

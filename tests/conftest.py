@@ -69,7 +69,7 @@ def _fabricate_sweep(out: Path, valid: dict[str, dict[tuple[str, ...], list]], s
     """A sweep folder of made-up run directories over ``GRID``, no training. ``valid[config][point]`` lists per
     seed ``(recall@20, ndcg@10, with_test)`` for a finished run, ``"partial"`` (last.pt only) or ``"stopped"``
     (stopped.json); a config's ``train.metric`` is ``ndcg@10`` when its name starts with ``ndcg``. A run written
-    without test metrics makes any reading of them fail. ``overrides``: the sweep's ``--set``."""
+    without test metrics (an empty ``test``) makes any reading of them fail. ``overrides``: the sweep's ``--set``."""
     from msi.select import plan_trials, record_sweep
 
     configs = []
@@ -91,7 +91,8 @@ def _fabricate_sweep(out: Path, valid: dict[str, dict[tuple[str, ...], list]], s
             (t.run_dir / ("last.pt" if state == "partial" else "stopped.json")).write_text("{}")
             continue
         recall, ndcg, with_test = state
-        results = {"valid": {"recall@20": recall, "ndcg@10": ndcg}, "best_epoch": 3 + t.seed}
+        results = {"best_epoch": 3 + t.seed, "epochs_run": 3, "valid": {"recall@20": recall, "ndcg@10": ndcg},
+                   "test": {}, "train_seconds": 1.0, "selected_by": "valid", "run_dir": str(t.run_dir)}
         if with_test:
             results["test"] = {"recall@20": recall / 2, "ndcg@10": ndcg / 2}
         (t.run_dir / "results.json").write_text(json.dumps(results))

@@ -149,3 +149,37 @@ def test_union_refuses_twice_finished_trials_and_other_seeds(fabricate_sweep, tm
         union_report([x, seeds], tmp_path / "u2")
     with pytest.raises(MSIError, match="holds a sweep"):
         union_report([x, seeds], x)
+
+
+# ---------------------------------------------------------------- damaged files: unfinished, named, no traceback
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda r: json.dumps(r)[:30], "not JSON"),
+    (lambda r: json.dumps({**r, "valid": {**r["valid"], "recall@20": float("nan")}}), "valid recall@20 is nan"),
+    (lambda r: json.dumps({k: v for k, v in r.items() if k != "best_epoch"}), "missing best_epoch"),
+])
+def test_a_damaged_results_json_counts_as_unfinished_and_the_report_names_it(sweep, capsys, damage, why):
+    from msi.select import trial_state
+
+    _, trials, _ = load_sweep(sweep)
+    hit = next(t for t in trials if t.config.stem == "recall" and t.point == A and t.seed == 1)
+    path = hit.run_dir / "results.json"
+    path.write_text(damage(json.loads(path.read_text())))
+    assert trial_state(hit.run_dir) == "new"  # no last.pt: the sweep starts it again
+    (hit.run_dir / "last.pt").write_text("{}")
+    assert trial_state(hit.run_dir) == "resumable"  # the trainer scores it again
+    assert sweep_main(["--report", str(sweep)]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and f"- {path}: damaged, {why}" in out and "counted as unfinished" in out
+    grid = {tuple(g["point"]): g for g in select(sweep)["recall"]["grid"]}
+    assert grid[A]["finished"] == 1 and not grid[A]["eligible"]  # A lost a seed until it is run again
+
+
+@pytest.mark.parametrize("text, why", [("configs: [a\n", "not valid YAML"),
+                                       ("configs: a.yaml\ngrid: []\nseeds: [1]\nset: []\n", "configs must be a list")])
+def test_a_damaged_sweep_yaml_is_one_line_naming_it(tmp_path, capsys, text, why):
+    (tmp_path / "sweep.yaml").write_text(text)
+    assert sweep_main(["--report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'sweep.yaml'}: {why}")

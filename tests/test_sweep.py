@@ -54,6 +54,9 @@ def test_sweep_stopped_at_a_deadline_and_rerun_ends_with_the_uninterrupted_table
     assert (cut / "results.md").read_text() == (full / "results.md").read_text()
     assert out.endswith((full / "results.md").read_text())
     assert all(trial_state(t.run_dir) == "done" for t in plan_trials([config], GRID, SEEDS, cut))
+    for t in plan_trials([config], GRID, SEEDS, full):  # each trial's log holds its epoch lines
+        log = (full / "logs" / f"{t.name}.log").read_text()
+        assert " start on node " in log and " epoch 1: loss=" in log and " best epoch " in log
     assert "| tiny | " in out and "popularity, tiny" in out
 
 
@@ -78,12 +81,11 @@ def test_rerun_with_another_grid_into_the_same_folder_is_refused(config, tmp_pat
 
 
 def test_valid_rows_skip_epochs_without_evaluation_and_an_unfinished_line(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"epoch": 1, "loss": 1.0}\n{"epoch": 2, "valid": {"recall@20": 0.5}}\n'
-                    '{"epoch": 3, "valid": {"recall@20": 0.7}}\n{"epoch": 4, "val')
-    assert read_valid_rows(path, "recall@20") == [(2, 0.5), (3, 0.7)]
-    assert read_valid_rows(path, "recall@20", after=2) == [(3, 0.7)]
-    assert read_valid_rows(tmp_path / "none.jsonl", "recall@20") == []
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "loss": 1.0}\n{"epoch": 2, "valid": {"recall@20": 0.5}}\n'
+                                            '{"epoch": 3, "valid": {"recall@20": 0.7}}\n{"epoch": 4, "val')
+    assert read_valid_rows(tmp_path, "recall@20") == [(2, 0.5), (3, 0.7)]
+    assert read_valid_rows(tmp_path, "recall@20", after=2) == [(3, 0.7)]
+    assert read_valid_rows(tmp_path / "none", "recall@20") == []
 
 
 def test_without_ray_the_error_names_the_extra(monkeypatch):
@@ -104,7 +106,9 @@ def test_asha_marks_the_trials_it_stops_and_never_a_finished_one(tmp_path):
     for t in trials:
         Path(t.config["trial"]["run_dir"]).mkdir()
         scheduler.on_trial_add(None, t)
-    (tmp_path / "r3" / "results.json").write_text("{}")  # finished before the scheduler's word reached it
+    (tmp_path / "r3" / "results.json").write_text(json.dumps({  # finished before the scheduler's word reached it
+        "best_epoch": 1, "epochs_run": 1, "valid": {"recall@20": 0.2}, "test": {"recall@20": 0.2},
+        "train_seconds": 1.0, "selected_by": "valid recall@20", "run_dir": str(tmp_path / "r3")}))
     decisions = [scheduler.on_trial_result(None, t, {"epoch": 1, "valid": v})
                  for t, v in zip(trials, [0.5, 0.9, 0.1, 0.2])]
     assert decisions == ["CONTINUE", "CONTINUE", "STOP", "STOP"]

@@ -3,9 +3,10 @@
 A sweep is configs x grid points x seeds; each trial is one ordinary run directory
 ``<out>/<config>_<key-value...>_s<seed>/``. The rule, in one place (``summarize``): per config, the grid point with
 the best mean valid ``train.metric`` over its seeds wins; a point is eligible only when every seed has finished
-(``results.json``) and none was stopped early (``stopped.json``, written when ASHA stops a trial); test numbers are
-read only for the selected point. ``<out>/sweep.yaml`` records what the sweep is, so the tables can be re-rendered
-from the run directories alone (``report``).
+(a readable ``results.json``) and none was stopped early (``stopped.json``, written when ASHA stops a trial); test
+numbers are read only for the selected point. A damaged results.json (``msi.rundir.DamagedRunFile``) counts as
+unfinished: the sweep runs the trial again and the tables name the file. ``<out>/sweep.yaml`` records what the sweep
+is, so the tables can be re-rendered from the run directories alone (``report``).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import yaml
 
 from msi.config import Config, load_config
 from msi.errors import MSIError
+from msi.rundir import LAST, STOPPED, DamagedRunFile, read_log, read_results
 
 SWEEP_FILE = "sweep.yaml"
-STOPPED_FILE = "stopped.json"
 
 
 @dataclass(frozen=True)
@@ -97,12 +98,27 @@ def trial_config(trial: Trial, overrides: list[str]) -> Config:
 
 
 def trial_state(run_dir: Path) -> str:
-    """``done`` (results.json), ``stopped`` (ASHA stopped it), ``resumable`` (last.pt) or ``new``."""
-    if (run_dir / STOPPED_FILE).is_file():
+    """``done`` (a readable results.json), ``stopped`` (ASHA stopped it), ``resumable`` (last.pt) or ``new``; a
+    damaged results.json counts as unfinished (``damaged_results`` names it)."""
+    if (run_dir / STOPPED).is_file():
         return "stopped"
-    if (run_dir / "results.json").is_file():
-        return "done"
-    return "resumable" if (run_dir / "last.pt").is_file() else "new"
+    try:
+        if read_results(run_dir) is not None:
+            return "done"
+    except DamagedRunFile:
+        pass
+    return "resumable" if (run_dir / LAST).is_file() else "new"
+
+
+def damaged_results(trials: list[Trial]) -> list[str]:
+    """One line per trial whose results.json is damaged (it counts as unfinished), naming the file."""
+    out = []
+    for t in trials:
+        try:
+            read_results(t.run_dir)
+        except DamagedRunFile as e:
+            out.append(f"{e}; counted as unfinished: run the sweep command again to finish it")
+    return out
 
 
 def prepare_trial_dir(run_dir: Path) -> bool:
@@ -113,6 +129,16 @@ def prepare_trial_dir(run_dir: Path) -> bool:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     return False
+
+
+def copy_log(run_dir: Path, log_path: Path, offset: int) -> int:
+    """Append the lines ``run_dir``'s train.log gained since byte ``offset`` to the trial log ``log_path``
+    (``<out>/logs/<run name>.log``, msi-sweep's and sweep_fallback.py's); returns the new offset."""
+    text, offset = read_log(run_dir, offset)
+    if text:
+        with open(log_path, "a") as f:
+            f.write(text)
+    return offset
 
 
 def record_sweep(out: Path, configs: list[Path], grid: list[str], seeds: list[int], overrides: list[str]) -> None:
@@ -135,9 +161,15 @@ def read_sweep(out: Path) -> dict[str, Any]:
     path = Path(out) / SWEEP_FILE
     if not path.is_file():
         raise MSIError(f"{path}: not found; is {out} a folder written by msi-sweep?")
-    record = yaml.safe_load(path.read_text())
+    try:
+        record = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise MSIError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
     if not isinstance(record, dict) or set(record) != {"configs", "grid", "seeds", "set"}:
         raise MSIError(f"{path}: expected the keys configs, grid, seeds, set")
+    bad = [k for k in ("configs", "grid", "seeds", "set") if not isinstance(record[k], list)]
+    if bad:
+        raise MSIError(f"{path}: {', '.join(bad)} must be a list (as msi-sweep writes it)")
     return record
 
 
@@ -147,8 +179,12 @@ def stats(values: list[float]) -> dict[str, Any]:
             "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values), "values": values}
 
 
-def _read_results(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "results.json").read_text())
+def _results(run_dir: Path) -> dict[str, Any]:
+    """The results.json of a trial ``trial_state`` found done."""
+    results = read_results(run_dir)
+    if results is None:
+        raise MSIError(f"{run_dir}: results.json disappeared while the tables were written")
+    return results
 
 
 def summarize(trials: list[Trial], metrics: dict[str, str]) -> dict[str, Any]:
@@ -161,7 +197,7 @@ def summarize(trials: list[Trial], metrics: dict[str, str]) -> dict[str, Any]:
         metric, grid = metrics[name], []
         for point, group in points.items():
             states = [trial_state(t.run_dir) for t in group]
-            valid = [_read_results(t.run_dir)["valid"][metric] for t, s in zip(group, states) if s == "done"]
+            valid = [_results(t.run_dir)["valid"][metric] for t, s in zip(group, states) if s == "done"]
             grid.append({"point": list(point), "valid": stats(valid), "finished": len(valid),
                          "stopped": states.count("stopped"), "eligible": states.count("done") == len(group)})
         eligible = [g for g in grid if g["eligible"]]
@@ -172,7 +208,7 @@ def summarize(trials: list[Trial], metrics: dict[str, str]) -> dict[str, Any]:
 
 def _selected(group: list[Trial]) -> dict[str, Any]:
     """Valid and test metrics of the selected point, the only place test numbers are read."""
-    results = [_read_results(t.run_dir) for t in group]
+    results = [_results(t.run_dir) for t in group]
     keys = list(results[0]["test"])
     return {"point": list(group[0].point), "run_dirs": [str(t.run_dir) for t in group],
             "valid": {k: stats([r["valid"][k] for r in results]) for k in keys},
@@ -220,7 +256,7 @@ def _write_tables(dest: Path, head: dict[str, Any], trials: list[Trial], cfgs: d
         if cfg.data.name not in floors:
             floors[cfg.data.name] = popularity_floor(cfg)
     metrics = {name: cfg.train.metric for name, cfg in cfgs.items()}
-    summary = {**head, "configs": summarize(trials, metrics), "popularity": floors}
+    summary = {**head, "configs": summarize(trials, metrics), "popularity": floors, "damaged": damaged_results(trials)}
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (dest / "results.md").write_text(render_markdown(summary))
@@ -257,7 +293,7 @@ def union_trials(outs: list[Path]) -> tuple[list[Trial], dict[str, Config], list
             key = (t.config.stem, point, t.seed)
             other = trials.get(key)
             if other is not None and trial_state(other.run_dir) == trial_state(t.run_dir) == "done":
-                if _read_results(other.run_dir) == _read_results(t.run_dir):
+                if _results(other.run_dir) == _results(t.run_dir):
                     continue  # a copy of the same run
                 raise MSIError(f"{other.run_dir} and {t.run_dir}: the same trial finished twice; keep one")
             if other is None or trial_state(t.run_dir) == "done":
@@ -313,6 +349,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
             chosen = c["selected"]["point"] if c["selected"] else None
             lines += [f"| {' '.join(g['point'])}{' (selected)' if g['point'] == chosen else ''} | {_ms(g['valid'])} "
                       f"| {g['finished']} | {'yes' if g['eligible'] else 'no'} |" for g in c["grid"]]
+    if summary.get("damaged"):
+        lines += ["", "Damaged run files:", "", *(f"- {d}" for d in summary["damaged"])]
     return "\n".join(lines) + "\n"
 
 

@@ -2,15 +2,15 @@
 
 Each trial runs the normal trainer in a Ray worker and writes an ordinary run directory. The run directories are
 the truth: a trial with ``results.json`` is skipped, one with ``last.pt`` resumes, one with ``stopped.json`` (ASHA
-stopped it) is never run, resumed or selected again; anything else is a partial start and is cleared. So
-re-running the same command after a crash, Ctrl-C or ``--deadline`` finishes the sweep. Selection and the tables
-are ``msi.select``'s. Each trial appends its node and any traceback to ``<out>/logs/<run name>.log``.
+stopped it) is never run, resumed or selected again; anything else (a damaged results.json included) is a partial
+start and is cleared or resumed. So re-running the same command after a crash, Ctrl-C or ``--deadline`` finishes the
+sweep. Selection and the tables are ``msi.select``'s. Each trial appends its node, the lines its trainer writes to
+the run's train.log (one per epoch) and any traceback to ``<out>/logs/<run name>.log``.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
@@ -28,7 +28,8 @@ import msi
 from msi.config import config_from_dict
 from msi.errors import MSIError
 from msi.run import dataset_for
-from msi.select import (STOPPED_FILE, Trial, plan_trials, prepare_trial_dir, record_sweep, report, trial_config,
+from msi.rundir import STOPPED, DamagedRunFile, read_log, read_metrics, read_results, write_json
+from msi.select import (Trial, copy_log, plan_trials, prepare_trial_dir, record_sweep, report, trial_config,
                         trial_state)
 
 RETRIES = 2  # a failing trial is tried 1 + RETRIES times, then reported
@@ -129,8 +130,10 @@ def run_sweep(
         _tune(todo, cfgs, out, cpus_per_trial, gpus_per_trial, max_concurrent, address, deadline, asha, log)
     left = [t for t in trials if trial_state(t.run_dir) in ("new", "resumable")]
     for t in left:
-        metrics = t.run_dir / "metrics.jsonl"
-        log(f"{t.name}: unfinished, {metrics.read_text().count(chr(10)) if metrics.is_file() else 0} epochs logged")
+        try:
+            log(f"{t.name}: unfinished, {len(read_metrics(t.run_dir))} epochs logged")
+        except DamagedRunFile as e:
+            log(f"{t.name}: unfinished; {e}")
     if left:
         log(f"{len(left)} trials unfinished; run the same command again to continue them")
     return report(out)
@@ -188,7 +191,7 @@ def _progress(bar: tqdm, log: Callable[[str], None]) -> Any:
             run_dir = Path(spec["run_dir"])
             state = trial_state(run_dir)
             if state == "done":
-                res = json.loads((run_dir / "results.json").read_text())
+                res = read_results(run_dir)
                 what = (f"done, valid {spec['metric']} {res['valid'][spec['metric']]:.4f} at epoch "
                         f"{res['best_epoch']} ({res['train_seconds']:.0f} s)")
             elif state == "stopped":
@@ -219,8 +222,7 @@ def stop_marking_asha(max_epochs: int) -> Any:
             decision = super().on_trial_result(tune_controller, trial, result)
             run_dir = Path(trial.config["trial"]["run_dir"])
             if decision == TrialScheduler.STOP and not result.get("finished") and trial_state(run_dir) != "done":
-                (run_dir / STOPPED_FILE).write_text(json.dumps(
-                    {"by": "asha", "epoch": result["epoch"], "valid": result["valid"]}) + "\n")
+                write_json(run_dir / STOPPED, {"by": "asha", "epoch": result["epoch"], "valid": result["valid"]})
             return decision
 
     # max_t beyond the last epoch: ASHA never stops a trial for reaching it, the trainer ends its runs
@@ -244,14 +246,16 @@ def run_trial(params: dict[str, Any]) -> None:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'} on node {node} "
                 f"(host {os.uname().nodename}, pid {os.getpid()}, msi from {Path(msi.__file__).parent})\n")
     outcome: dict[str, Any] = {}
+    offset = read_log(run_dir)[1]  # train.log's lines from here on are this attempt's
     thread = threading.Thread(target=_train_into, args=(spec, resume, outcome), daemon=True)
     thread.start()
     reported = 0
     while True:
         alive = thread.is_alive()  # read after this check, so the rows written before the end are all seen
-        for row in read_valid_rows(run_dir / "metrics.jsonl", spec["metric"], after=reported):
+        for row in read_valid_rows(run_dir, spec["metric"], after=reported):
             tune.report({"epoch": row[0], "valid": row[1], "node": node})
             reported = row[0]
+        offset = copy_log(run_dir, log_path, offset)
         if not alive:
             break
         thread.join(timeout=1.0)
@@ -276,10 +280,7 @@ def _train_into(spec: dict[str, Any], resume: bool, outcome: dict[str, Any]) -> 
         outcome["error"] = traceback.format_exc()
 
 
-def read_valid_rows(path: Path, metric: str, after: int = 0) -> list[tuple[int, float]]:
-    """(epoch, valid metric) of the complete rows of a metrics.jsonl with an evaluation, after epoch ``after``."""
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    rows = [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line]
-    return [(r["epoch"], r["valid"][metric]) for r in rows if "valid" in r and r["epoch"] > after]
+def read_valid_rows(run_dir: Path, metric: str, after: int = 0) -> list[tuple[int, float]]:
+    """(epoch, valid metric) of the complete metrics rows of ``run_dir`` with an evaluation, after epoch ``after``."""
+    return [(r["epoch"], r["valid"][metric]) for r in read_metrics(run_dir) if "valid" in r and r["epoch"] > after]
+
