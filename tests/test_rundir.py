@@ -225,3 +225,9 @@ def test_leftovers_of_interrupted_writes_are_removed(tmp_path):
     assert is_leftover(".last.pt.tmp-1") and not is_leftover("last.pt") and not is_leftover(".lock")
     assert sorted(p.name for p in remove_leftovers(tmp_path)) == [".best.pt.tmp-12", ".results.json.tmp-12-ab12cd34"]
     assert only_file(tmp_path) == [".lock", "best.pt"]
+
+
+def test_a_failed_append_names_the_file(tmp_path):
+    (tmp_path / "metrics.jsonl").mkdir()  # what cannot be appended to, as a full disk cannot
+    with pytest.raises(MSIError, match=f"^{tmp_path / 'metrics.jsonl'}: could not append"):
+        append_metrics(tmp_path, {"loss": 1.0, "epoch": 1}, ["loss"])

@@ -245,3 +245,16 @@ def test_an_early_stopped_run_trains_on_only_with_more_patience(data_root, tmp_p
     more = train(None, resume=run_dir, overrides=["train.patience=3"], quiet=True)
     assert more["epochs_run"] >= first["epochs_run"] + 2 and more["epochs_run"] == more["best_epoch"] + 3
     assert [r["epoch"] for r in rows(run_dir)] == list(range(1, more["epochs_run"] + 1))
+
+
+def test_a_run_failing_before_its_config_is_written_leaves_the_directory_empty(data_root, tmp_path, monkeypatch):
+    def disk_full(run_dir, cfg):
+        raise MSIError(f"{run_dir / 'config.yaml'}: could not write (No space left on device)")
+
+    monkeypatch.setattr(msi.train, "write_config", disk_full)
+    with pytest.raises(MSIError, match="No space left"):
+        train(config(data_root, "train.epochs=1"), out=tmp_path / "run", quiet=True)
+    assert list((tmp_path / "run").iterdir()) == []  # no train.log, no .lock: the same command can start here
+    monkeypatch.undo()
+    assert train(config(data_root, "train.epochs=1"), out=tmp_path / "run", quiet=True)["epochs_run"] == 1
+    assert log_lines(tmp_path / "run")[0].startswith("tiny: ")  # the held lines were written with the run

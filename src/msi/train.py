@@ -83,7 +83,7 @@ def train(
     run_dir = Path(os.path.abspath(resume if resume is not None else _run_dir(cfg, out)))
     if resume is not None and not (run_dir / LAST).is_file():
         raise CheckpointError(f"{run_dir / LAST}: checkpoint not found; nothing to resume")
-    log = _logger(run_dir, quiet)
+    log = _TrainLog(run_dir, quiet, hold=resume is None)
     with locked(run_dir):
         if resume is not None and not overrides and (done := _finished(run_dir, log)) is not None:
             if not quiet:  # the console only: resuming a finished run changes nothing in it
@@ -91,6 +91,7 @@ def train(
             return done
         run = _setup(cfg, run_dir, resume is not None, overwrite, device, quiet, allow_other_data, log, model, data,
                      overrides or [])
+        log.release()
         try:
             _loop(run, quiet, log)
             return _finish(run, log)
@@ -99,15 +100,28 @@ def train(
             raise
 
 
-def _logger(run_dir: Path, quiet: bool) -> Log:
-    """A line to ``train.log``, and to the console unless ``quiet``."""
-    def log(*parts: Any) -> None:
-        line = " ".join(str(x) for x in parts)
-        append_log(run_dir, line)
-        if not quiet:
-            tqdm.write(line)
+class _TrainLog:
+    """A line to the console unless ``quiet``, and to ``train.log``. With ``hold`` (a new run) the lines wait until
+    ``release`` (after _setup wrote config.yaml): a run refused or failing before that leaves no train.log behind,
+    so its directory stays as empty as it was and the corrected command can start there."""
 
-    return log
+    def __init__(self, run_dir: Path, quiet: bool, hold: bool) -> None:
+        self.run_dir, self.quiet = run_dir, quiet
+        self.held: list[str] | None = [] if hold else None
+
+    def __call__(self, *parts: Any) -> None:
+        line = " ".join(str(x) for x in parts)
+        if not self.quiet:
+            tqdm.write(line)
+        if self.held is not None:
+            self.held.append(line)
+        else:
+            append_log(self.run_dir, line)
+
+    def release(self) -> None:
+        for line in self.held or []:
+            append_log(self.run_dir, line)
+        self.held = None
 
 
 def _run_dir(cfg: Config, out: str | Path | None) -> Path:
@@ -328,8 +342,12 @@ def _fmt(metrics: dict[str, float], keys: tuple[str, ...] = ("recall", "ndcg")) 
 def _finish(run: _Run, log: Log) -> dict[str, Any]:
     """Score valid and test once with best.pt (opened like any checkpoint) and write ``results.json``."""
     best_path = run.dir / BEST
+    if not best_path.is_file() and run.progress["best_epoch"]:
+        raise CheckpointError(f"{best_path}: not found, though epoch {run.progress['best_epoch']} scored best on "
+                              "valid and was saved there (deleted or moved?): put it back to finish the run, or "
+                              "start over with --overwrite")
     if not best_path.is_file():
-        raise MSIError(f"{run.dir}: no evaluation ran, so there is no best checkpoint (train.eval_every > epochs?)")
+        raise MSIError(f"{run.dir}: no evaluation ran, so there is no best checkpoint")
     model = open_run(best_path, run.evaluator.device, dataset=run.evaluator.dataset).model
     p = run.progress
     results = {
