@@ -33,19 +33,11 @@ def test_exact_values_on_a_three_user_two_item_graph():
     assert adj.values().numel() == 6  # the duplicate (0, 0) row is one edge, stored in both directions
 
 
-def test_coo_equals_csr_and_is_symmetric_without_self_loops():
+def test_symmetric_without_self_loops_and_bipartite():
     csr = normalized_adjacency(TRAIN, 3, 2).to_dense()
-    coo = normalized_adjacency(TRAIN, 3, 2, layout=torch.sparse_coo)
-    assert coo.layout == torch.sparse_coo and coo.is_coalesced()
-    torch.testing.assert_close(coo.to_dense(), csr, rtol=0, atol=0)
     torch.testing.assert_close(csr, csr.T, rtol=0, atol=0)
     assert (csr.diagonal() == 0).all()
     assert (csr[:3, :3] == 0).all() and (csr[3:, 3:] == 0).all()  # bipartite: no user-user, item-item edges
-
-
-def test_unsupported_layout():
-    with pytest.raises(ValueError, match="unsupported sparse layout"):
-        normalized_adjacency(TRAIN, 3, 2, layout=torch.strided)
 
 
 def test_isolated_item_and_empty_graph_give_zero_rows_not_nan():

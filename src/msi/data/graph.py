@@ -9,14 +9,13 @@ import scipy.sparse as sp
 import torch
 
 
-def normalized_adjacency(
-    train: np.ndarray, n_users: int, n_items: int, layout: torch.layout = torch.sparse_csr
-) -> torch.Tensor:
-    """Â = D^-1/2 A D^-1/2 of the bipartite graph of ``train`` rows, as an (N, N) sparse float32 tensor.
+def normalized_adjacency(train: np.ndarray, n_users: int, n_items: int) -> torch.Tensor:
+    """Â = D^-1/2 A D^-1/2 of the bipartite graph of ``train`` rows, as an (N, N) sparse CSR float32 tensor.
 
     ``train`` is an int array of shape (n, 2) holding (user, item) rows; node ids are users 0..U-1 then items
     U..U+I-1. Duplicate rows count once, there are no self-loops, and isolated nodes get all-zero rows (never NaN).
-    ``layout`` is ``torch.sparse_csr`` (the faster one for ``A @ X`` on CPU and CUDA) or ``torch.sparse_coo``.
+    CSR is the faster layout for ``A @ X`` on CPU and CUDA, and its rows are sorted (``bipartite_blocks`` relies on
+    it).
     """
     n = n_users + n_items
     pairs = np.unique(np.asarray(train, dtype=np.int64).reshape(-1, 2), axis=0)
@@ -30,13 +29,7 @@ def normalized_adjacency(
     vals = (inv_sqrt[rows] * inv_sqrt[cols]).astype(np.float32)
     csr = sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
     csr.sort_indices()
-    if layout == torch.sparse_csr:
-        return _to_torch_csr(csr)
-    if layout == torch.sparse_coo:
-        coo = csr.tocoo()
-        index = torch.from_numpy(np.stack([coo.row, coo.col]).astype(np.int64))
-        return torch.sparse_coo_tensor(index, torch.from_numpy(coo.data), (n, n), is_coalesced=True, check_invariants=False)
-    raise ValueError(f"unsupported sparse layout {layout}")
+    return _to_torch_csr(csr)
 
 
 def interaction_csr(pairs: np.ndarray, n_users: int, n_items: int) -> torch.Tensor:
