@@ -220,7 +220,7 @@ def test_recommend_with_exclude_never_lists_a_train_item(tiny_data, model_kind):
     exclude = interaction_csr(tiny_data.train, tiny_data.n_users, tiny_data.n_items)
     seen = _train_sets(tiny_data)
     k = 20
-    _, unmasked = model.recommend(users, k)
+    _, unmasked = model.recommend(users, k, exclude_seen=False)
     assert any(seen[u] & set(unmasked[u].tolist()) for u in range(tiny_data.n_users))  # the test has teeth
     scores, items = model.recommend(users, k, exclude=exclude)
     assert items.shape == (tiny_data.n_users, k)

@@ -1,5 +1,6 @@
 """msi.models: propagation, the fused sparse product, stop-gradient, BM3 and MSI against dense re-computations,
-training of every variant, determinism in eval mode, scoring, recommending and building from a config."""
+training of every variant, determinism in eval mode, scoring, recommending (train items left out by default) and
+building from a config; the parameter groups each model declares."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from torch.distributions import Independent, Normal, kl_divergence
 
 from msi.config import load_config
 from msi.data.graph import interaction_csr, normalized_adjacency
-from msi.models import MSI, LightGCN, build_model, lightgcn_readout
+from msi.models import MSI, LightGCN, build_model, grad_norms, lightgcn_readout
 from msi.models.base import bipartite_blocks
+from msi.run import open_run
+from msi.train import train
 
 # The paper's variants as constructor arguments (SPEC §2 table).
 VARIANTS = {
@@ -513,7 +516,7 @@ def test_build_model_builds_each_variant(tiny, overrides, expected):
     for key, value in expected.items():
         assert getattr(model, key) == value, key
     assert model.modalities == tuple(tiny.features)
-    # from the widths alone (the weights come from a checkpoint): same parameters, same scores after loading
+    # zeros for the feature values (for the parameter shapes): same parameters, same scores after loading
     bare = build_model(cfg, tiny, with_features=False)
     bare.load_state_dict(model.state_dict())
     users = torch.arange(4)
@@ -527,6 +530,54 @@ def test_build_model_builds_lightgcn(tiny):
     assert isinstance(model, LightGCN)
     assert (model.n_layers, model.gamma, model.emb.shape) == (2, 1e-4, (tiny.n_users + tiny.n_items, 8))
     assert model.item_views == ("id",)
+
+
+SEEN_MODELS = {"msi": [], "lightgcn": ["model.name=lightgcn"]}
+
+
+@pytest.mark.parametrize("name", list(SEEN_MODELS))
+def test_a_built_model_leaves_out_train_items_unless_told_not_to(tiny, name):
+    model = build_model(load_config(overrides=["model.embedding_dim=8", *SEEN_MODELS[name]]), tiny).eval()
+    train_mask = interaction_csr(tiny.train, tiny.n_users, tiny.n_items)
+    assert torch.equal(model.seen.to_dense(), train_mask.to_dense()) and "seen" not in model.state_dict()
+    users, k = torch.arange(tiny.n_users), 5
+    seen = train_mask.to_dense().bool()
+    scores, items = model.recommend(users, k)
+    assert not seen[users[:, None], items].any()
+    full = model.score(users)
+    torch.testing.assert_close(scores, torch.topk(full.masked_fill(seen, float("-inf")), k, dim=1).values)
+    # exclude_seen=False: the plain top k, train items among them
+    raw_scores, raw = model.recommend(users, k, exclude_seen=False)
+    assert torch.equal(raw_scores, torch.topk(full, k, dim=1).values) and seen[users[:, None], raw].any()
+    # an explicit mask is left out instead of the train items (msi-recommend's train + valid)
+    valid = interaction_csr(tiny.valid, tiny.n_users, tiny.n_items).to_dense().bool()
+    _, items = model.recommend(users, k, exclude=interaction_csr(tiny.valid, tiny.n_users, tiny.n_items))
+    assert not valid[users[:, None], items].any()
+    # a model constructed directly knows no train items and leaves out nothing
+    assert tiny_msi(tiny).seen is None and tiny_lightgcn(tiny).seen is None
+
+
+def test_a_model_opened_by_open_run_leaves_out_train_items(tiny, tmp_path):
+    cfg = load_config(overrides=[f"data.root={tiny.path.parent}", f"data.name={tiny.name}", "train.epochs=1",
+                                 "model.embedding_dim=8", "train.device=cpu"])
+    train(cfg, out=tmp_path / "run", quiet=True, data=tiny)
+    model = open_run(tmp_path / "run" / "best.pt", dataset=tiny).model
+    users = torch.arange(tiny.n_users)
+    seen = interaction_csr(tiny.train, tiny.n_users, tiny.n_items).to_dense().bool()
+    assert not seen[users[:, None], model.recommend(users, 5)[1]].any()
+    assert seen[users[:, None], model.recommend(users, 5, exclude_seen=False)[1]].any()
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.use_ssd=false"], ["model.mi_estimator=jsd"],
+                                       ["model.name=lightgcn"]])
+def test_every_parameter_is_in_a_group_the_model_declares(tiny, overrides):
+    model = build_model(load_config(overrides=["model.embedding_dim=8", *overrides]), tiny).train()
+    assert {name.split(".")[0] for name, _ in model.named_parameters()} <= set(model.param_groups)
+    model.loss(torch.from_numpy(tiny.train[:32, 0]), torch.from_numpy(tiny.train[:32, 1]))["loss"].backward()
+    norms = grad_norms(model)
+    assert "grad_other" not in norms and norms["grad_embeddings"] > 0
+    if isinstance(model, LightGCN):
+        assert norms == {"grad_embeddings": pytest.approx(float(model.emb.grad.norm()), rel=1e-6)}
 
 
 def test_symmetric_backward_equals_torch_sparse_backward():

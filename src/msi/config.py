@@ -1,6 +1,7 @@
 """Every setting of a run, as typed dataclasses loaded from YAML with dotted ``key=value`` overrides.
 
-This module imports no other msi module except the error type. Rules:
+This module imports no other msi module except the bottom layer: the error type and the model registry (which
+itself imports only the error type at module level; ``validate`` asks it about ``model.name``). Rules:
 - an unknown key (in YAML or an override) is an error that names it and suggests the closest valid key;
 - values are converted by the field's declared type (PyYAML reads ``1e-4`` as a string);
 - impossible values (negative dropout, K <= 0, an empty modality list) are errors;
@@ -20,9 +21,9 @@ from typing import Any
 
 import yaml
 
+from msi import registry
 from msi.errors import ConfigError, read_utf8
 
-MODEL_NAMES = ("msi", "lightgcn")
 METRICS = ("recall", "ndcg", "precision", "map")
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 MAX_LR = 1.0  # Adam moves every weight by about lr per step: above 1 the weights overflow within a few steps
@@ -45,7 +46,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "msi"  # msi | lightgcn
+    name: str = "msi"  # a registered model: msi | lightgcn | a plugin's (docs/adding_a_model.md)
     embedding_dim: int = 64  # d
     n_layers: int = 1  # L, LightGCN layers of every graph
     dropout: float = 0.3  # p of the target-view dropout (contrastive view generator)
@@ -286,8 +287,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 def validate(cfg: Config) -> None:
     """Reject impossible values with a message that names the key."""
     m, lo, t, e, d = cfg.model, cfg.loss, cfg.train, cfg.eval, cfg.data
+    model = registry.get(m.name)  # an unknown name: a ConfigError about model.name with a did-you-mean
     checks = [
-        (m.name in MODEL_NAMES, "model.name", f"must be one of {', '.join(MODEL_NAMES)}"),
         (m.embedding_dim > 0, "model.embedding_dim", "must be > 0"),
         (m.n_layers >= 0, "model.n_layers", "must be >= 0"),
         (0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
@@ -307,7 +308,7 @@ def validate(cfg: Config) -> None:
         (len(e.ks) > 0 and all(k > 0 for k in e.ks), "eval.ks", "must be a non-empty list of K > 0"),
         (e.batch_users > 0, "eval.batch_users", "must be > 0"),
         (bool(d.name), "data.name", "must not be empty"),
-        (m.name == "lightgcn" or len(d.modalities) > 0, "data.modalities", "must name at least one modality"),
+        (not model.item_features or len(d.modalities) > 0, "data.modalities", "must name at least one modality"),
     ]
     for section in ("model", "loss", "train"):  # inf or nan in any float key (train.lr=.inf, model.tau=nan)
         for key, value in asdict(getattr(cfg, section)).items():

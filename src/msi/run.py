@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from msi import registry
 from msi.checkpoint import check_matches_data, check_weights, first_non_finite, load_checkpoint
 from msi.config import Config, config_from_dict
 from msi.data.dataset import Dataset, load_dataset
@@ -51,7 +52,7 @@ def dataset_for(cfg: Config, progress: bool = True) -> Dataset:
 
         print(f"generating the '{d.synth_preset}' data set into {folder} (seed {d.synth_seed}) ...")
         generate(d.synth_preset, folder, seed=d.synth_seed, name=d.name, progress=progress)
-    modalities = {} if cfg.model.name == "lightgcn" else d.modalities
+    modalities = d.modalities if registry.get(cfg.model.name).item_features else {}
     return load_dataset(d.root, d.name, modalities)
 
 
@@ -104,7 +105,7 @@ def open_run(
     bad = first_non_finite(ckpt["model"])
     if bad is not None:
         raise CheckpointError(f"{path}: weight {bad} holds NaN or inf values; the model is not usable")
-    model = build_model(cfg, dataset, with_features=False)
+    model = build_model(cfg, dataset)
     check_weights(ckpt["model"], model.state_dict(), path)
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()

@@ -1,40 +1,44 @@
-"""Models: MSI (and its ablations, BM3 among them) and the LightGCN baseline, behind one small interface."""
+"""Models: MSI (and its ablations, BM3 among them) and the LightGCN baseline, behind one small interface.
+
+Each model registers its builder under its name (``@register("msi")`` beside the class, msi.registry); importing
+this package registers the built-in ones. ``build_model`` asks the registry for ``cfg.model.name`` and knows no
+model by name. docs/adding_a_model.md shows how a package of one's own adds a model.
+"""
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+
+import numpy as np
 
 from msi.config import Config
 from msi.data.dataset import Dataset
-from msi.data.graph import normalized_adjacency
+from msi.data.graph import interaction_csr
+from msi.errors import MSIError
 from msi.models.base import Recommender, grad_norms, lightgcn_readout, mask_rows
 from msi.models.lightgcn import LightGCN
 from msi.models.msi import MSI
 from msi.models.popularity import Popularity
+from msi.registry import get, register
 
 
 def build_model(cfg: Config, dataset: Dataset, with_features: bool = True) -> Recommender:
-    """The model that ``cfg.model.name`` names, on the CPU, for ``dataset``.
+    """The model that ``cfg.model.name`` names, on the CPU, for ``dataset``, its ``seen`` set to the train items
+    (``recommend`` leaves them out by default).
 
-    ``with_features=False`` builds MSI from the feature widths only (the values come from a checkpoint).
+    ``with_features=False``: zeros stand in for the item features' values, for a caller that needs only the
+    model's parameter names and shapes.
     """
-    m, lo = cfg.model, cfg.loss
-    adj = normalized_adjacency(dataset.train, dataset.n_users, dataset.n_items)
-    if m.name == "lightgcn":
-        return LightGCN(
-            dataset.n_users, dataset.n_items, adj, dataset.train,
-            embedding_dim=m.embedding_dim, n_layers=m.n_layers, gamma=lo.gamma,
-        )
-    features = {
-        name: torch.from_numpy(f) if with_features else f.shape[1] for name, f in dataset.features.items()
-    }
-    return MSI(
-        dataset.n_users, dataset.n_items, adj, features,
-        embedding_dim=m.embedding_dim, n_layers=m.n_layers, dropout=m.dropout, tau=m.tau, use_ssd=m.use_ssd,
-        use_ip=m.use_ip, freeze_features=m.freeze_features, code_placement=m.code_placement,
-        alpha=lo.alpha, beta=lo.beta, gamma=lo.gamma, w_align=lo.w_align, w_mask=lo.w_mask,
-        beta_warmup=lo.beta_warmup, mi_estimator=m.mi_estimator, score_views=m.score_views,
-    )
+    if not with_features:
+        zeros = {m: np.zeros(f.shape, np.float32) for m, f in dataset.features.items()}
+        dataset = dataclasses.replace(dataset, features=zeros)
+    entry = get(cfg.model.name)
+    model = entry.build(cfg, dataset)
+    if not isinstance(model, Recommender):
+        raise MSIError(f"the builder of model {entry.name!r} returned a {type(model).__name__}, not a "
+                       "msi.models.Recommender")
+    model.seen = interaction_csr(dataset.train, dataset.n_users, dataset.n_items)
+    return model
 
 
 def epoch_diagnostics(model: Recommender) -> dict[str, float]:
@@ -43,4 +47,5 @@ def epoch_diagnostics(model: Recommender) -> dict[str, float]:
     return {**grad_norms(model), **model.code_stats()}
 
 
-__all__ = ["MSI", "epoch_diagnostics", "grad_norms", "LightGCN", "Popularity", "Recommender", "build_model", "lightgcn_readout", "mask_rows"]
+__all__ = ["MSI", "LightGCN", "Popularity", "Recommender", "build_model", "epoch_diagnostics", "grad_norms",
+           "lightgcn_readout", "mask_rows", "register"]

@@ -94,31 +94,26 @@ def mask_rows(scores: torch.Tensor, users: torch.Tensor, exclude: torch.Tensor) 
     return scores
 
 
-# parameter name (its first dotted part) -> the group whose gradient norm the trainer logs
-PARAM_GROUPS = {"user_emb": "embeddings", "item_emb": "embeddings", "emb": "embeddings", "proj": "projections",
-                "head": "heads", "predictor": "predictor", "raw": "features",
-                "critic": "critic"}
-
-
-@torch.no_grad()
-def grad_norms(model: nn.Module) -> dict[str, float]:
-    """The L2 norm of the current gradient of each parameter group (``grad_<group>``), groups without one left out."""
-    sq: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            group = PARAM_GROUPS.get(name.split(".")[0], "other")
-            sq[group] = sq.get(group, 0.0) + p.grad.float().pow(2).sum()
-    return {f"grad_{g}": float(v) ** 0.5 for g, v in sq.items()}
-
-
 class Recommender(nn.Module):
     """What every model provides: ``embeddings()``, ``loss(users, items)``, ``score`` and ``recommend``.
 
     Subclasses implement ``embeddings()`` -> {"user": (U, d), "id": (I, d), <modality>: (I, d), ...}, the final
     representations whose inner products are the scores, and ``loss``. In eval mode everything is deterministic.
+    docs/adding_a_model.md describes the whole interface.
+
+    Class attributes a model sets: ``item_views``, the keys of ``embeddings()`` that can represent items;
+    ``param_groups``, the first dotted part of a parameter's name -> the group whose gradient norm the trainer
+    logs as ``grad_<group>`` (``grad_norms``; parameters of no group are "other").
     """
 
     item_views: tuple[str, ...] = ("id",)
+    param_groups: dict[str, str] = {}
+
+    def __init__(self) -> None:
+        super().__init__()
+        # (U, I) sparse CSR 0/1 of each user's train items, set by build_model (and so open_run): what
+        # ``recommend`` leaves out by default. A model constructed directly has none and leaves out nothing.
+        self.register_buffer("seen", None, persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -161,9 +156,30 @@ class Recommender(nn.Module):
         exclude: torch.Tensor | None = None,
         item_view: str = "id",
         emb: dict[str, torch.Tensor] | None = None,
+        *,
+        exclude_seen: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (scores, items), each (B, k), for ``users`` (B,); ``exclude`` is a (U, I) sparse CSR mask."""
+        """Top-k (scores, items), each (B, k), for ``users`` (B,), best first.
+
+        Each user's train items (``seen``) are left out unless ``exclude_seen=False``; ``exclude``, a (U, I) sparse
+        CSR mask, is left out instead of them (msi-recommend's train and valid items). A left-out item gets the
+        score -inf, so a user with fewer than k candidates has -inf at the end of the row.
+        """
         scores = self.score(users, item_view, emb)
-        if exclude is not None:
-            mask_rows(scores, users, exclude)
+        mask = exclude if exclude is not None else self.seen if exclude_seen else None
+        if mask is not None:
+            mask_rows(scores, users, mask)
         return torch.topk(scores, min(k, scores.shape[1]), dim=1)
+
+
+@torch.no_grad()
+def grad_norms(model: Recommender) -> dict[str, float]:
+    """The L2 norm of the current gradient of each parameter group (``grad_<group>``), groups without one left out.
+
+    A parameter's group is ``model.param_groups[<the first dotted part of its name>]``, else "other"."""
+    sq: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            group = model.param_groups.get(name.split(".")[0], "other")
+            sq[group] = sq.get(group, 0.0) + p.grad.float().pow(2).sum()
+    return {f"grad_{g}": float(v) ** 0.5 for g, v in sq.items()}

@@ -10,12 +10,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from msi.config import Config
+from msi.data.dataset import Dataset
+from msi.data.graph import normalized_adjacency
 from msi.losses import bpr_loss
 from msi.models.base import Recommender, lightgcn_readout
+from msi.registry import register
 
 
 class LightGCN(Recommender):
     """Args: sizes, the (N, N) normalized adjacency, the train pairs (n, 2) (negatives reject them)."""
+
+    param_groups = {"emb": "embeddings"}
 
     def __init__(
         self,
@@ -65,3 +71,13 @@ class LightGCN(Recommender):
             ego[users].pow(2).sum() + ego[self.n_users + items].pow(2).sum() + ego[self.n_users + neg].pow(2).sum()
         ) / (2 * len(users))
         return {"bpr": bpr, "reg": reg, "loss": bpr + self.gamma * reg}
+
+
+@register("lightgcn", item_features=False)
+def build(cfg: Config, data: Dataset) -> LightGCN:
+    """LightGCN on ``data``'s train graph: ``model.embedding_dim``, ``model.n_layers`` and ``loss.gamma``."""
+    m = cfg.model
+    return LightGCN(
+        data.n_users, data.n_items, normalized_adjacency(data.train, data.n_users, data.n_items), data.train,
+        embedding_dim=m.embedding_dim, n_layers=m.n_layers, gamma=cfg.loss.gamma,
+    )

@@ -25,9 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msi.config import CODE_PLACEMENTS, MI_ESTIMATORS, SCORE_VIEWS
+from msi.config import CODE_PLACEMENTS, MI_ESTIMATORS, SCORE_VIEWS, Config
+from msi.data.dataset import Dataset
+from msi.data.graph import normalized_adjacency
 from msi.losses import average_kl, cosine_loss, frobenius_reg, info_nce, jsd_mi
 from msi.models.base import Recommender, bipartite_blocks, lightgcn_readout, one_layer_readout
+from msi.registry import register
 
 
 class MSI(Recommender):
@@ -36,8 +39,7 @@ class MSI(Recommender):
     Args:
         n_users, n_items: sizes of the data set.
         adj: (N, N) sparse normalized adjacency of the train graph (``msi.data.normalized_adjacency``).
-        features: ordered modality name -> raw features (I, F_m) float tensor, or the width F_m alone (the
-            values then come from a checkpoint's state dict).
+        features: ordered modality name -> raw features (I, F_m) float tensor (copied into the ``raw`` parameters).
         use_ssd: superfluous semantics discarding (needs exactly two modalities).
         use_ip: interaction preserving (LightGCN over the modality graphs).
         freeze_features: keep the raw features fixed (BM3 trains them).
@@ -52,15 +54,18 @@ class MSI(Recommender):
             loss terms are the same either way).
 
     The loss weights stay in the constructor, beside the architecture: the trainer calls ``loss(users, items)``
-    for every registered model alike, and a model's builder is the one place that reads its config.
+    for every registered model alike, and a model's builder (``build`` below) is the one place that reads its config.
     """
+
+    param_groups = {"user_emb": "embeddings", "item_emb": "embeddings", "proj": "projections", "head": "heads",
+                    "predictor": "predictor", "raw": "features", "critic": "critic"}
 
     def __init__(
         self,
         n_users: int,
         n_items: int,
         adj: torch.Tensor,
-        features: dict[str, torch.Tensor | int],
+        features: dict[str, torch.Tensor],
         embedding_dim: int = 64,
         n_layers: int = 1,
         dropout: float = 0.3,
@@ -111,7 +116,7 @@ class MSI(Recommender):
         self.proj = nn.ModuleDict()
         self.head = nn.ModuleDict()
         for m, feat in features.items():
-            feat = torch.zeros(n_items, feat) if isinstance(feat, int) else feat.float()
+            feat = feat.float()
             if feat.shape[0] != n_items:
                 raise ValueError(f"features[{m!r}] has {feat.shape[0]} rows, expected n_items = {n_items}")
             self.raw[m] = nn.Parameter(feat.clone(), requires_grad=not freeze_features)
@@ -243,3 +248,18 @@ class MSI(Recommender):
             out["cos_pair"] = float((a * b).sum(-1).mean())
             out["cos_random"] = float((a * b[perm]).sum(-1).mean())
         return out
+
+
+@register("msi")
+def build(cfg: Config, data: Dataset) -> MSI:
+    """MSI (or the ablation that ``model.use_ssd`` / ``model.use_ip`` / the loss weights name) for ``data``'s train
+    graph and item features."""
+    m, lo = cfg.model, cfg.loss
+    return MSI(
+        data.n_users, data.n_items, normalized_adjacency(data.train, data.n_users, data.n_items),
+        {name: torch.from_numpy(f) for name, f in data.features.items()},
+        embedding_dim=m.embedding_dim, n_layers=m.n_layers, dropout=m.dropout, tau=m.tau, use_ssd=m.use_ssd,
+        use_ip=m.use_ip, freeze_features=m.freeze_features, code_placement=m.code_placement,
+        alpha=lo.alpha, beta=lo.beta, gamma=lo.gamma, w_align=lo.w_align, w_mask=lo.w_mask,
+        beta_warmup=lo.beta_warmup, mi_estimator=m.mi_estimator, score_views=m.score_views,
+    )
