@@ -192,7 +192,7 @@ def test_3_resume_on_changed_data_is_a_one_line_error(workdir, tmp_path, capsys)
 def test_4a_a_mistyped_data_set_name_is_not_generated(workdir, tmp_path, capsys):
     code, _, err = run(train_main, train_args(workdir, tmp_path / "run", "data.name=tinyy"), capsys)
     line = error_line(err)
-    assert code == 2 and "tinyy.inter does not exist" in line and line.endswith(": tiny")
+    assert code == 2 and "tinyy.inter does not exist" in line and ": tiny (for MMRec's" in line
     assert not (workdir / "data" / "tinyy").exists()
 
 
