@@ -1,162 +1,331 @@
-"""msi-plot: learning curves of run directories, or the grid of a sweep, as a PNG (matplotlib, Agg backend).
+"""msi-plot: learning curves of run directories, or the grid of a sweep, as a PNG, PDF or SVG (matplotlib, Agg).
 
-Runs: one panel for the valid ``train.metric`` and one per loss term (the keys the trainer writes before ``epoch``
-in a metrics.jsonl row; diagnostics after it are left out), against the epoch; the seeds of one
-configuration are thin lines, their mean a thick one. Sweep: one panel per config with the mean valid metric of
-every grid point (a heat map for two axes, lines otherwise), the point selected on valid marked with a star.
+Runs (``runs_figure``): one panel for the valid ``train.metric`` and one per loss term (the terms each
+metrics.jsonl row names; diagnostics are left out), against whole-number epochs. Runs whose configs differ only in
+the seed form one group: its seeds are thin lines, their mean over the epochs every seed reached a thick one
+("mean of n", drawn only when n > 1). Labels are short: ``seed 42`` within one group; between groups the config
+keys that tell them apart (``model.dropout=0.5``), or, when more than three keys differ, the part of the run
+directory names that differs. Each run's best epoch (the first with the best valid metric, as the trainer selects)
+is marked on every panel. The legend sits below the panels, never on them.
+
+Sweep (``sweep_figure``): one panel per config of the valid metric at every grid point, mean ± sample std over the
+seeds, with n said in the title and the legend; the point selected on valid is starred; a point whose seeds have not
+all finished is left out (the title counts them). Two grid keys: a heat map, each cell "mean ± std (n=2)", rows and
+columns in numeric order where the values are numbers (a heat map's cells are categories: evenly spaced). Otherwise
+lines with error bars over the first key, one line per combination of the others, on a numeric x axis: linear, or
+logarithmic when the positive values span a decade or more (alpha, beta); when 0 is among them, symmetric-log with
+its linear part reaching the smallest positive value, so 0 sits one decade left of it. Non-numeric values
+(``eval.ks=[10,20]``) are categories in grid order.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from msi.config import Config
 from msi.errors import MSIError
+from msi.rundir import CONFIG, METRICS, loss_terms, read_config, read_metrics
 from msi.select import SWEEP_FILE, grid_points, load_sweep, split_values, summarize
 
+FORMATS = ("png", "pdf", "svg")
 PANEL = (4.0, 3.0)  # inches per panel
+LEGEND = (0.15, 0.2)  # inches below the panels for the legend: a margin, and one row of 8 pt text
 DPI = 100
-
-
-def pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise MSIError("msi-plot needs matplotlib: pip install -e '.[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+TITLES = {
+    "loss": "loss: the total minimised",
+    "nce": "nce: InfoNCE estimate of I(z^a; z^b)\n(higher = more shared)",
+    "jsd": "jsd: JSD estimate of I(z^a; z^b)\n(higher = more shared)",
+}
+# keys that say where or how a run ran, not what it trained: runs differing only here are seeds of one group
+NOT_A_SETTING = {"train.seed", "train.run_name", "train.out_dir", "data.root", "train.device",
+                 "train.checkpoint_every", "train.tensorboard"}
 
 
 def plot(dirs: list[Path], out: Path) -> tuple[int, int]:
-    """A sweep folder (with sweep.yaml) or run directories -> ``out``; returns the PNG's (width, height)."""
+    """A sweep folder (with sweep.yaml) or run directories -> the file ``out``; returns its (width, height) in
+    pixels at ``DPI``. ``out`` must end in .png, .pdf or .svg."""
+    out = Path(out)
+    if out.suffix.lower().lstrip(".") not in FORMATS:
+        what = f"unsupported extension {out.suffix!r}" if out.suffix else "no extension"
+        raise MSIError(f"{out}: {what}; msi-plot writes {', '.join('.' + f for f in FORMATS)}: end the name in one")
     dirs = [Path(d) for d in dirs]
-    if len(dirs) == 1 and (dirs[0] / SWEEP_FILE).is_file():
-        return plot_sweep(dirs[0], Path(out))
-    return plot_runs(dirs, Path(out))
+    is_sweep = len(dirs) == 1 and (dirs[0] / SWEEP_FILE).is_file()
+    fig = sweep_figure(dirs[0]) if is_sweep else runs_figure(dirs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:  # beside, then renamed: ``out`` is never a half-written picture
+        fig.savefig(tmp, format=out.suffix.lower().lstrip("."), dpi=DPI)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    width, height = fig.get_size_inches() * DPI
+    return round(width), round(height)
 
 
-def _figure(n_panels: int) -> tuple[Any, list[Any]]:
-    plt = pyplot()
+def new_figure(n_panels: int, legend_rows: int) -> tuple[Any, list[Any]]:
+    """A Figure (no pyplot state) of ``n_panels`` panels, three a row, with room for legend rows below."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MSIError("msi-plot needs matplotlib: pip install -e '.[plot]'") from None
     ncols = min(3, n_panels)
     nrows = math.ceil(n_panels / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(PANEL[0] * ncols, PANEL[1] * nrows), dpi=DPI, squeeze=False)
-    axes = list(axes.flat)
+    fig = Figure(figsize=(PANEL[0] * ncols, PANEL[1] * nrows + _legend_height(legend_rows)), dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
     for ax in axes[n_panels:]:
         ax.set_visible(False)
     return fig, axes[:n_panels]
 
 
-def _save(fig: Any, out: Path) -> tuple[int, int]:
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)  # no bbox_inches="tight": the size is panels x PANEL x DPI
-    size = fig.canvas.get_width_height()
-    pyplot().close(fig)
-    return size
+def _legend_height(rows: int) -> float:
+    return LEGEND[0] + LEGEND[1] * rows if rows else 0.0
 
 
-def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The saved config (a plain dict) and the metric rows of a run directory."""
-    for name in ("config.yaml", "metrics.jsonl"):
-        if not (run_dir / name).is_file():
-            raise MSIError(f"{run_dir / name}: not found; msi-plot takes run directories or a sweep folder")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return yaml.safe_load((run_dir / "config.yaml").read_text()), rows
+def _legend_columns(labels: list[str], width: float) -> int:
+    entry = max(0.7 + 0.07 * len(label) for label in labels)  # inches: the handle and ~8 pt characters
+    return max(1, min(len(labels), int(width // entry)))
 
 
-def plot_runs(run_dirs: list[Path], out: Path) -> tuple[int, int]:
-    """Valid metric and every loss term against the epoch; runs differing only in seed share a colour and a mean."""
-    groups: dict[str, list[tuple[str, list[dict]]]] = {}
-    metric = None
+def _finish(fig: Any, handles: list[Any], labels: list[str], ncol: int) -> Any:
+    """Lay the panels out above the legend rows and put the legend there."""
+    below = _legend_height(math.ceil(len(labels) / ncol)) / fig.get_size_inches()[1]
+    fig.tight_layout(rect=(0, below, 1, 1))
+    fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0), ncol=ncol, fontsize=8, frameon=False)
+    return fig
+
+
+# ---------------------------------------------------------------- learning curves
+
+
+def read_run(run_dir: Path) -> tuple[Config, list[dict[str, Any]]]:
+    """The saved config and the complete metric rows of a run directory (a partial last line is skipped)."""
+    if not (run_dir / CONFIG).is_file():
+        raise MSIError(f"{run_dir / CONFIG}: not found; msi-plot takes run directories or a sweep folder")
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise MSIError(f"{run_dir / METRICS}: no complete epoch yet; nothing to plot")
+    return read_config(run_dir), rows
+
+
+def _settings(cfg: Config) -> dict[str, str]:
+    flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
+    return {k: json.dumps(v) for k, v in flat.items() if k not in NOT_A_SETTING}
+
+
+def _group_labels(groups: list[list[tuple[Path, Config, list]]]) -> list[str]:
+    """What tells each group apart: ``key=value, ...`` over the keys that differ, or the differing part of the
+    run directory names when more than three keys differ."""
+    settings = [_settings(g[0][1]) for g in groups]
+    differ = [k for k in settings[0] if len({s[k] for s in settings}) > 1]
+    if len(differ) <= 3:
+        return [", ".join(f"{k}={json.loads(s[k])}" for k in differ) for s in settings]
+    parts = [re.sub(r"_s\d+$", "", g[0][0].name).split("_") for g in groups]
+    for end in (0, -1):  # drop the leading, then the trailing parts every name shares
+        while all(len(p) > 1 for p in parts) and len({p[end] for p in parts}) == 1:
+            parts = [p[1:] if end == 0 else p[:-1] for p in parts]
+    return ["_".join(p) for p in parts]
+
+
+def _series(groups: list[list[tuple[Path, Config, list]]]) -> list[tuple[str, str, list[list], bool, bool]]:
+    """What to draw: (label, colour, the runs' rows, draw each run, draw their mean). One group: each seed in its
+    own colour, then the mean in black; several: one colour a group, its seeds thin under a thick mean."""
+    if len(groups) == 1:
+        runs = groups[0]
+        out = [(f"seed {cfg.train.seed}", f"C{j}", [rows], True, False) for j, (_, cfg, rows) in enumerate(runs)]
+        return out + ([(f"mean of {len(runs)}", "black", [rows for *_, rows in runs], False, True)]
+                      if len(runs) > 1 else [])
+    out = []
+    for i, (runs, label) in enumerate(zip(groups, _group_labels(groups))):
+        n = f"seed {runs[0][1].train.seed}" if len(runs) == 1 else f"mean of {len(runs)}"
+        out.append((f"{label} ({n})", f"C{i}", [rows for *_, rows in runs], True, len(runs) > 1))
+    return out
+
+
+def runs_figure(run_dirs: list[Path]) -> Any:
+    """Valid metric and every loss term against the epoch (see the module doc); returns the Figure."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    groups: dict[str, list[tuple[Path, Config, list]]] = {}
     for d in run_dirs:
-        cfg, rows = read_run(d)
-        metric = metric or cfg["train"]["metric"]
-        key = json.dumps({s: {k: v for k, v in sec.items() if k not in ("seed", "run_name", "out_dir")}
-                          for s, sec in cfg.items()}, sort_keys=True)
-        groups.setdefault(key, []).append((re.sub(r"_s\d+$", "", d.name), rows))
-    terms = list(dict.fromkeys(k for g in groups.values() for _, rows in g for r in rows for k in loss_terms(r)))
+        cfg, rows = read_run(Path(d))
+        groups.setdefault(json.dumps(_settings(cfg), sort_keys=True), []).append((Path(d), cfg, rows))
+    metric = next(iter(groups.values()))[0][1].train.metric
+    terms = list(dict.fromkeys(t for g in groups.values() for *_, rows in g for r in rows for t in loss_terms(r)))
     quantities = [f"valid {metric}", *terms]
-    fig, axes = _figure(len(quantities))
-    for color, runs in enumerate(groups.values()):
-        for ax, q in zip(axes, quantities):
-            curves = [_curve(rows, q, metric) for _, rows in runs]
-            for x, y in curves:
-                ax.plot(x, y, color=f"C{color}", alpha=0.35, linewidth=0.8)
-            x, y = _mean_curve(curves)
-            ax.plot(x, y, color=f"C{color}", linewidth=2, label=f"{runs[0][0]} (mean of {len(runs)})")
+    series = _series(list(groups.values()))
+    names = [s[0] for s in series] + ["best epoch (valid)"]
+    ncol = _legend_columns(names, PANEL[0] * min(3, len(quantities)))
+    fig, axes = new_figure(len(quantities), math.ceil(len(names) / ncol))
+    legend: list[Any] = []
     for ax, q in zip(axes, quantities):
-        ax.set(title=q, xlabel="epoch")
-    axes[0].legend(fontsize=7)
-    return _save(fig, out)
+        handles = [_draw(ax, q, metric, *s[1:]) for s in series]
+        ax.set_title(TITLES.get(q, f"{q} (higher is better)" if q.startswith("valid ") else q), fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        legend = legend or handles
+    legend.append(Line2D([], [], marker="v", color="gray", markeredgecolor="black", linestyle="none"))
+    return _finish(fig, legend, names, ncol)
 
 
-def loss_terms(row: dict[str, Any]) -> list[str]:
-    """The loss terms of a metrics row: its keys before ``epoch`` (the trainer writes them first)."""
-    keys = list(row)
-    return keys[: keys.index("epoch")] if "epoch" in keys else []
+def _draw(ax: Any, quantity: str, metric: str, colour: str, runs: list[list], each: bool, mean: bool) -> Any:
+    """One series on one panel, each run's best epoch marked; returns the line that stands for it in the legend."""
+    line = None
+    if each:
+        for rows in runs:
+            x, y = _curve(rows, quantity, metric)
+            line = ax.plot(x, y, color=colour, linewidth=0.8 if mean else 1.5, alpha=0.45 if mean else 1)[0]
+            best = best_epoch(rows, metric)
+            if best is not None and best in x:
+                ax.plot(best, y[list(x).index(best)], marker="v", color=colour, markeredgecolor="black",
+                        markersize=7, linestyle="none", gid="best-epoch", zorder=5)
+    if mean:
+        line = ax.plot(*_mean_curve([_curve(r, quantity, metric) for r in runs]), color=colour, linewidth=2.2)[0]
+    return line
+
+
+def best_epoch(rows: list[dict[str, Any]], metric: str) -> int | None:
+    """The first epoch with the best valid ``metric``, as the trainer selects; None before any evaluation."""
+    scored = [(r["valid"][metric], -r["epoch"]) for r in rows if metric in r.get("valid", {})]
+    return -max(scored)[1] if scored else None
 
 
 def _curve(rows: list[dict], quantity: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
     if quantity.startswith("valid "):
-        pts = [(r["epoch"], r["valid"][metric]) for r in rows if "valid" in r]
+        pts = [(r["epoch"], r["valid"][metric]) for r in rows if metric in r.get("valid", {})]
     else:
         pts = [(r["epoch"], r[quantity]) for r in rows if quantity in r]
-    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+    return np.array([p[0] for p in pts], dtype=int), np.array([p[1] for p in pts], dtype=float)
 
 
 def _mean_curve(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """The mean over the epochs every seed reached (early stopping ends seeds at different epochs)."""
-    n = min(len(x) for x, _ in curves)
-    return curves[0][0][:n], np.mean([y[:n] for _, y in curves], axis=0)
+    """The mean over the epochs every run reached (early stopping ends seeds at different epochs)."""
+    common = sorted(set.intersection(*(set(x.tolist()) for x, _ in curves)))
+    return np.array(common), np.array([np.mean([y[list(x).index(e)] for x, y in curves]) for e in common])
 
 
-def plot_sweep(sweep_dir: Path, out: Path) -> tuple[int, int]:
-    """Mean valid metric per grid point, one panel per config; the selected point is starred."""
+# ---------------------------------------------------------------- a sweep's grid
+
+
+def _number(value: str) -> float | None:
+    try:
+        x = float(value)
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def grid_axis(values: list[str]) -> tuple[list[str], list[float], str]:
+    """One grid key's values in plotting order, their x positions and the x scale (see the module doc):
+    numbers sorted, at their values, on "linear", "log" or "symlog"; anything else "categorical", in grid order."""
+    numbers = [_number(v) for v in values]
+    if any(x is None for x in numbers):
+        return values, [float(i) for i in range(len(values))], "categorical"
+    order = sorted(range(len(values)), key=lambda i: numbers[i])
+    values, numbers = [values[i] for i in order], [numbers[i] for i in order]
+    positive = [x for x in numbers if x > 0]
+    if min(numbers) < 0 or len(positive) < 2 or max(positive) / min(positive) < 10:
+        return values, numbers, "linear"
+    return values, numbers, "symlog" if 0 in numbers else "log"
+
+
+def sweep_figure(sweep_dir: Path) -> Any:
+    """Valid metric per grid point, mean ± std over seeds, one panel per config (see the module doc); the Figure."""
+    from matplotlib.lines import Line2D
+
     record, trials, cfgs = load_sweep(sweep_dir)
     configs = summarize(trials, {name: cfg.train.metric for name, cfg in cfgs.items()})
-    axes_values = [(item.partition("=")[0].strip(), split_values(item.partition("=")[2])) for item in record["grid"]]
-    fig, axes = _figure(len(configs))
+    keys = [(item.partition("=")[0].strip(), split_values(item.partition("=")[2])) for item in record["grid"]]
+    n = len(record["seeds"])
+    heat = len(keys) == 2
+    rest = [" ".join(p) for p in grid_points([f"{k}={','.join(v)}" for k, v in keys[1:]])] if not heat else []
+    names = [f"{r} (mean ± std, n={n})" if r else f"mean ± std (n={n})" for r in rest]
+    names += [] if heat else ["one seed"]
+    names.append("selected (best mean valid)")
+    ncol = _legend_columns(names, PANEL[0] * min(3, len(configs)))
+    fig, axes = new_figure(len(configs), math.ceil(len(names) / ncol))
+    handles: list[Any] = []
     for ax, (name, c) in zip(axes, configs.items()):
-        means = {tuple(g["point"]): g["valid"]["mean"] if g["eligible"] else np.nan for g in c["grid"]}
+        stats = {tuple(g["point"]): g["valid"] for g in c["grid"] if g["eligible"]}
         chosen = tuple(c["selected"]["point"]) if c["selected"] else None
-        if len(axes_values) == 2:
-            _heat_map(ax, fig, axes_values, means, chosen)
+        if heat:
+            _heat_map(ax, fig, keys, stats, chosen, c["metric"])
         else:
-            _lines(ax, axes_values, means, chosen)
-        ax.set_title(f"{name}: mean valid {c['metric']}", fontsize=9)
-    return _save(fig, out)
+            handles = _error_lines(ax, fig, keys, stats, chosen, names[:-2], c["metric"])
+        missing = len(c["grid"]) - len(stats)
+        ax.set_title(f"{name}: valid {c['metric']}\nmean ± std over n={n} seeds"
+                     + (f"\n{missing} point(s) left out: seeds not all finished" if missing else ""), fontsize=9)
+    star = Line2D([], [], marker="*", color="red", markeredgecolor="black", markersize=12, linestyle="none")
+    return _finish(fig, [*handles, star], names, ncol)
 
 
-def _heat_map(ax: Any, fig: Any, axes_values: list, means: dict, chosen: tuple | None) -> None:
-    (k0, v0), (k1, v1) = axes_values
-    grid = np.array([[means[(f"{k0}={a}", f"{k1}={b}")] for b in v1] for a in v0], dtype=float)
-    im = ax.imshow(grid, cmap="viridis", aspect="auto")
-    fig.colorbar(im, ax=ax)
+def _heat_map(ax: Any, fig: Any, keys: list, stats: dict, chosen: tuple | None, metric: str) -> None:
+    """Rows: the first key, columns: the second, each in ``grid_axis`` order; a cell says mean ± std (n)."""
+    (k0, v0), (k1, v1) = ((k, grid_axis(v)[0]) for k, v in keys)
+    cells = [[stats.get((f"{k0}={a}", f"{k1}={b}")) for b in v1] for a in v0]
+    grid = np.array([[s["mean"] if s else np.nan for s in row] for row in cells], dtype=float)
+    im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+    ax.set_facecolor("0.9")  # behind the cells left out (NaN)
+    fig.colorbar(im, ax=ax, label=f"mean valid {metric}")
+    low, high = np.nanmin(grid, initial=np.inf), np.nanmax(grid, initial=-np.inf)
     for i, j in np.ndindex(grid.shape):
-        ax.text(j, i, "n/a" if np.isnan(grid[i, j]) else f"{grid[i, j]:.4f}", ha="center", va="center",
-                color="white", fontsize=8)
+        s = cells[i][j]
+        std = "" if s is None or s["std"] is None else f" ± {s['std']:.4f}"
+        text = "n/a" if s is None else f"{s['mean']:.4f}{std}\n(n={s['n']})"
+        dark = s is not None and (high == low or (s["mean"] - low) / (high - low) < 0.6)  # viridis: dark below
+        ax.text(j, i, text, ha="center", va="center", color="white" if dark else "black", fontsize=7)
         if chosen == (f"{k0}={v0[i]}", f"{k1}={v1[j]}"):
-            ax.plot(j, i - 0.3, marker="*", color="red", markersize=14, label="selected")
+            ax.plot(j, i + 0.32, marker="*", color="red", markeredgecolor="black", markersize=12)
     ax.set(xticks=range(len(v1)), xticklabels=v1, xlabel=k1, yticks=range(len(v0)), yticklabels=v0, ylabel=k0)
 
 
-def _lines(ax: Any, axes_values: list, means: dict, chosen: tuple | None) -> None:
-    """x: the first axis' values; one line per combination of the other axes (none: a single line)."""
-    k0, v0 = axes_values[0] if axes_values else ("point", [""])
-    for rest in grid_points([f"{k}={','.join(v)}" for k, v in axes_values[1:]]):
-        points = [tuple(p for p in (f"{k0}={a}" if axes_values else None, *rest) if p) for a in v0]
-        ax.plot(range(len(v0)), [means[p] for p in points], marker="o", label=" ".join(rest) or None)
-        for x, p in enumerate(points):
+def _error_lines(ax: Any, fig: Any, keys: list, stats: dict, chosen: tuple | None, labels: list[str],
+                 metric: str) -> list[Any]:
+    """x: the first key (``grid_axis``); one line with error bars per combination of the other keys, each shifted a
+    few points sideways so that bars at one x do not hide each other, each seed's value a faint dot. Returns the
+    legend handles: the lines, then a seed's dot."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullLocator
+    from matplotlib.transforms import ScaledTranslation
+
+    k0, values = keys[0] if keys else ("grid point", [""])
+    values, xs, scale = grid_axis(values)
+    combos = grid_points([f"{k}={','.join(v)}" for k, v in keys[1:]])
+    handles = []
+    for i, (rest, label) in enumerate(zip(combos, labels)):
+        shift = ax.transData + ScaledTranslation(0.06 * (i - (len(combos) - 1) / 2), 0, fig.dpi_scale_trans)
+        points = [tuple(p for p in (f"{k0}={v}" if keys else None, *rest) if p) for v in values]
+        mean = np.array([stats[p]["mean"] if p in stats else np.nan for p in points], dtype=float)
+        std = np.array([stats[p]["std"] if p in stats and stats[p]["std"] is not None else np.nan for p in points],
+                       dtype=float)
+        bars = ax.errorbar(xs, mean, yerr=std, marker="o", capsize=4, color=f"C{i}", transform=shift, label=label)
+        handles.append(bars)
+        for x, p, m, sd in zip(xs, points, mean, np.nan_to_num(std)):
+            if p not in stats:
+                continue
+            seeds = stats[p]["values"]
+            ax.plot([x] * len(seeds), seeds, marker="o", markersize=3.5, linestyle="none", color=f"C{i}", alpha=0.5,
+                    transform=shift, gid="seed")
+            ax.update_datalim([(x, y) for y in (*seeds, m - sd, m + sd)])  # shifted lines do not enter the limits
             if p == chosen:
-                ax.plot(x, means[p], marker="*", color="red", markersize=14, linestyle="none")
-    ax.set(xticks=range(len(v0)), xticklabels=v0, xlabel=k0, ylabel="mean valid")
-    if len(axes_values) > 1:
-        ax.legend(fontsize=7)
+                ax.plot(x, m, marker="*", color="red", markeredgecolor="black", markersize=14, transform=shift,
+                        zorder=5)
+    if scale == "symlog":
+        ax.set_xscale("symlog", linthresh=min(x for x in xs if x > 0))
+    elif scale == "log":
+        ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.1)
+    ax.autoscale_view()
+    ax.set_xticks(xs, labels=values)
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set(xlabel=k0, ylabel=f"valid {metric}")
+    return [*handles, Line2D([], [], marker="o", markersize=3.5, linestyle="none", color="gray", alpha=0.5)]
