@@ -321,10 +321,11 @@ def _sweep(argv: list[str] | None) -> int:
 
 
 def _plot(argv: list[str] | None) -> int:
-    p = _parser("msi-plot", "Learning curves of run directories (seeds overlaid with their mean), or a sweep's "
-                "grid of mean valid metrics with the selected point marked, as a PNG. Needs: pip install -e '.[plot]'.")
+    p = _parser("msi-plot", "Learning curves of run directories (seeds overlaid with their mean, each run's best "
+                "epoch marked), or a sweep's grid of valid metrics (mean ± std over seeds) with the selected point "
+                "starred, as a picture. Needs: pip install -e '.[plot]'.")
     p.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run directories, or one msi-sweep folder")
-    p.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    p.add_argument("--out", required=True, type=Path, help="file to write: .png, .pdf or .svg")
     args = p.parse_args(argv)
     from msi.plot import plot
 
