@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msi.config import Config, config_from_dict, dump_config, load_config, parse_overrides, valid_keys
+from msi.config import Config, config_from_dict, load_config, parse_overrides, valid_keys
+from msi.rundir import write_config
 from msi.data.dataset import Dataset
 from msi.errors import ConfigError
 from msi.models import LightGCN, MSI, build_model
@@ -160,10 +161,10 @@ def test_bad_files_are_errors(tmp_path):
     assert load_config(_yaml(tmp_path, "", "empty.yaml")).model.name == "msi"
 
 
-def test_dump_and_reload_round_trip(tmp_path):
+def test_a_saved_config_reloads_equal(tmp_path):
     cfg = load_config(overrides=["loss.beta=1e-3", "eval.ks=[5,20]", "model.use_ip=false"])
-    dump_config(cfg, tmp_path / "saved.yaml")
-    assert load_config(tmp_path / "saved.yaml") == cfg  # paths are absolute, so the folder does not matter
+    write_config(tmp_path, cfg)  # a run directory's config.yaml
+    assert load_config(tmp_path / "config.yaml") == cfg  # paths are absolute, so the folder does not matter
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
