@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import msi.recommend
 import msi.rundir
 import msi.train
 from msi.checkpoint import load_checkpoint, save_checkpoint
@@ -317,7 +318,7 @@ def test_12_leftovers_of_interrupted_writes_are_removed(workdir, tmp_path, capsy
     code, _, err = run(recommend_main, ["--checkpoint", out / "best.pt", "--out", recs, "--device", "cpu"], capsys)
     line = error_line(err)
     assert code == 2 and str(recs) in line and "No space left" in line
-    assert list(tmp_path.glob("recs.tsv*")) == []
+    assert [p.name for p in tmp_path.iterdir() if "recs.tsv" in p.name] == []  # no temporary file either
 
 
 def test_14_ctrl_c_exits_130_and_says_how_to_resume(workdir, tmp_path, capsys, monkeypatch):
@@ -414,3 +415,328 @@ def test_15_string_overrides_keep_their_text(workdir, tmp_path, capsys):
     assert code == 0 and (tmp_path / "0x1F" / "results.json").is_file()
     code, _, err = run(train_main, train_args(workdir, tmp_path / "r2", "data.name=007"), capsys)
     assert code == 2 and "007/007.inter does not exist" in error_line(err)
+
+
+# ---------------------------------------------------------------- issue 19: the newer surfaces (its item numbers)
+
+
+def done_copy(workdir: Path, tmp_path: Path) -> Path:
+    """A private copy of the finished run ``runs/done``."""
+    shutil.copytree(workdir / "runs" / "done", tmp_path / "done")
+    return tmp_path / "done"
+
+
+def recommend_args(checkpoint: Path, out: Path, *extra) -> list:
+    return ["--checkpoint", checkpoint, "--out", out, "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("target", ["best.pt", "last.pt", "results.json", "metrics.jsonl", ".",
+                                    "../data/tiny/tiny.inter"])
+def test_i19_1_recommend_never_writes_over_a_checkpoint_a_run_file_or_data(workdir, tmp_path, capsys, target):
+    done = done_copy(workdir, tmp_path)
+    copy_data(workdir, tmp_path)
+    out = done / target
+    before = {**snapshot(done), **snapshot(tmp_path / "data" / "tiny")}
+    code, stdout, err = run(recommend_main, recommend_args(done / "best.pt", out), capsys)
+    line = error_line(err)
+    problem = "is a folder, not a file" if target == "." else "exists and is not a recommendations TSV"
+    assert code == 2 and stdout == "" and line.startswith(f"error: {out}: {problem}")
+    assert {**snapshot(done), **snapshot(tmp_path / "data" / "tiny")} == before
+
+
+def test_i19_1_an_earlier_recommendations_tsv_is_replaced(workdir, tmp_path, capsys):
+    best, recs = workdir / "runs" / "done" / "best.pt", tmp_path / "recs.tsv"
+    for k in (5, 2):
+        assert run(recommend_main, recommend_args(best, recs, "--k", k), capsys)[0] == 0
+    assert len(recs.read_text().splitlines()) == 1 + 2 * 60
+
+
+def test_i19_2_two_recommends_to_one_out_leave_one_whole_file(workdir, tmp_path, capsys, monkeypatch):
+    """A second msi-recommend (--k 7) runs from start to end while the first (--k 3) is half-way through its rows:
+    each writes its own temporary file and renames it when complete, so the file is one whole output, never a mix."""
+    best, recs = workdir / "runs" / "done" / "best.pt", tmp_path / "recs.tsv"
+    real, codes = msi.recommend._write_rows, []
+
+    def second_run_meanwhile(*args):
+        if not codes:  # the first batch of the first run
+            codes.append(None)
+            codes[0] = recommend_main([str(a) for a in recommend_args(best, recs, "--k", 7)])
+        return real(*args)
+
+    monkeypatch.setattr(msi.recommend, "_write_rows", second_run_meanwhile)
+    code, _, err = run(recommend_main, recommend_args(best, recs, "--k", 3), capsys)
+    assert code == 0 and codes == [0], err
+    rows = [line.split("\t") for line in recs.read_text().splitlines()[1:]]
+    assert len(rows) == 3 * 60 and {r[1] for r in rows} == {"1", "2", "3"} and {len(r) for r in rows} == {4}
+    assert [p.name for p in tmp_path.iterdir()] == ["recs.tsv"]
+
+
+def test_i19_3_synth_into_an_existing_data_set_is_refused_without_overwrite(workdir, tmp_path, capsys):
+    folder = copy_data(workdir, tmp_path) / "tiny"
+    before = snapshot(folder)
+    argv = ["synth", "--preset", "tiny", "--out", folder, "--seed", "1", "--quiet"]
+    code, _, err = run(data_main, argv, capsys)
+    assert code == 2 and error_line(err) == (f"error: {folder}: already holds image_feat.npy, text_feat.npy, "
+                                             "tiny.inter; msi-data synth --overwrite replaces the data set there")
+    assert snapshot(folder) == before
+    assert run(data_main, [*argv, "--overwrite"], capsys)[0] == 0
+    after = snapshot(folder)
+    assert sorted(after) == sorted(before) and all(after[f] != before[f] for f in before)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["tiny"]  # written beside, swapped in, nothing left
+
+
+@pytest.mark.parametrize("raw, problem", [("inf", "is not an integer"), ("1e30", "is far out of range"),
+                                          ("1.5", "is not an integer"), ("-0.5", "is not an integer")])
+def test_i19_9_ids_that_are_not_integers_name_the_line(workdir, tmp_path, capsys, raw, problem):
+    root = copy_data(workdir, tmp_path)
+    inter = root / "tiny" / "tiny.inter"
+    lines = inter.read_text().splitlines()
+    lines[3] = raw + "\t" + lines[3].split("\t", 1)[1]
+    inter.write_text("\n".join(lines) + "\n")
+    code, _, err = run(train_main, train_args(workdir, tmp_path / "run", f"data.root={root}"), capsys)
+    assert code == 2 and error_line(err).startswith(f"error: {inter}:4: userID {raw!r} {problem}")
+
+
+def malformed(ckpt: dict, change: str) -> dict:
+    """``ckpt`` with one thing wrong, as a loaded payload (torch.save it: save_checkpoint would fix the header)."""
+    ckpt = {**ckpt, "model": dict(ckpt["model"])}
+    if change == "model missing a tensor":
+        del ckpt["model"]["user_emb"]
+    elif change == "model of the wrong shape":
+        ckpt["model"]["user_emb"] = torch.zeros(3, 8)
+    else:
+        key, value = {"format_version a string": ("format_version", "1"),
+                      "format_version None": ("format_version", None), "data empty": ("data", {}),
+                      "config a string": ("config", "train: {epochs: 2}"),
+                      "model a list": ("model", [torch.zeros(2)])}[change]
+        ckpt[key] = value
+    return ckpt
+
+
+@pytest.mark.parametrize("change, problem", [
+    ("format_version a string", "format_version is '1', not a positive integer"),
+    ("format_version None", "format_version is None, not a positive integer"),
+    ("data empty", "data has no n_users"),
+    ("config a string", "config is a str, not a mapping"),
+    ("model a list", "model is a list, not a mapping"),
+    ("model missing a tensor", "model has no weight 'user_emb'"),
+    ("model of the wrong shape", "model weight 'user_emb' is torch.float32 of shape (3, 8), its config's model needs "
+                                 "torch.float32 of shape (60, 8)"),
+])
+def test_i19_10_a_malformed_checkpoint_is_one_line(workdir, tmp_path, capsys, change, problem):
+    path = tmp_path / "bad.pt"
+    torch.save(malformed(load_checkpoint(workdir / "runs" / "done" / "best.pt"), change), path)
+    for main, extra in ((eval_main, []), (recommend_main, ["--out", tmp_path / "recs.tsv"])):
+        code, out, err = run(main, ["--checkpoint", path, "--device", "cpu", *extra], capsys)
+        assert code == 2 and out == "" and error_line(err) == f"error: {path}: not an msi checkpoint: {problem}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
+
+
+def test_i19_10_a_half_size_checkpoint_says_truncated(workdir, tmp_path, capsys):
+    path = tmp_path / "best.pt"
+    data = (workdir / "runs" / "done" / "best.pt").read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    code, _, err = run(eval_main, ["--checkpoint", path, "--device", "cpu"], capsys)
+    assert code == 2 and error_line(err).startswith(f"error: {path}: truncated checkpoint: the zip archive stops")
+
+
+@pytest.fixture
+def small_file_limit():
+    """Writes past 8 KiB fail with EFBIG ("File too large"), as on a full disk, while the test runs."""
+    resource = pytest.importorskip("resource")
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, limits[1]))
+
+    yield limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_i19_12_a_full_disk_while_synth_writes_names_the_file_and_keeps_the_data_set(workdir, tmp_path, capsys,
+                                                                                    small_file_limit):
+    folder = copy_data(workdir, tmp_path) / "tiny"
+    before = snapshot(folder)
+    small_file_limit()
+    code, _, err = run(data_main, ["synth", "--preset", "tiny", "--out", folder, "--seed", "1", "--overwrite",
+                                   "--quiet"], capsys)
+    assert code == 2 and error_line(err) == (f"error: {folder / 'tiny.inter'}: could not write (File too large); "
+                                             f"{folder} is left as it was")
+    assert snapshot(folder) == before
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["tiny"]  # no staging folder, no 0-byte file
+
+
+def test_i19_12_a_full_disk_while_recommend_writes_keeps_the_earlier_file(workdir, tmp_path, capsys,
+                                                                         small_file_limit):
+    best, recs = workdir / "runs" / "done" / "best.pt", tmp_path / "recs.tsv"
+    assert run(recommend_main, recommend_args(best, recs, "--k", 1), capsys)[0] == 0
+    before = recs.read_bytes()
+    small_file_limit()
+    code, _, err = run(recommend_main, recommend_args(best, recs, "--k", 40), capsys)
+    assert code == 2 and error_line(err) == (f"error: {recs}: could not write the recommendations (File too large); "
+                                             "nothing written")
+    assert recs.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["recs.tsv"]
+
+
+def test_i19_13_eval_every_above_epochs_is_refused_at_config_time(workdir, tmp_path, capsys):
+    code, _, err = run(train_main, train_args(workdir, tmp_path / "run", f"train.eval_every={EPOCHS + 1}"), capsys)
+    assert code == 2 and error_line(err).startswith(
+        f"error: config key 'train.eval_every' must be <= train.epochs ({EPOCHS}), or valid is never scored")
+    assert not (tmp_path / "run").exists()
+
+
+def test_i19_13_resuming_a_run_whose_best_checkpoint_was_deleted_says_so(workdir, tmp_path, capsys):
+    out = killed_copy(workdir, tmp_path)
+    best_epoch = json.loads((workdir / "runs" / "done" / "results.json").read_text())["best_epoch"]
+    (out / "best.pt").unlink()
+    kept = {name: (out / name).read_bytes() for name in ("last.pt", "metrics.jsonl", "config.yaml")}
+    code, _, err = run(train_main, ["--resume", out, "--quiet"], capsys)
+    assert code == 2 and error_line(err) == (
+        f"error: {out / 'best.pt'}: not found, though epoch {best_epoch} scored best on valid and was saved there "
+        "(deleted or moved?): put it back to finish the run, or start over with --overwrite")
+    assert {name: (out / name).read_bytes() for name in kept} == kept and not (out / "results.json").exists()
+
+
+def test_i19_16_repeated_pairs_are_a_warning_with_the_counts_and_the_split(workdir, tmp_path, capsys):
+    root = copy_data(workdir, tmp_path)
+    inter = root / "tiny" / "tiny.inter"
+    lines = inter.read_text().splitlines()
+    train_row = next(x for x in lines[1:] if x.endswith("\t0"))
+    test_row = next(x for x in lines[1:] if x.endswith("\t2"))
+    # a train pair twice, and a test pair also in train
+    inter.write_text("\n".join([*lines, train_row, test_row[:-1] + "0"]) + "\n")
+    code, _, err = run(train_main, train_args(workdir, tmp_path / "run", f"data.root={root}", "train.epochs=1"), capsys)
+    assert code == 0
+    assert (f"warning: {inter}: repeated (userID, itemID) pairs: 1 extra row(s) within train, 1 test row(s) whose "
+            "pair is also in train (train items are masked when scoring, so those rows are never hit)") in err
+
+
+@pytest.mark.filterwarnings("error")  # a numpy warning printed before the error line broke the one-line promise
+def test_i19_17_an_empty_inter_file_is_one_line(workdir, tmp_path, capsys):
+    root = copy_data(workdir, tmp_path)
+    inter = root / "tiny" / "tiny.inter"
+    inter.write_text(inter.read_text().splitlines()[0] + "\n")
+    code, _, err = run(train_main, train_args(workdir, tmp_path / "run", f"data.root={root}"), capsys)
+    assert code == 2 and error_line(err) == (f"error: {inter}: the train split (x_label 0) is empty: the file holds "
+                                             "no rows after its header")
+
+
+@pytest.mark.filterwarnings("error")
+def test_i19_17_float64_features_beyond_float32_are_out_of_range_not_nan(workdir, tmp_path, capsys):
+    root = copy_data(workdir, tmp_path)
+    feat_path = root / "tiny" / "image_feat.npy"
+    feat = np.load(feat_path).astype(np.float64)
+    feat[7, 3] = 1e300
+    np.save(feat_path, feat)
+    code, _, err = run(train_main, train_args(workdir, tmp_path / "run", f"data.root={root}"), capsys)
+    assert code == 2 and error_line(err) == (f"error: {feat_path}: 1 row(s) hold values beyond float32's range of "
+                                             "±3.4e38 (first: row 7, 1e+300)")
+
+
+def test_i19_18_overrides_may_follow_any_flag(workdir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(train_main, ["--config", workdir / "tiny.yaml", "--quiet", "train.epochs=1", "--out", out,
+                                    "model.n_layers=2"], capsys)
+    assert code == 0, err
+    text = (out / "config.yaml").read_text()
+    assert "  epochs: 1\n" in text and "  n_layers: 2\n" in text
+
+
+# ---------------------------------------------------------------- issue 19: further hostile cases
+
+
+def test_i19_x_a_run_directory_given_as_the_checkpoint(workdir, capsys):
+    done = workdir / "runs" / "done"
+    code, _, err = run(eval_main, ["--checkpoint", done, "--device", "cpu"], capsys)
+    assert code == 2 and error_line(err) == (f"error: {done}: is a folder, not a checkpoint: name a file in it "
+                                             f"(e.g. {done / 'best.pt'})")
+
+
+def test_i19_x_recommend_to_a_pipe_or_device_is_refused(workdir, tmp_path, capsys):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    code, _, err = run(recommend_main, recommend_args(workdir / "runs" / "done" / "best.pt", fifo), capsys)
+    assert code == 2 and error_line(err) == f"error: {fifo}: is not a regular file; name a TSV file to write"
+    assert fifo.is_fifo()
+
+
+@pytest.mark.parametrize("content, problem", [("", "holds no userIDs (one per line)"),
+                                              ("3\n7\n3\n", "3: userID 3 is listed again (first on line 1)")])
+def test_i19_x_a_users_file_that_is_empty_or_repeats_a_user(workdir, tmp_path, capsys, content, problem):
+    users = tmp_path / "users.txt"
+    users.write_text(content)
+    recs = tmp_path / "recs.tsv"
+    code, _, err = run(recommend_main, recommend_args(workdir / "runs" / "done" / "best.pt", recs, "--users", users),
+                       capsys)
+    assert code == 2 and error_line(err) == f"error: {users}:{problem}".replace(":holds", ": holds")
+    assert not recs.exists()
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "cuda:7"])
+def test_i19_x_a_device_msi_cannot_run_on(workdir, capsys, device):
+    code, _, err = run(eval_main, ["--checkpoint", workdir / "runs" / "done" / "best.pt", "--device", device], capsys)
+    assert code == 2 and error_line(err).startswith(f"error: device '{device}'")
+
+
+def test_i19_x_integers_beyond_int64_name_the_key_or_option(workdir, tmp_path, capsys):
+    best = workdir / "runs" / "done" / "best.pt"
+    code, _, err = run(eval_main, ["--checkpoint", best, "--device", "cpu", "--ks", f"10,{2**63}"], capsys)
+    assert code == 2 and error_line(err).startswith(f"error: --ks '10,{2**63}': expected comma-separated positive")
+    for override, key in (("model.embedding_dim=1e30", "model.embedding_dim"), ("eval.ks=[20,1e30]", "eval.ks")):
+        code, _, err = run(train_main, train_args(workdir, tmp_path / "run", override), capsys)
+        assert code == 2 and error_line(err).startswith(f"error: config key '{key}' must lie within ±(2**63 - 1)")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("error, size", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 240000000000000 bytes. Error code 12 (Cannot allocate memory)"),
+     " (tried to allocate 240000000000000 bytes)"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79 GiB"),
+     " (tried to allocate 20.00 GiB)"),
+])
+def test_i19_x_out_of_memory_is_one_line(workdir, tmp_path, capsys, monkeypatch, error, size):
+    def too_big(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(msi.train, "build_model", too_big)
+    code, _, err = run(train_main, train_args(workdir, tmp_path / "run"), capsys)
+    assert code == 2 and error_line(err) == (f"error: out of memory{size}: lower train.batch_size, eval.batch_users "
+                                             "or model.embedding_dim")
+    monkeypatch.setattr(msi.train, "build_model", lambda *a, **k: 1 / 0)  # any other error is a bug: a traceback
+    with pytest.raises(ZeroDivisionError):
+        train_main([str(a) for a in train_args(workdir, tmp_path / "run2")])
+
+
+def test_i19_x_feature_files_that_promise_more_than_they_hold_or_have_no_columns(workdir, tmp_path, capsys):
+    root = copy_data(workdir, tmp_path)
+    feat_path = root / "tiny" / "image_feat.npy"
+    with open(feat_path, "wb") as f:  # 40 x 10**12 float32 in the header, 100 bytes after it
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (40, 10**12)})
+        f.write(bytes(100))
+    code, _, err = run(train_main, train_args(workdir, tmp_path / "run", f"data.root={root}"), capsys)
+    assert code == 2 and error_line(err) == (f"error: {feat_path}: not a readable .npy array (the file is shorter "
+                                             "than its header's shape says)")
+    np.save(feat_path, np.zeros((40, 0), np.float32))
+    code, _, err = run(train_main, train_args(workdir, tmp_path / "run", f"data.root={root}"), capsys)
+    assert code == 2 and error_line(err) == (f"error: {feat_path}: expected a 2-d array (n_items, dim >= 1), got "
+                                             "shape (40, 0)")
+
+
+@pytest.mark.parametrize("name", ["../evil", ".."])
+def test_i19_x_synth_names_that_are_not_plain_folder_names(tmp_path, capsys, name):
+    code, _, err = run(data_main, ["synth", "--preset", "tiny", "--out", tmp_path / "d", "--name", name, "--quiet"],
+                       capsys)
+    assert code == 2 and error_line(err) == f"error: data set name {name!r} must be a plain folder name"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_i19_x_a_damaged_resume_state_is_one_line(workdir, tmp_path, capsys):
+    out = killed_copy(workdir, tmp_path)
+    last = load_checkpoint(out / "last.pt")
+    torch.save({**last, "progress": {**last["progress"], "epoch": "2"}}, out / "last.pt")
+    code, _, err = run(train_main, ["--resume", out, "--quiet"], capsys)
+    assert code == 2 and error_line(err) == (f"error: {out / 'last.pt'}: not an msi checkpoint: progress.epoch is "
+                                             "'2', not a count")

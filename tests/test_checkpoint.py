@@ -82,6 +82,9 @@ def test_a_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found") as err:
         load_checkpoint(tmp_path / "nope.pt")
     assert str(tmp_path / "nope.pt") in str(err.value)
+    with pytest.raises(CheckpointError, match=f"^{tmp_path}: is a folder, not a checkpoint: name a file in it "
+                                              f"\\(e.g. {tmp_path / 'best.pt'}\\)"):
+        load_checkpoint(tmp_path)  # a run directory given for its checkpoint
 
 
 def test_other_files_are_not_msi_checkpoints(tmp_path):

@@ -230,6 +230,22 @@ def test_feature_file_must_be_a_2d_numeric_npy(tmp_path):
         load_features(tmp_path / "text.npy", 3)
 
 
+def test_a_feature_header_promising_more_than_the_file_holds_is_not_allocated(tmp_path):
+    path = tmp_path / "huge.npy"
+    with open(path, "wb") as f:  # (3, 10**12) float32 would be 12 TB; the file holds 100 bytes
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (3, 10**12)})
+        f.write(bytes(100))
+    with pytest.raises(DataError, match=re.escape(f"{path}: not a readable .npy array (the file is shorter than its "
+                                                  "header's shape says)")):
+        load_features(path, 3)
+    np.save(path, np.zeros((3, 0), np.float32))
+    with pytest.raises(DataError, match=re.escape(f"{path}: expected a 2-d array (n_items, dim >= 1), got shape (3, 0)")):
+        load_features(path, 3)
+    np.save(path, np.ones((3, 2), np.float32))
+    feat = load_features(path, 3)
+    assert type(feat) is np.ndarray and feat.flags.writeable and feat.flags.c_contiguous  # a copy, not a map
+
+
 def test_utf8_bom_before_the_header_is_read(tmp_path):
     from msi.data.dataset import read_inter
 

@@ -13,7 +13,8 @@ from msi.config import Config
 from msi.data.dataset import Dataset
 from msi.errors import DataError, MSIError
 from msi.models import build_model
-from msi.recommend import read_id_mapping, select_users, write_recommendations
+import msi.recommend
+from msi.recommend import check_output, read_id_mapping, select_users, write_recommendations
 
 
 # ---------------------------------------------------------------- read_id_mapping
@@ -63,6 +64,12 @@ def test_select_users_bad_lines_name_the_file_and_line(tiny, tmp_path):
     path.write_text("3\n60\n")
     with pytest.raises(DataError, match=r"users.txt:2: userID 60 is outside 0..59"):
         select_users(str(path), tiny, "test")
+    path.write_text("3\n\n4\n03\n")
+    with pytest.raises(DataError, match=r"users.txt:4: userID 3 is listed again \(first on line 1\)"):
+        select_users(str(path), tiny, "test")
+    path.write_text("\n \n")
+    with pytest.raises(DataError, match=r"users.txt: holds no userIDs"):
+        select_users(str(path), tiny, "test")
     with pytest.raises(MSIError, match="not 'all', 'split' or an existing file"):
         select_users(str(tmp_path / "missing.txt"), tiny, "test")
 
@@ -106,7 +113,7 @@ def test_recommendations_exclude_train_items(tiny, model, tmp_path):
         assert len(set(items)) == 10 and not set(items) & seen[u]
         scores = [s for _, _, s in recs]
         assert scores == sorted(scores, reverse=True)
-    assert not (tmp_path / "recs" / "recs.tsv.part").exists()
+    assert [p.name for p in (tmp_path / "recs").iterdir()] == ["recs.tsv"]  # no temporary file left
 
 
 def test_mask_valid_also_excludes_valid_items_at_test(tiny, model, tmp_path):
@@ -152,3 +159,54 @@ def test_k_above_the_candidate_count_writes_only_real_items(tmp_path):
     rows = read_tsv(tmp_path / "r.tsv")
     assert [(r["userID"], r["rank"], r["itemID"]) for r in rows if r["userID"] == "0"] == [("0", "1", "2")]
     assert len([r for r in rows if r["userID"] == "1"]) == 2
+
+
+def test_only_a_new_file_or_an_earlier_tsv_is_written(tiny, model, tmp_path):
+    tsv = tmp_path / "recs.tsv"
+    write_recommendations(model, tiny, tsv, k=2)
+    check_output(tsv)  # an earlier output is replaced
+    check_output(tmp_path / "new.tsv")
+    for name, content in (("best.pt", b"PK\x03\x04zip"), ("results.json", b'{"test": 1}'), ("tiny.inter", b"userID\t"),
+                          ("empty.tsv", b""), ("other.tsv", b"userID\trank\titemID\tscore_x\n")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(MSIError, match=f"^{tmp_path / name}: exists and is not a recommendations TSV"):
+            write_recommendations(model, tiny, tmp_path / name, k=2)
+        assert (tmp_path / name).read_bytes() == content
+    with pytest.raises(MSIError, match=f"^{tmp_path}: is a folder, not a file"):
+        check_output(tmp_path)
+
+
+def test_two_writers_of_one_file_leave_one_whole_output(tiny, model, tmp_path, monkeypatch):
+    """A second writer starts and finishes while the first is half-way: each writes its own temporary file and
+    renames it, so the file holds one complete output (the last renamed) and no temporary file is left."""
+    out = tmp_path / "recs.tsv"
+    real = msi.recommend._write_rows
+    calls = []
+
+    def second_writer_meanwhile(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            write_recommendations(model, tiny, out, k=7, batch_users=1000)
+        return real(*args)
+
+    monkeypatch.setattr(msi.recommend, "_write_rows", second_writer_meanwhile)
+    assert write_recommendations(model, tiny, out, k=3, batch_users=20) == (tiny.n_users, 3 * tiny.n_users)
+    rows = read_tsv(out)
+    assert len(rows) == 3 * tiny.n_users and {r["rank"] for r in rows} == {"1", "2", "3"}
+    assert [p.name for p in tmp_path.iterdir()] == ["recs.tsv"]
+
+
+def test_a_full_disk_keeps_the_earlier_output_and_leaves_no_temporary_file(tiny, model, tmp_path, monkeypatch):
+    out = tmp_path / "recs.tsv"
+    write_recommendations(model, tiny, out, k=2)
+    before = out.read_bytes()
+    real = msi.recommend._write_rows
+
+    def disk_full(f, *args):
+        real(f, *args)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(msi.recommend, "_write_rows", disk_full)
+    with pytest.raises(MSIError, match=f"^{out}: could not write the recommendations \\(No space left on device\\)"):
+        write_recommendations(model, tiny, out, k=5)
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["recs.tsv"]

@@ -188,3 +188,58 @@ def test_paper_sized_presets() -> None:
              for name, p in synth.PRESETS.items() if name in ("baby", "sports", "elec")}
     assert sizes == {"baby": (19_445, 7_050, 160_792, 4096, 384), "sports": (35_598, 18_357, 296_337, 4096, 384),
                      "elec": (192_403, 63_001, 1_689_188, 4096, 384)}
+
+
+def test_a_folder_holding_files_is_refused_unless_overwrite(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tiny"
+    synth.generate("tiny", out, seed=0, progress=False)
+    (out / "u_id_mapping.csv").write_text("user_id\tuserID\nA\t0\n")  # an earlier data set's files
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(DataError, match=f"^{out}: already holds image_feat.npy, text_feat.npy, tiny.inter, "
+                                        "u_id_mapping.csv; msi-data synth --overwrite replaces"):
+        synth.generate("tiny", out, seed=1, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    synth.generate("tiny", out, seed=1, progress=False, overwrite=True)  # the stale mapping goes with the rest
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    assert _sha256(out / "tiny.inter") != _sha256(tiny_dir / "tiny.inter")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # the staging folder is gone
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"holds notes.txt, not part of a data set; --overwrite replaces only"):
+        synth.generate("tiny", out, seed=0, progress=False, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "tiny.inter").is_file()
+
+
+def test_an_empty_folder_is_written_into(tiny_dir: Path, tmp_path: Path) -> None:
+    synth.generate("tiny", tmp_path, seed=0, name="tiny", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILES)
+    assert _sha256(tmp_path / "tiny.inter") == _sha256(tiny_dir / "tiny.inter")
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", ".."])
+def test_a_name_that_is_not_a_plain_folder_name_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError, match="must be a plain folder name"):
+        synth.generate("tiny", tmp_path / "x", name=name, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_full_disk_names_the_file_and_leaves_the_folder_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "tiny"
+    synth.generate("tiny", out, seed=0, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = synth._write_features
+
+    def disk_full_at_the_text_features(path, *args):
+        real(path, *args)
+        if path.name == "text_feat.npy":
+            path.write_bytes(b"")
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(synth, "_write_features", disk_full_at_the_text_features)
+    with pytest.raises(DataError, match=f"^{out / 'text_feat.npy'}: could not write \\(No space left on device\\); "
+                                        f"{out} is left as it was$"):
+        synth.generate("tiny", out, seed=1, progress=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no staging folder, no 0-byte file
+    with pytest.raises(DataError, match="text_feat.npy: could not write"):
+        synth.generate("tiny", tmp_path / "new", seed=1, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]

@@ -6,6 +6,7 @@ import os
 import pickle
 import random
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,9 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 
 
 def temporary_path(path: Path) -> Path:
-    """Where ``save_checkpoint`` writes before the rename: ``.<name>.tmp-<pid>`` beside ``path``."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Where a file is written before the rename into ``path``: ``.<name>.tmp-<pid>-<random hex>`` beside it, a name
+    no other writer of ``path`` (another process, or another thread of this one) picks."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -75,6 +77,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     (``not an msi checkpoint: <what is wrong>``); whether its weights fit a model is ``check_weights``' job.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint: name a file in it (e.g. {path / 'best.pt'})")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,14 @@ def _guard(fn: Callable[[list[str] | None], int | None], argv: list[str] | None)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as e:  # torch: CUDA's OutOfMemoryError, the CPU allocator's RuntimeError
+        text = str(e).split("\n")[0]
+        if not isinstance(e, MemoryError) and type(e).__name__ != "OutOfMemoryError" and "allocate memory" not in text:
+            raise
+        size = re.search(r"[Tt]ried to allocate ([\d.]+ \w+)", text)
+        print(f"error: out of memory{f' (tried to allocate {size.group(1)})' if size else ''}: lower "
+              "train.batch_size, eval.batch_users or model.embedding_dim", file=sys.stderr)
+        return 2
 
 
 def _train(argv: list[str] | None) -> int:
@@ -123,8 +132,10 @@ def _parse_ks(text: str) -> list[int]:
         ks = [int(k) for k in text.split(",") if k.strip()]
     except ValueError:
         raise MSIError(f"--ks {text!r}: expected comma-separated positive integers, e.g. 10,20") from None
-    if not ks or min(ks) <= 0:
-        raise MSIError(f"--ks {text!r}: expected comma-separated positive integers, e.g. 10,20")
+    from msi.config import MAX_INT
+
+    if not ks or min(ks) <= 0 or max(ks) > MAX_INT:
+        raise MSIError(f"--ks {text!r}: expected comma-separated positive integers below 2**63, e.g. 10,20")
     return ks
 
 
@@ -146,9 +157,10 @@ def _recommend(argv: list[str] | None) -> int:
     args = p.parse_args(argv)
     if args.k <= 0:
         raise MSIError(f"--k must be > 0, got {args.k}")
-    from msi.recommend import write_recommendations
+    from msi.recommend import check_output, write_recommendations
     from msi.run import open_run, resolve_device
 
+    check_output(args.out)  # before the checkpoint and data are read
     device = resolve_device(args.device)
     model, cfg, dataset, _ = open_run(args.checkpoint, device, allow_other_data=args.allow_other_data)
     n_users, n_rows = write_recommendations(model, dataset, args.out, users=args.users, k=args.k, split=args.split,
@@ -174,6 +186,8 @@ def _data(argv: list[str] | None) -> int:
                    help="where the preference factors live: mixed (both modalities, one shared nuisance), shared "
                         "(both, each with a nuisance of its own), specific (half the factors each, a shared "
                         "nuisance); default: the preset's own (mixed)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the data set in --out (a folder holding files is refused without it)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     _prepare_arguments(sub.add_parser(
         "prepare", help="build a data set from raw Amazon review files (2014 or 2018 release)",
@@ -184,7 +198,7 @@ def _data(argv: list[str] | None) -> int:
         from msi.data.synth import generate
 
         path = generate(args.preset, args.out, seed=args.seed, name=args.name, progress=not args.quiet,
-                        signal=args.signal)
+                        signal=args.signal, overwrite=args.overwrite)
         print(f"wrote {path.parent}")
     else:
         _run_prepare(args)

@@ -26,6 +26,7 @@ from msi.errors import ConfigError, read_utf8
 
 METRICS = ("recall", "ndcg", "precision", "map")
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
+MAX_INT = 2**63 - 1  # torch's int64: an integer setting above it (train.batch_size=1e30) never reaches a tensor
 MAX_LR = 1.0  # Adam moves every weight by about lr per step: above 1 the weights overflow within a few steps
 CODE_PLACEMENTS = ("sample", "mean")  # model.code_placement
 MI_ESTIMATORS = ("infonce", "jsd")  # model.mi_estimator
@@ -302,6 +303,8 @@ def validate(cfg: Config) -> None:
         (0 < t.lr <= MAX_LR, "train.lr", f"must be in (0, {MAX_LR}]"),
         (0 <= t.seed <= MAX_SEED, "train.seed", "must be in [0, 2**63 - 1]"),
         (t.eval_every > 0, "train.eval_every", "must be > 0"),
+        (t.eval_every <= t.epochs, "train.eval_every", f"must be <= train.epochs ({t.epochs}), or valid is never "
+         "scored and no best checkpoint is kept"),
         (t.patience > 0, "train.patience", "must be > 0"),
         (t.checkpoint_every > 0, "train.checkpoint_every", "must be > 0"),
         (t.autocast in ("off", "bf16"), "train.autocast", "must be off or bf16"),
@@ -314,6 +317,10 @@ def validate(cfg: Config) -> None:
         for key, value in asdict(getattr(cfg, section)).items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"config key '{section}.{key}' must be a finite number (got {value!r})")
+    for section in SECTIONS:  # every integer, eval.ks' included
+        for key, value in asdict(getattr(cfg, section)).items():
+            if any(type(v) is int and abs(v) > MAX_INT for v in (value if isinstance(value, list) else [value])):
+                raise ConfigError(f"config key '{section}.{key}' must lie within ±(2**63 - 1) (got {value!r})")
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' {msg} (got {_get(cfg, key)!r})")
@@ -335,10 +342,6 @@ def _get(cfg: Config, key: str) -> Any:
     return getattr(obj, name) if name else asdict(obj)
 
 
-def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
 __all__ = [
     "Config",
     "DataConfig",
@@ -347,7 +350,6 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "config_from_dict",
-    "dump_config",
     "load_config",
     "parse_overrides",
     "valid_keys",

@@ -8,12 +8,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from msi.checkpoint import temporary_path
 from msi.data.dataset import Dataset
 from msi.errors import DataError, MSIError, read_utf8
 from msi.evaluate import non_finite_users, seen_masks
 from msi.models import Recommender
 
 MAPPING_FILES = {"userID": "u_id_mapping.csv", "itemID": "i_id_mapping.csv"}
+HEADER = "userID\trank\titemID\tscore"
 
 
 def read_id_mapping(path: Path, column: str, size: int) -> np.ndarray | None:
@@ -53,7 +55,7 @@ def select_users(spec: str, dataset: Dataset, split: str) -> np.ndarray:
     path = Path(spec)
     if not path.is_file():
         raise MSIError(f"--users {spec!r}: not 'all', 'split' or an existing file of userIDs")
-    users = []
+    users: dict[int, int] = {}  # userID -> its line, in file order
     for lineno, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
@@ -63,8 +65,29 @@ def select_users(spec: str, dataset: Dataset, split: str) -> np.ndarray:
             raise DataError(f"{path}:{lineno}: {line.strip()!r} is not an integer userID") from None
         if not 0 <= u < dataset.n_users:
             raise DataError(f"{path}:{lineno}: userID {u} is outside 0..{dataset.n_users - 1}")
-        users.append(u)
-    return np.asarray(users, dtype=np.int64)
+        if u in users:  # its rows would be written twice
+            raise DataError(f"{path}:{lineno}: userID {u} is listed again (first on line {users[u]})")
+        users[u] = lineno
+    if not users:
+        raise DataError(f"{path}: holds no userIDs (one per line)")
+    return np.fromiter(users, dtype=np.int64, count=len(users))
+
+
+def check_output(out: str | Path) -> None:
+    """Refuse an output path holding anything but a recommendations TSV (one that starts with ``HEADER``): a
+    checkpoint, a run's results.json, a data file or a folder is never written over."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if out.is_dir():
+        raise MSIError(f"{out}: is a folder, not a file: name the TSV to write (e.g. {out / 'recs.tsv'})")
+    if not out.is_file():  # a device, a pipe: the rename would replace it, not write to it
+        raise MSIError(f"{out}: is not a regular file; name a TSV file to write")
+    with open(out, "rb") as f:
+        first = f.read(len(HEADER) + 2).replace(b"\r", b"").split(b"\n")[0]
+    if first != HEADER.encode():
+        raise MSIError(f"{out}: exists and is not a recommendations TSV (its first line is not msi-recommend's header "
+                       "userID, rank, itemID, score): not written over; choose another --out")
 
 
 @torch.no_grad()
@@ -74,9 +97,12 @@ def write_recommendations(
 ) -> tuple[int, int]:
     """Write ``userID rank itemID score`` rows (rank 1 = best) for the selected users; returns (users, rows).
 
-    A user gets fewer than ``k`` rows when fewer items are candidates. NaN or inf scores are an MSIError, and
-    the output file is then left as it was (rows go to ``<out>.part`` first, renamed when complete).
+    A user gets fewer than ``k`` rows when fewer items are candidates. ``out`` must be new or a TSV this function
+    wrote (``check_output``). Rows go to a temporary file of a name no other writer picks, renamed over ``out``
+    when complete: ``out`` always holds one whole output. NaN or inf scores, or a full disk, are an MSIError that
+    leaves ``out`` as it was and no temporary file.
     """
+    check_output(out)
     device = model.device
     exclude = seen_masks(dataset, device, mask_valid)[split]
     user_ids = select_users(users, dataset, split)
@@ -84,12 +110,12 @@ def write_recommendations(
     raw_i = read_id_mapping(dataset.path / MAPPING_FILES["itemID"], "itemID", dataset.n_items)
     emb = model.embeddings()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
+    tmp = temporary_path(out)
     n_rows = 0
     try:
-        with open(tmp, "w") as f:
-            f.write("userID\trank\titemID\tscore\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "x") as f:
+            f.write(HEADER + "\n")
             for start in tqdm(range(0, len(user_ids), batch_users), desc="recommend", leave=False):
                 u = torch.from_numpy(user_ids[start : start + batch_users]).to(device)
                 scores, items = model.recommend(u, k, exclude=exclude, emb=emb)

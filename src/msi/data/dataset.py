@@ -128,12 +128,13 @@ def load_features(path: str | Path, n_items: int) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: feature file not found")
-    try:
-        feat = np.load(path, allow_pickle=False)
+    try:  # memory-mapped: a header promising more than the file holds is an error here, not a huge allocation
+        feat = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{path}: not a readable .npy array ({e})") from None
-    if feat.ndim != 2:
-        raise DataError(f"{path}: expected a 2-d array (n_items, dim), got shape {feat.shape}")
+        why = "the file is shorter than its header's shape says" if "greater than file size" in str(e) else e
+        raise DataError(f"{path}: not a readable .npy array ({why})") from None
+    if feat.ndim != 2 or feat.shape[1] == 0:
+        raise DataError(f"{path}: expected a 2-d array (n_items, dim >= 1), got shape {feat.shape}")
     if feat.shape[0] != n_items:
         raise DataError(f"{path}: has {feat.shape[0]} rows but the data set has {n_items} items (row r = itemID r)")
     if not np.issubdtype(feat.dtype, np.floating) and not np.issubdtype(feat.dtype, np.integer):
@@ -148,7 +149,7 @@ def load_features(path: str | Path, n_items: int) -> np.ndarray:
             rows = np.flatnonzero(huge)
             raise DataError(f"{path}: {len(rows)} row(s) hold values beyond float32's range of ±3.4e38 (first: row "
                             f"{rows[0]}, {feat[rows[0]][np.argmax(np.abs(feat[rows[0]]))]:.3g})")
-    return np.ascontiguousarray(feat, dtype=np.float32)
+    return np.array(feat, dtype=np.float32, order="C")  # a copy: nothing stays mapped to the file
 
 
 def load_dataset(root: str | Path, name: str, modalities: dict[str, str] | None = None) -> Dataset:

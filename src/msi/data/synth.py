@@ -21,6 +21,11 @@ thread counts, BLAS builds or how much memory there is.
 """
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -137,27 +142,88 @@ def item_factors(preset: str | SynthPreset, seed: int = 0) -> np.ndarray:
 
 
 def generate(preset: str | SynthPreset, out_dir: str | Path, seed: int = 0, name: str | None = None,
-             progress: bool = True, signal: str | None = None) -> Path:
+             progress: bool = True, signal: str | None = None, overwrite: bool = False) -> Path:
     """Write `<name>.inter`, `image_feat.npy` (I, image_dim) and `text_feat.npy` (I, text_dim) into
-    `out_dir` (created if needed) and return the path of the `.inter` file. `name` defaults to the
-    basename of `out_dir`. The same (preset, seed) always gives the same bytes. Each file is written
-    under a `.part` name and renamed when complete, so an interrupted run leaves no file that looks whole.
-    `signal` (mixed | shared | specific) replaces the preset's own."""
+    `out_dir` and return the path of the `.inter` file. `name` defaults to the basename of `out_dir`.
+    The same (preset, seed) always gives the same bytes. `signal` (mixed | shared | specific) replaces
+    the preset's own.
+
+    `out_dir` must be missing or empty; `overwrite` replaces the data set in it (its files are removed,
+    and a file that belongs to no data set is refused). The files are written into a folder beside
+    `out_dir` and moved in when all are complete: an interrupted or failed run (a full disk is a
+    DataError naming the file) leaves `out_dir` as it was."""
     p = resolve_preset(preset)
     if signal is not None:
         p = replace(p, signal=signal)
     lat = latents(p, seed)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     name = name or out.resolve().name
+    if name in ("", ".", "..") or any(c in name for c in "/\\"):
+        raise ConfigError(f"data set name {name!r} must be a plain folder name")
+    _earlier_data_set(out, overwrite)
     users, items = _interactions(p, lat, seed, progress)
     users, items, stamps, labels = _split(users, items, p.n_users, seed)
-    inter_path = out / f"{name}.inter"
-    _write_inter(inter_path, users, items, stamps, labels, progress)
-    for modality, (fname, dim, noise) in enumerate([("image_feat.npy", p.image_dim, p.image_noise),
-                                                    ("text_feat.npy", p.text_dim, p.text_noise)]):
-        _write_features(out / fname, lat, p, seed, modality, dim, noise, progress)
-    return inter_path
+    staging = out.resolve().parent / f".{out.resolve().name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    inter_name = f"{name}.inter"
+    try:
+        with _naming(out / inter_name, out):
+            staging.mkdir(parents=True)
+            _write_inter(staging / inter_name, users, items, stamps, labels, progress)
+        for modality, (fname, dim, noise) in enumerate([("image_feat.npy", p.image_dim, p.image_noise),
+                                                        ("text_feat.npy", p.text_dim, p.text_noise)]):
+            with _naming(out / fname, out):
+                _write_features(staging / fname, lat, p, seed, modality, dim, noise, progress)
+        earlier = _earlier_data_set(out, overwrite)  # again: another process may have written there meanwhile
+        with _naming(out, out):
+            _move_in(staging, out, earlier, inter_name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / inter_name
+
+
+def _is_data_set_file(name: str) -> bool:
+    """A file of a data set in the MMRec layout (or a leftover of an interrupted write of one)."""
+    return name.endswith((".inter", ".npy", ".part")) or name in ("u_id_mapping.csv", "i_id_mapping.csv",
+                                                                  "prepare.json")
+
+
+def _earlier_data_set(out: Path, overwrite: bool) -> list[Path]:
+    """The files in `out` that `generate` replaces: none when `out` is missing or empty. Files there
+    without `overwrite`, or files that belong to no data set, are a DataError."""
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise DataError(f"{out}: is a file, not a folder for a data set")
+    present = sorted(p.name for p in out.iterdir())
+    shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+    if present and not overwrite:
+        raise DataError(f"{out}: already holds {shown}; msi-data synth --overwrite replaces the data set there")
+    foreign = [n for n in present if not _is_data_set_file(n) or not (out / n).is_file()]
+    if foreign:
+        raise DataError(f"{out}: holds {', '.join(foreign[:5])}, not part of a data set; --overwrite replaces only "
+                        "a data set's files: move them, or choose another folder")
+    return [out / n for n in present]
+
+
+@contextmanager
+def _naming(path: Path, out: Path) -> Iterator[None]:
+    """An OSError (a full disk) while writing `path` becomes a DataError naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise DataError(f"{path}: could not write ({e.strerror or e}); {out} is left as it was") from None
+
+
+def _move_in(staging: Path, out: Path, earlier: list[Path], inter_name: str) -> None:
+    """Put the complete files of `staging` into `out`, the `.inter` last: `earlier` files go first, so
+    that a crash in between leaves no `.inter` that could be read with features of the other data set."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    for path in sorted(earlier, key=lambda p: not p.name.endswith(".inter")):
+        path.unlink()
+    for path in sorted(staging.iterdir(), key=lambda p: p.name == inter_name):
+        path.replace(out / path.name)
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -293,13 +359,11 @@ def _write_inter(path: Path, users: np.ndarray, items: np.ndarray, stamps: np.nd
                  labels: np.ndarray, progress: bool) -> None:
     """Write the tab-separated interaction file, rating always 1.0."""
     rows = np.stack([users, items, stamps, labels], axis=1)  # (N, 4) int64
-    part = path.with_name(path.name + ".part")
-    with open(part, "w", encoding="ascii", newline="\n") as f:
+    with open(path, "w", encoding="ascii", newline="\n") as f:
         f.write(INTER_HEADER + "\n")
         for start in tqdm(range(0, rows.shape[0], _INTER_CHUNK), desc=path.name, unit="chunk",
                           disable=not progress):
             f.writelines("%d\t%d\t1.0\t%d\t%d\n" % tuple(r) for r in rows[start:start + _INTER_CHUNK].tolist())
-    part.replace(path)
 
 
 def _write_features(path: Path, lat: Latents, p: SynthPreset, seed: int, modality: int, dim: int,
@@ -321,8 +385,7 @@ def _write_features(path: Path, lat: Latents, p: SynthPreset, seed: int, modalit
     coords = np.concatenate([factors, nuisance], axis=1).astype(np.float32)  # (I, k + n)
     rows = max(1, _FEATURE_CHUNK_VALUES // dim)
     header = {"descr": "<f4", "fortran_order": False, "shape": (p.n_items, dim)}
-    part = path.with_name(path.name + ".part")
-    with open(part, "wb") as f:
+    with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, header)
         starts = range(0, p.n_items, rows)
         for c, start in enumerate(tqdm(starts, desc=path.name, unit="chunk", disable=not progress)):
@@ -332,4 +395,3 @@ def _write_features(path: Path, lat: Latents, p: SynthPreset, seed: int, modalit
             for j in range(basis.shape[0]):  # elementwise, not BLAS, so bytes match across machines
                 x += coords[start:start + x.shape[0], j:j + 1] * basis[j]
             f.write(x.astype("<f4", copy=False).tobytes())
-    part.replace(path)
