@@ -134,7 +134,9 @@ def test_missing_column(tmp_path, write_dataset, column):
      ("1\t0", "expected at least 5 tab-separated fields, got 2"),
      ("inf\t0\t5\t1\t0", "userID 'inf' is not an integer"),  # was an int64 overflow, then an IndexError
      ("1\t1e30\t5\t1\t0", "itemID '1e30' is far out of range"),
-     ("9007199254740993\t0\t5\t1\t0", "userID '9007199254740993' is far out of range")],  # 2**53 + 1
+     ("9007199254740993\t0\t5\t1\t0", "userID '9007199254740993' is far out of range"),  # 2**53 + 1
+     ("1_0\t0\t5\t1\t0", "userID '1_0' is not an integer"),  # Python's float() reads it, numpy does not
+     ("1\tinfinity\t5\t1\t0", "itemID 'infinity' is not an integer")],
 )
 def test_bad_value_names_file_and_line(tmp_path, write_dataset, line, problem):
     # the bad row is the fourth data row: line 5 of the file (the header is line 1)

@@ -43,6 +43,12 @@ def test_read_id_mapping_errors_name_the_file_and_line(tmp_path):
     path.write_text("asin\titemID\nB00A\t0\nB00B\t7\n")  # index beyond the data set
     with pytest.raises(DataError, match=r"i_id_mapping.csv:3:"):
         read_id_mapping(path, "itemID", 2)
+    path.write_text("asin\titemID\nB00A\t0\nB00B\t-1\n")  # numpy would put it at the last index
+    with pytest.raises(DataError, match=r"i_id_mapping.csv:3: expected"):
+        read_id_mapping(path, "itemID", 2)
+    path.write_text("asin\titemID\nB00A\t0\nB00B\t1\nB00C\t0\n")
+    with pytest.raises(DataError, match=r"i_id_mapping.csv:4: itemID 0 is given a second raw id \('B00C' after "):
+        read_id_mapping(path, "itemID", 2)
 
 
 # ---------------------------------------------------------------- select_users

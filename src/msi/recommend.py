@@ -37,9 +37,15 @@ def read_id_mapping(path: Path, column: str, size: int) -> np.ndarray | None:
         parts = line.split("\t")
         try:
             index = int(parts[col])
-            raw[index] = parts[1 - col]
+            if not 0 <= index < size:  # numpy would take -1 for the last index
+                raise IndexError
+            raw_id = parts[1 - col]
         except (ValueError, IndexError):
             raise DataError(f"{path}:{lineno}: expected '<raw id>\\t<{column} below {size}>', got {line!r}") from None
+        if raw[index] is not None:
+            raise DataError(f"{path}:{lineno}: {column} {index} is given a second raw id ({raw_id!r} after "
+                            f"{raw[index]!r})")
+        raw[index] = raw_id
     missing = np.flatnonzero(raw == None)  # noqa: E711 (elementwise on an object array)
     if len(missing):
         raise DataError(f"{path}: no raw id for {len(missing)} of {size} {column}s (first: {missing[0]})")

@@ -9,6 +9,7 @@ does, and counted. Every problem is a :class:`DataError` that names the file (an
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from msi.errors import DataError, read_utf8, warn
 
 REQUIRED_COLUMNS = ("userID", "itemID", "x_label")
 MIN_ID_LIMIT = 1024  # ids up to max(2 x the distinct count, this) are read; larger ones are taken for a mistake
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)  # a decimal number, as in a .inter
 MAX_EXACT_ID = 2**53  # ids are parsed as float64, exact below this; larger ones (1e30) are refused before int64
 SPLIT_LABELS = {"train": 0, "valid": 1, "test": 2}  # split name -> its x_label
 INTER_HEADER = "userID\titemID\trating\ttimestamp\tx_label"  # the header msi writes (synth, prepare)
@@ -63,11 +65,10 @@ def _scan_for_error(path: Path, lines: list[str], cols: list[int]) -> DataError:
             return DataError(f"{path}:{lineno}: expected at least {max(cols) + 1} tab-separated fields, got {len(parts)}")
         for name, c in zip(names, cols):
             raw = parts[c].strip()
-            try:
-                value = float(raw)
-            except ValueError:
+            if not _NUMBER.fullmatch(raw):  # what numpy reads: not Python's '1_0', 'infinity' or other digits
                 return DataError(f"{path}:{lineno}: {name} {raw!r} is not an integer")
-            if not value.is_integer():  # also inf and nan
+            value = float(raw)
+            if not value.is_integer():
                 return DataError(f"{path}:{lineno}: {name} {raw!r} is not an integer")
             if value < 0:
                 return DataError(f"{path}:{lineno}: {name} {raw!r} is negative")
