@@ -486,7 +486,8 @@ def test_i19_3_synth_into_an_existing_data_set_is_refused_without_overwrite(work
 
 
 @pytest.mark.parametrize("raw, problem", [("inf", "is not an integer"), ("1e30", "is far out of range"),
-                                          ("1.5", "is not an integer"), ("-0.5", "is not an integer")])
+                                          ("1.5", "is not an integer"), ("-0.5", "is not an integer"),
+                                          ("1_0", "is not an integer")])
 def test_i19_9_ids_that_are_not_integers_name_the_line(workdir, tmp_path, capsys, raw, problem):
     root = copy_data(workdir, tmp_path)
     inter = root / "tiny" / "tiny.inter"
@@ -740,3 +741,23 @@ def test_i19_x_a_damaged_resume_state_is_one_line(workdir, tmp_path, capsys):
     code, _, err = run(train_main, ["--resume", out, "--quiet"], capsys)
     assert code == 2 and error_line(err) == (f"error: {out / 'last.pt'}: not an msi checkpoint: progress.epoch is "
                                              "'2', not a count")
+
+
+def test_i19_x_a_bad_id_mapping_names_its_line(workdir, tmp_path, capsys):
+    root = copy_data(workdir, tmp_path)
+    mapping = root / "tiny" / "i_id_mapping.csv"
+    mapping.write_text("asin\titemID\n" + "".join(f"B{i}\t{i}\n" for i in range(39)) + "B39\t-1\n")
+    ckpt = load_checkpoint(workdir / "runs" / "done" / "best.pt")
+    ckpt["config"]["data"]["root"] = str(root)
+    save_checkpoint(tmp_path / "moved.pt", {k: v for k, v in ckpt.items() if k not in ("format", "format_version")})
+    code, _, err = run(recommend_main, recommend_args(tmp_path / "moved.pt", tmp_path / "recs.tsv"), capsys)
+    assert code == 2 and error_line(err) == f"error: {mapping}:41: expected '<raw id>\\t<itemID below 40>', got 'B39\\t-1'"
+    assert not (tmp_path / "recs.tsv").exists()
+
+
+def test_i19_x_recommend_under_a_file_is_refused_before_any_work(workdir, tmp_path, capsys):
+    (tmp_path / "f").write_text("mine")
+    out = tmp_path / "f" / "sub" / "recs.tsv"
+    code, _, err = run(recommend_main, recommend_args(workdir / "runs" / "done" / "best.pt", out), capsys)
+    assert code == 2 and error_line(err) == f"error: {out}: {tmp_path / 'f'} is a file, not a folder"
+    assert (tmp_path / "f").read_text() == "mine"

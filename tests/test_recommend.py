@@ -180,6 +180,9 @@ def test_only_a_new_file_or_an_earlier_tsv_is_written(tiny, model, tmp_path):
         assert (tmp_path / name).read_bytes() == content
     with pytest.raises(MSIError, match=f"^{tmp_path}: is a folder, not a file"):
         check_output(tmp_path)
+    with pytest.raises(MSIError, match=f"^{tmp_path / 'best.pt' / 'x' / 'r.tsv'}: {tmp_path / 'best.pt'} is a file, "
+                                      "not a folder"):
+        write_recommendations(model, tiny, tmp_path / "best.pt" / "x" / "r.tsv", k=2)
 
 
 def test_two_writers_of_one_file_leave_one_whole_output(tiny, model, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,9 @@ def check_output(out: str | Path) -> None:
     """Refuse an output path holding anything but a recommendations TSV (one that starts with ``HEADER``): a
     checkpoint, a run's results.json, a data file or a folder is never written over."""
     out = Path(out)
+    folder = next(p for p in out.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise MSIError(f"{out}: {folder} is a file, not a folder")
     if not out.exists():
         return
     if out.is_dir():
@@ -133,7 +137,8 @@ def write_recommendations(
     except OSError as e:
         raise MSIError(f"{out}: could not write the recommendations ({e.strerror or e}); nothing written") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not there, or its folder cannot exist: nothing to remove
+            tmp.unlink()
     return len(user_ids), n_rows
 
 
