@@ -62,13 +62,18 @@ def test_sweep_stopped_at_a_deadline_and_rerun_ends_with_the_uninterrupted_table
 
 @needs_ray
 def test_failing_trial_is_retried_then_reported_and_the_table_still_written(ray_session, config, tmp_path, capsys):
+    from msi.select import record_sweep
+
     out = tmp_path / "broken"
-    argv = ["--config", config, "--seeds", "1", "--out", out, "--set", "train.epochs=1", "train.eval_every=2"]
+    record_sweep(out, [config], [], [1], ["train.epochs=1"])
+    (out / "tiny_s1").mkdir()
+    (out / "tiny_s1" / "last.pt").write_bytes(b"not a checkpoint")  # what a failing disk leaves: every resume fails
+    argv = ["--config", config, "--seeds", "1", "--out", out, "--set", "train.epochs=1"]
     assert sweep_main([str(a) for a in argv]) == 0
     captured = capsys.readouterr()
     assert "tiny_s1: FAILED after 3 tries" in captured.err + captured.out
-    assert "no evaluation ran" in captured.err + captured.out
-    assert (out / "logs" / "tiny_s1.log").read_text().count(" on node ") == 3  # start, 2 resumes
+    assert "last.pt" in captured.err + captured.out
+    assert (out / "logs" / "tiny_s1.log").read_text().count(" on node ") == 3  # three tries
     assert "| tiny | none eligible | 0 |" in (out / "results.md").read_text()
 
 
