@@ -258,3 +258,44 @@ def test_a_run_failing_before_its_config_is_written_leaves_the_directory_empty(d
     monkeypatch.undo()
     assert train(config(data_root, "train.epochs=1"), out=tmp_path / "run", quiet=True)["epochs_run"] == 1
     assert log_lines(tmp_path / "run")[0].startswith("tiny: ")  # the held lines were written with the run
+
+
+def test_train_trains_the_very_model_and_data_passed(data_root, tmp_path):
+    from msi.models import build_model
+    from msi.run import dataset_for
+
+    cfg = config(data_root, "train.epochs=2")
+    data = dataset_for(cfg)
+    model = build_model(cfg, data)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(cfg, out=tmp_path / "run", quiet=True, model=model, data=data)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(last[k], v) for k, v in model.state_dict().items())  # what trained is what was saved
+    other = build_model(config(data_root, "model.embedding_dim=8"), data)
+    with pytest.raises(MSIError, match="not the one the config describes"):
+        train(cfg, out=tmp_path / "run2", quiet=True, model=other, data=data)
+    with pytest.raises(MSIError, match="pass no model= or data="):
+        train(None, resume=tmp_path / "run", quiet=True, model=model)
+
+
+def test_resume_from_a_checkpoint_without_resume_state_is_one_clear_error(run_a, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(run_a[0], run_dir)
+    (run_dir / "results.json").unlink()
+    shutil.copy(run_dir / "best.pt", run_dir / "last.pt")  # best.pt holds no optimizer or RNG state
+    with pytest.raises(MSIError, match="not a resumable checkpoint: it lacks optimizer, rng"):
+        train(None, resume=run_dir, quiet=True)
+
+
+def test_resume_with_an_optimizer_state_of_other_parameters_is_one_clear_error(run_a, tmp_path):
+    from msi.checkpoint import save_checkpoint
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(run_a[0], run_dir)
+    (run_dir / "results.json").unlink()
+    payload = load_checkpoint(run_dir / "last.pt")
+    payload["optimizer"]["param_groups"][0]["params"] = [0]  # one parameter where the model has many
+    save_checkpoint(run_dir / "last.pt", payload)
+    with pytest.raises(MSIError, match="its optimizer state does not fit the model"):
+        train(None, resume=run_dir, quiet=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import sys
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import yaml
 
 from msi import registry
-from msi.errors import ConfigError, read_utf8
+from msi.errors import ConfigError, read_utf8, warn
 
 METRICS = ("recall", "ndcg", "precision", "map")
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
@@ -219,10 +218,6 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def _read_yaml(path: Path) -> dict[str, Any]:
     loader = _Loader(read_utf8(path, ConfigError))
     try:
@@ -232,7 +227,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     finally:
         loader.dispose()
     for key, line in loader.duplicates:
-        _warn(f"{path}:{line}: key '{key}' is given twice; the last value is used")
+        warn(f"{path}:{line}: key '{key}' is given twice; the last value is used")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, ...)")
     return raw
@@ -257,7 +252,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if section not in SECTIONS:
             raise _unknown(f"{section}.{key}")
         if (section, key) in from_cli:
-            _warn(f"override {section}.{key} is given twice ({from_cli[section, key]!r}, then {value!r}); "
+            warn(f"override {section}.{key} is given twice ({from_cli[section, key]!r}, then {value!r}); "
                   "the last is used")
         declared = _section_types(section).get(key)
         _apply(cfg, section, key, value if declared is str or not value else _yaml_value(section, key, value))

@@ -187,6 +187,10 @@ def _setup(
         for p in remove_leftovers(run_dir):
             log(f"removed {p}, left by an interrupted write")
         model, cfg, dataset, state = open_run(run_dir / LAST, allow_other_data=allow_other_data)
+        missing = [k for k in ("optimizer", "rng", "progress") if k not in state]
+        if missing:
+            raise CheckpointError(f"{run_dir / LAST}: not a resumable checkpoint: it lacks {', '.join(missing)} "
+                                  "(a best.pt copied over last.pt?); start over with --overwrite")
         cfg = _resume_with(run_dir, cfg, list(overrides), state["progress"], log)
     else:
         removed = clear_for_new_run(run_dir, overwrite)
@@ -202,7 +206,11 @@ def _setup(
     model = model.to(dev)  # a Module moves in place: a model passed in is the very object trained
     optimizer = make_optimizer(model, cfg.train.lr)
     if resume:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:  # a state of other parameters or shapes
+            raise CheckpointError(f"{run_dir / LAST}: not an msi checkpoint: its optimizer state does not fit "
+                                  f"the model ({str(e).splitlines()[0]})") from None
         progress.update(state["progress"])
         set_rng_state(state["rng"])
         dropped = truncate_metrics(run_dir, progress["epoch"])
