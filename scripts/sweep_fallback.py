@@ -11,17 +11,34 @@ and selection are msi-sweep's own (``msi.select``); nothing here chooses anythin
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from msi.rundir import read_log
-from msi.select import copy_log, plan_trials, prepare_trial_dir, record_sweep, report, trial_config, trial_state
+from msi.errors import Interrupted, MSIError
+from msi.rundir import locked, read_log
+from msi.select import check_free, check_sweep, copy_log, prepare_trial_dir, record_sweep, report, trial_state
+from msi.sweep import check_limits
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The fallback sweep; a problem the user can fix is one ``error:`` line (status 2, Ctrl-C 130), as msi-sweep's."""
+    try:
+        return sweep(argv)
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 130
+    except (MSIError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def sweep(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", nargs="+", type=Path, required=True)
     p.add_argument("--grid", nargs="*", default=[], action="extend")
@@ -33,13 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline", type=float, default=None, help="seconds; then running trials are stopped")
     args = p.parse_args(argv)
     out = args.out.resolve()
-    trials = plan_trials(args.config, args.grid, args.seeds, out)
-    for t in trials:
-        trial_config(t, args.set)  # every config loads before anything is written
-    record_sweep(out, args.config, args.grid, args.seeds, args.set)
+    check_limits(1, args.gpus_per_trial, args.max_concurrent, args.deadline)
+    trials, _ = check_sweep(args.config, args.grid, args.seeds, out, args.set)  # before anything is written
     device = "cuda" if args.gpus_per_trial > 0 else "cpu"
     stop_at = time.time() + args.deadline if args.deadline else float("inf")
-    (out / "logs").mkdir(parents=True, exist_ok=True)
+    interrupted, starting = threading.Event(), threading.Lock()
+    running: set[subprocess.Popen] = set()
 
     def run(t) -> None:
         if time.time() >= stop_at or trial_state(t.run_dir) not in ("new", "resumable"):
@@ -50,21 +66,42 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cmd += ["--config", str(t.config), *args.set, *t.point, f"train.seed={t.seed}", "--out", str(t.run_dir)]
         offset = read_log(t.run_dir)[1]  # train.log's lines from here on are this process's
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        with starting:  # Ctrl-C either finds this trial's process running or stops it from starting
+            if interrupted.is_set():
+                return
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            running.add(proc)
         try:
             output, _ = proc.communicate(timeout=max(1.0, stop_at - time.time()) if stop_at < float("inf") else None)
         except subprocess.TimeoutExpired:
             proc.terminate()
             output, _ = proc.communicate()
+        with starting:
+            running.discard(proc)
         log_path = out / "logs" / f"{t.name}.log"
         copy_log(t.run_dir, log_path, offset)  # the epoch lines, then what msi-train printed (its result or error)
         with open(log_path, "ab") as log:
             log.write(output)
         print(f"{t.name}: {trial_state(t.run_dir)}", flush=True)
 
-    with ThreadPoolExecutor(args.max_concurrent) as pool:
-        list(pool.map(run, trials))
-    report(out)
+    with locked(out, "msi-sweep"):
+        record_sweep(out, args.config, args.grid, args.seeds, args.set)
+        for t in trials:
+            if trial_state(t.run_dir) in ("new", "resumable"):
+                check_free(t.run_dir)
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(args.max_concurrent) as pool:
+            try:
+                list(pool.map(run, trials))
+            except KeyboardInterrupt:
+                with starting:  # no new trial starts; the running ones save their last.pt and end
+                    interrupted.set()
+                    for proc in running:
+                        proc.send_signal(signal.SIGINT)
+                command = shlex.join(["python3", __file__, *map(str, sys.argv[1:] if argv is None else argv)])
+                raise Interrupted(f"interrupted; finished trials are kept and the others resume from their last.pt: "
+                                  f"continue with {command}") from None
+        report(out, unstarted=True)
     print((out / "results.md").read_text(), end="")
     return 0
 

@@ -761,3 +761,154 @@ def test_i19_x_recommend_under_a_file_is_refused_before_any_work(workdir, tmp_pa
     code, _, err = run(recommend_main, recommend_args(workdir / "runs" / "done" / "best.pt", out), capsys)
     assert code == 2 and error_line(err) == f"error: {out}: {tmp_path / 'f'} is a file, not a folder"
     assert (tmp_path / "f").read_text() == "mine"
+
+
+
+# ---------------------------------------------------------------- issue 19: msi-sweep and msi-compare
+
+
+def sweep_args(workdir: Path, out: Path, *extra: str) -> list:
+    return ["--config", workdir / "tiny.yaml", "--seeds", "1", "--out", out, *extra]
+
+
+@pytest.mark.parametrize("flags, key", [
+    (["--deadline", "0"], "--deadline 0"), (["--deadline", "-1"], "--deadline -1"),
+    (["--deadline", "nan"], "--deadline nan"), (["--max-concurrent", "0"], "--max-concurrent 0"),
+    (["--max-concurrent", "-1"], "--max-concurrent -1"), (["--cpus-per-trial", "0"], "--cpus-per-trial 0"),
+    (["--gpus-per-trial", "-1"], "--gpus-per-trial -1.0"),
+])
+def test_i19_14_sweep_limits_under_which_no_trial_could_run(workdir, tmp_path, capsys, flags, key):
+    from msi.cli import sweep_main
+
+    code, _, err = run(sweep_main, sweep_args(workdir, tmp_path / "s", *flags), capsys)
+    assert code == 2 and error_line(err).startswith(f"error: {key}: must be")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--grid", "model.dropout=0.3,0.3"], "--grid 'model.dropout=0.3,0.3': model.dropout=0.3 is given twice"),
+    (["--grid", "model.dropout=0.3,0.30"], "--grid: model.dropout=0.3 and model.dropout=0.30 give tiny.yaml the "
+                                           "same config"),
+    (["--grid", "model.dropout=0.3", "model.dropout=0.5"], "--grid 'model.dropout=0.5': model.dropout is already "
+                                                          "an axis"),
+    (["--grid", "train.seed=1,2"], "--grid train.seed=...: the seeds are --seeds"),
+    (["--grid", "model.dropout=0.3,0.5", "--set", "model.dropout=0.1"], "--set model.dropout=0.1: model.dropout is "
+                                                                         "given by --grid"),
+    (["--set", "train.seed=5"], "--set train.seed=5: train.seed is given by --seeds"),
+])
+def test_i19_5_a_sweep_that_would_train_one_config_twice(workdir, tmp_path, capsys, extra, says):
+    from msi.cli import sweep_main
+
+    code, _, err = run(sweep_main, sweep_args(workdir, tmp_path / "s", *extra), capsys)
+    assert code == 2 and error_line(err).startswith(f"error: {says}")
+    assert not (tmp_path / "s").exists()
+
+
+def test_i19_5_one_live_sweep_per_folder_and_a_trial_in_use_is_not_touched(workdir, tmp_path, capsys):
+    from msi.cli import sweep_main
+    from msi.select import record_sweep
+
+    out = tmp_path / "s"
+    with msi.rundir.locked(out, "msi-sweep"):  # another live msi-sweep on this --out (here: this process)
+        code, _, err = run(sweep_main, sweep_args(workdir, out), capsys)
+    assert code == 2 and error_line(err) == (f"error: {out}: in use by another live msi-sweep process (pid "
+                                             f"{os.getpid()}); wait for it to end or choose another --out")
+    assert list(out.iterdir()) == []
+    record_sweep(out, [workdir / "tiny.yaml"], [], [1], [])
+    run_dir = out / "tiny_s1"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')  # a partial start, which a sweep clears when free
+    with msi.rundir.locked(run_dir):  # a live msi-train in the trial's directory
+        code, _, err = run(sweep_main, sweep_args(workdir, out), capsys)
+        assert code == 2 and error_line(err).startswith(f"error: {run_dir}: in use by a live process (pid ")
+        assert (run_dir / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+    assert not (out / ".lock").exists()
+
+
+def test_i19_15_a_failed_check_writes_no_sweep_yaml_and_the_corrected_command_runs(workdir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from msi.cli import sweep_main
+
+    out = tmp_path / "s"
+    code, _, err = run(sweep_main, sweep_args(workdir, out, "--grid", "data.name=tiny,tinx"), capsys)
+    assert code == 2 and "tinx" in error_line(err) and not out.exists()
+
+    def tune(todo, *args):  # Ray's part, which this test leaves out: the trials start and stop at once
+        for t in todo:
+            t.run_dir.mkdir()
+    monkeypatch.setattr("msi.sweep._tune", tune)
+    code, out_text, _ = run(sweep_main, sweep_args(workdir, out, "--grid", "data.name=tiny"), capsys)
+    assert code == 0 and "| tiny | none eligible | 0 |" in out_text
+
+
+def test_i19_15_ctrl_c_of_a_sweep_says_the_command_that_continues_it(workdir, tmp_path, capsys, monkeypatch):
+    import shlex
+
+    from msi.cli import sweep_main
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("msi.sweep._tune", ctrl_c)
+    argv = sweep_args(workdir, tmp_path / "s", "--grid", "loss.alpha=0.1,0.01")
+    code, _, err = run(sweep_main, argv, capsys)
+    line = error_line(err)
+    assert code == 130 and line.startswith("error: interrupted; ")
+    assert line.endswith(f"continue with {shlex.join(['msi-sweep', *map(str, argv)])}")
+    assert (tmp_path / "s" / "sweep.yaml").is_file() and not (tmp_path / "s" / ".lock").exists()
+
+
+@pytest.mark.parametrize("text, why", [
+    ("configs: [a\n", "not valid YAML"),
+    ("configs: a.yaml\ngrid: []\nseeds: [1]\nset: []\n", "configs must be a list"),
+    ("configs: [a.yaml]\ngrid: []\nseeds: [one]\nset: []\n", "seeds must be a list of whole numbers; 'one' is not"),
+])
+def test_i19_8_a_damaged_sweep_yaml_names_the_file(tmp_path, capsys, text, why):
+    from msi.cli import sweep_main
+
+    (tmp_path / "sweep.yaml").write_text(text)
+    code, _, err = run(sweep_main, ["--report", tmp_path], capsys)
+    assert code == 2 and error_line(err).startswith(f"error: {tmp_path / 'sweep.yaml'}: {why}")
+    assert (tmp_path / "sweep.yaml").read_text() == text
+
+
+def test_i19_x_sweep_folders_that_are_not_what_they_should_be(workdir, tmp_path, capsys, fabricate_sweep):
+    from msi.cli import sweep_main
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    code, _, err = run(sweep_main, sweep_args(workdir, notes), capsys)  # --out: a folder of someone else's
+    assert code == 2 and error_line(err).startswith(f"error: {notes}: holds todo.txt but no sweep.yaml")
+    code, _, err = run(sweep_main, ["--report", notes], capsys)  # --report: a folder that is not a sweep
+    assert code == 2 and error_line(err).startswith(f"error: {notes / 'sweep.yaml'}: not found")
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
+    sweep = fabricate_sweep(tmp_path / "sweep", {"recall": {p: [(0.5, 0.5, True)] * 2 for p in (
+        ("loss.alpha=0.1", "eval.ks=[10,20]"), ("loss.alpha=0.1", "eval.ks=[10,20,50]"),
+        ("loss.alpha=0.01", "eval.ks=[10,20]"), ("loss.alpha=0.01", "eval.ks=[10,20,50]"))}})
+    code, _, err = run(sweep_main, ["--report", sweep, "--baseline", "lightgcn"], capsys)
+    assert code == 2 and error_line(err) == "error: --baseline 'lightgcn': the sweep's configs are recall"
+    (notes / "results.md").write_text("mine")  # a union's --out holding someone's results.md
+    code, _, err = run(sweep_main, ["--report", sweep, sweep, "--out", notes], capsys)
+    assert code == 2 and error_line(err).startswith(f"error: {notes / 'results.md'}: exists and is not a union")
+    assert (notes / "results.md").read_text() == "mine"
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for d in sweep.glob("recall_*"):
+        d.rename(moved / d.name)  # the trial directories moved out of the sweep folder
+    code, _, err = run(sweep_main, ["--report", sweep], capsys)
+    assert code == 2 and error_line(err).startswith(f"error: {sweep}: holds none of its sweep's 8 trial directories")
+
+
+def test_i19_x_compare_never_writes_over_a_file_it_did_not_write(workdir, tmp_path, capsys):
+    from msi.cli import compare_main
+
+    done = workdir / "runs" / "done"
+    before = snapshot(done)
+    for flag, target in (("--out", done / "best.pt"), ("--json", done / "results.json")):
+        code, _, err = run(compare_main, ["--a", done, "--b", done, "--quiet", "--device", "cpu", flag, target], capsys)
+        assert code == 2 and error_line(err).startswith(f"error: {target}: exists and is not msi-compare's")
+    assert snapshot(done) == before
+    argv = ["--a", done, "--b", done, "--quiet", "--device", "cpu", "--out", tmp_path / "c.md", "--json",
+            tmp_path / "c.json"]
+    assert run(compare_main, argv, capsys)[0] == 0 and run(compare_main, argv, capsys)[0] == 0  # its own: rewritten
+    assert json.loads((tmp_path / "c.json").read_text())["delta"] == 0.0

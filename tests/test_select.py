@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -176,10 +178,87 @@ def test_a_damaged_results_json_counts_as_unfinished_and_the_report_names_it(swe
     assert grid[A]["finished"] == 1 and not grid[A]["eligible"]  # A lost a seed until it is run again
 
 
-@pytest.mark.parametrize("text, why", [("configs: [a\n", "not valid YAML"),
-                                       ("configs: a.yaml\ngrid: []\nseeds: [1]\nset: []\n", "configs must be a list")])
-def test_a_damaged_sweep_yaml_is_one_line_naming_it(tmp_path, capsys, text, why):
-    (tmp_path / "sweep.yaml").write_text(text)
-    assert sweep_main(["--report", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'sweep.yaml'}: {why}")
+def test_a_results_json_without_the_selection_metric_is_one_line_naming_it(sweep):
+    _, trials, _ = load_sweep(sweep)
+    hit = next(t for t in trials if t.config.stem == "recall" and t.point == A and t.seed == 1)
+    results = json.loads((hit.run_dir / "results.json").read_text())
+    (hit.run_dir / "results.json").write_text(json.dumps({**results, "valid": {"ndcg@10": 0.1}}))
+    with pytest.raises(MSIError, match=re.escape(f"{hit.run_dir / 'results.json'}: valid has no recall@20 (it has "
+                                                  "ndcg@10)")):
+        select(sweep)
+
+
+# ---------------------------------------------------------------- one row per config and data set (issue 19, 6)
+
+
+def other_data_set(sweep: Path, name: str) -> None:
+    """A copy of the tiny data set under another name beside ``sweep``'s configs (their data.root)."""
+    from msi.config import load_config
+    from msi.run import dataset_for
+
+    dataset_for(load_config(sweep.parent / "recall.yaml"), progress=False)  # generates data/tiny
+    root = sweep.parent / "data"
+    shutil.copytree(root / "tiny", root / name)
+    (root / name / "tiny.inter").rename(root / name / f"{name}.inter")
+
+
+def test_folders_of_different_data_sets_are_selected_apart(fabricate_sweep, tmp_path, capsys):
+    x = fabricate_sweep(tmp_path / "x", {"recall": VALID["recall"]})  # data set tiny
+    y = fabricate_sweep(tmp_path / "y", {"recall": Y}, overrides=("data.name=tiny2",))
+    other_data_set(x, "tiny2")
+    summary = union_report([x, y], tmp_path / "xy")
+    assert set(summary["configs"]) == {"recall@tiny", "recall@tiny2"}
+    assert set(summary["popularity"]) == {"tiny", "tiny2"}
+    on_x, on_y = summary["configs"]["recall@tiny"], summary["configs"]["recall@tiny2"]
+    assert on_x["selected"]["point"] == sorted(B) and len(on_x["grid"]) == 4  # X's own best, not Y's A at 0.61
+    assert on_y["selected"]["point"] == ["data.name=tiny2", *sorted(A)]
+    assert {Path(d).parent for d in on_y["selected"]["run_dirs"]} == {y}
+    assert sweep_main(["--report", str(x), str(y), "--out", str(tmp_path / "xy2")]) == 0
+    out = capsys.readouterr().out
+    assert "| recall@tiny | eval.ks=[10,20,50] loss.alpha=0.1 | 2 |" in out and "popularity, tiny2" in out
+    # msi-compare's SWEEP_DIR:CONFIG names a row the same way in a sweep whose grid spans data sets
+    from msi.compare import selected_run_dirs
+
+    assert selected_run_dirs(y, "recall") == [Path(d) for d in on_y["selected"]["run_dirs"]]
+
+
+def test_split_rows_names_a_row_per_data_set_only_where_a_config_spans_several():
+    from msi.select import Trial, split_rows
+
+    trials = [Trial(Path(f"{c}.yaml"), (), s, Path(f"/s/{c}_{d}_s{s}"), c) for c in ("a", "b") for d in ("u", "v")
+              for s in (1, 2) if c == "a" or d == "u"]
+    data = {t.run_dir: t.run_dir.name.split("_")[1] for t in trials}
+    assert [t.row for t in split_rows(trials, data)] == ["a@u", "a@u", "a@v", "a@v", "b", "b"]
+
+
+# ---------------------------------------------------------------- planning refuses what would train twice or collide
+
+
+def test_values_that_make_one_run_directory_are_refused(tmp_path):
+    from msi.select import plan_trials
+
+    with pytest.raises(MSIError, match="both make the run directory tiny_model.name-msi_s1"):
+        plan_trials([tmp_path / "tiny.yaml"], ["model.name=msi,m si"], [1], tmp_path / "s")
+
+
+def test_a_trial_directory_in_use_is_never_cleared(tmp_path):
+    from msi.rundir import locked
+    from msi.select import prepare_trial_dir
+
+    run_dir = tmp_path / "tiny_s1"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("")  # a partial start: cleared when nobody holds it
+    with locked(run_dir):
+        with pytest.raises(MSIError, match=re.escape(f"{run_dir}: in use by a live process (pid {os.getpid()})")):
+            prepare_trial_dir(run_dir)
+        assert (run_dir / "metrics.jsonl").is_file()
+    assert prepare_trial_dir(run_dir) is False and not run_dir.exists()
+    run_dir.write_text("mine")  # a file where the trial's directory belongs is not removed either
+    with pytest.raises(MSIError, match="a file where this trial's run directory belongs"):
+        prepare_trial_dir(run_dir)
+    assert run_dir.read_text() == "mine"
+
+
+def test_one_folder_reported_to_out_leaves_the_sweep_folder_as_it_was(sweep, tmp_path, capsys):
+    assert sweep_main(["--report", str(sweep), "--out", str(tmp_path / "u")]) == 0
+    assert (tmp_path / "u" / "results.md").is_file() and not (sweep / "results.md").exists()

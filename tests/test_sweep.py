@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -47,6 +48,10 @@ def test_sweep_stopped_at_a_deadline_and_rerun_ends_with_the_uninterrupted_table
     run_sweep([config], GRID, SEEDS, cut, deadline=3)
     states = [trial_state(t.run_dir) for t in plan_trials([config], GRID, SEEDS, cut)]
     assert states.count("done") < len(states)  # 8 trials cannot all finish in 3 s on 2 cores
+    finished = plan_trials([config], GRID, SEEDS, full)[0]
+    shutil.copytree(finished.run_dir, cut / finished.name, dirs_exist_ok=True)  # one trial done ...
+    damaged = cut / finished.name / "results.json"
+    damaged.write_text(damaged.read_text()[:40])  # ... but its results.json cut short: scored again
     capsys.readouterr()
     argv = ["--config", config, "--grid", *GRID, "--seeds", *SEEDS, "--out", cut]
     assert sweep_main([str(a) for a in argv]) == 0
@@ -58,6 +63,33 @@ def test_sweep_stopped_at_a_deadline_and_rerun_ends_with_the_uninterrupted_table
         log = (full / "logs" / f"{t.name}.log").read_text()
         assert " start on node " in log and " epoch 1: loss=" in log and " best epoch " in log
     assert "| tiny | " in out and "popularity, tiny" in out
+    rescored = json.loads(damaged.read_text())["valid"]
+    assert rescored == json.loads((finished.run_dir / "results.json").read_text())["valid"]
+
+
+@needs_ray
+def test_a_trial_larger_than_any_node_is_refused_at_once(ray_session, config, tmp_path, capsys):
+    argv = ["--config", config, "--seeds", "1", "--out", tmp_path / "s", "--gpus-per-trial", "64"]
+    assert sweep_main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --gpus-per-trial 64: no node of the Ray cluster has 64 GPUs")
+
+
+def test_cluster_check_takes_the_largest_live_node():
+    from msi.sweep import check_cluster
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}}, {"Alive": True, "Resources": {"CPU": 16.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+    check_cluster(4, 1, nodes)
+    check_cluster(16, 0, nodes)
+    with pytest.raises(MSIError, match="^--cpus-per-trial 16 --gpus-per-trial 1: no node of the Ray cluster has both "
+                                       "\\(4 CPUs, 1 GPUs; 16 CPUs, 0 GPUs\\)"):
+        check_cluster(16, 1, nodes)  # each ask alone fits a node, both together none
+    with pytest.raises(MSIError, match="^--cpus-per-trial 32: no node of the Ray cluster has 32 CPUs \\(the most on "
+                                       "one node is 16\\)"):
+        check_cluster(32, 0, nodes)
+    with pytest.raises(MSIError, match="^--gpus-per-trial 2: .* \\(the most on one node is 1\\)"):
+        check_cluster(1, 2, nodes)
 
 
 @needs_ray
@@ -155,3 +187,20 @@ def test_joining_a_cluster_passes_rays_output_on_and_names_other_failures(capfd)
     assert "Connected to Ray cluster." in capfd.readouterr().err
     with pytest.raises(MSIError, match="could not join the Ray cluster at h:6379: Failed to connect"):
         join_cluster(_init_that_prints("", ConnectionError("Failed to connect to Ray cluster at h:6379")), "h:6379")
+
+
+def test_an_address_where_nothing_answers_is_one_line_at_once():
+    import socket
+
+    from msi.sweep import check_reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free again once closed: nothing listens there
+    with pytest.raises(MSIError, match=f"^could not join the Ray cluster at 127.0.0.1:{port}: nothing answers there"):
+        check_reachable(f"127.0.0.1:{port}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        check_reachable(f"127.0.0.1:{s.getsockname()[1]}")  # something listens: Ray's own join decides
+    check_reachable("ray://head:10001")  # Ray Client addresses are left to Ray

@@ -4,6 +4,7 @@ end to end on the tiny generated set, on the CPU."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,44 @@ def test_probe_scores_every_view_of_the_selected_runs(sweep, capsys):
         assert view in text
     selected = json.loads((sweep / "summary.json").read_text())["configs"]["tiny"]["selected"]["point"]
     assert " ".join(selected) in text
+
+
+def test_fallback_reruns_a_trial_whose_results_json_is_damaged(sweep, tmp_path, capsys):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    damaged = copy / "tiny_loss.alpha-0.1_s1" / "results.json"
+    good = json.loads(damaged.read_text())
+    damaged.write_text(damaged.read_text()[:40])  # cut short, as a full disk or a copy interrupted leaves it
+    others = {p: p.read_bytes() for p in copy.glob("tiny_*/results.json") if p != damaged}
+    args = ["--config", str(sweep.parent / "tiny.yaml"), "--grid", "loss.alpha=0.1,0.01", "--seeds", "1", "2",
+            "--set", "train.patience=5", "--out", str(copy)]
+    assert load("sweep_fallback").main(args) == 0
+    assert "tiny_loss.alpha-0.1_s1: done" in capsys.readouterr().out
+    assert json.loads(damaged.read_text())["valid"] == good["valid"]  # scored again from its best.pt
+    assert {p: p.read_bytes() for p in others} == others
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--grid", "loss.alpha=0.1,0.1"], "--grid 'loss.alpha=0.1,0.1': loss.alpha=0.1 is given twice"),
+    (["--deadline", "0"], "--deadline 0: must be"), (["--max-concurrent", "0"], "--max-concurrent 0: must be"),
+    (["--set", "data.name=tinx"], "tinx.inter does not exist"),
+])
+def test_fallback_refuses_what_msi_sweep_refuses_before_writing(sweep, tmp_path, capsys, extra, says):
+    args = ["--config", str(sweep.parent / "tiny.yaml"), "--seeds", "1", "--out", str(tmp_path / "s"), *extra]
+    assert load("sweep_fallback").main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and says in err and not (tmp_path / "s").exists()
+
+
+def test_fallback_ctrl_c_says_the_command_that_continues_it(sweep, tmp_path, capsys, monkeypatch):
+    fallback = load("sweep_fallback")
+
+    def ctrl_c(run_dir):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fallback, "prepare_trial_dir", ctrl_c)
+    args = ["--config", str(sweep.parent / "tiny.yaml"), "--seeds", "1", "--out", str(tmp_path / "s")]
+    assert fallback.main(args) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: interrupted; ")
+    assert err.strip().endswith(f"continue with python3 {fallback.__file__} {' '.join(args)}")
+    assert (tmp_path / "s" / "sweep.yaml").is_file() and not (tmp_path / "s" / ".lock").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -302,7 +303,8 @@ def _sweep(argv: list[str] | None) -> int:
     p.add_argument("--asha", action="store_true", help="stop weak trials early on valid (never scored, never selected)")
     p.add_argument("--report", type=Path, nargs="+", metavar="DIR",
                    help="re-render DIR's tables from its run directories; with several DIRs (a grid run in parts), "
-                        "one selection over all their points, written to --out")
+                        "one selection over all their points, written to --out (with one DIR, --out writes its "
+                        "tables there instead of in DIR)")
     p.add_argument("--baseline", metavar="CONFIG",
                    help="with --report: results.md also gets each config's selected point against this config's "
                         "(its YAML file's name without .yaml), on test, with msi-compare's statistics")
@@ -314,8 +316,8 @@ def _sweep(argv: list[str] | None) -> int:
 
         if len(args.report) > 1 and not args.out:
             p.error("--report with several folders writes the union's tables to --out DIR")
-        dest = args.report[0] if len(args.report) == 1 else args.out
-        summary = report(dest) if len(args.report) == 1 else union_report(args.report, dest)
+        dest = args.out or args.report[0]
+        summary = union_report(args.report, dest) if args.out else report(dest)
         if args.baseline:
             from msi.compare import add_baseline
 
@@ -324,12 +326,15 @@ def _sweep(argv: list[str] | None) -> int:
         return 0
     if not args.config or not args.out:
         p.error("--config and --out are required (or --report DIR)")
-    if args.cpus_per_trial < 1 or args.gpus_per_trial < 0:
-        raise MSIError("--cpus-per-trial must be >= 1 and --gpus-per-trial >= 0")
     from msi.sweep import run_sweep
 
-    run_sweep(args.config, args.grid or [], args.seeds, args.out, args.set or [], args.cpus_per_trial,
-              args.gpus_per_trial, args.max_concurrent, args.address, args.deadline, args.asha)
+    try:
+        run_sweep(args.config, args.grid or [], args.seeds, args.out, args.set or [], args.cpus_per_trial,
+                  args.gpus_per_trial, args.max_concurrent, args.address, args.deadline, args.asha)
+    except KeyboardInterrupt:
+        command = shlex.join(["msi-sweep", *map(str, sys.argv[1:] if argv is None else argv)])
+        raise Interrupted(f"interrupted; finished trials are kept and the others resume from their last.pt: "
+                          f"continue with {command}") from None
     print((args.out / "results.md").read_text(), end="")
     return 0
 
@@ -369,16 +374,20 @@ def _compare(argv: list[str] | None) -> int:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    from msi.compare import compare, render_markdown
+    from msi.compare import check_output, compare, render_markdown
     from msi.run import resolve_device
+    from msi.rundir import write_atomic
 
+    for path, kind in ((args.out, "markdown"), (args.json, "json")):
+        if path:
+            check_output(path, kind)  # before any run is scored
     result = compare(args.a, args.b, args.metric, args.split, resolve_device(args.device), not args.quiet)
     text = render_markdown(result, " ".join(args.a), " ".join(args.b))
     print(text, end="")
     if args.out:
-        args.out.write_text(text)
+        write_atomic(args.out, text)
     if args.json:
-        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        write_atomic(args.json, json.dumps(result.to_json(), indent=2) + "\n")
     return 0
 
 

@@ -14,6 +14,8 @@ The statistics (``paired_stats``) take arrays; reading and scoring runs (``read_
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from msi.data.dataset import Dataset
 from msi.errors import MSIError
 from msi.evaluate import Evaluator
 from msi.run import dataset_for, open_run
-from msi.rundir import BEST
+from msi.rundir import BEST, write_atomic
 from msi.select import load_sweep, summarize
 
 BOOTSTRAP_RESAMPLES = 10_000
@@ -141,7 +143,7 @@ def selected_run_dirs(sweep_dir: Path, config: str) -> list[Path]:
     _, trials, cfgs = load_sweep(sweep_dir)
     if config not in cfgs:
         raise MSIError(f"{sweep_dir}:{config}: the sweep has no config {config!r}; it has {', '.join(cfgs)}")
-    chosen = summarize([t for t in trials if t.config.stem == config], {config: cfgs[config].train.metric})
+    chosen = summarize([t for t in trials if t.row == config], {config: cfgs[config].train.metric})
     selected = chosen[config]["selected"]
     if selected is None:
         raise MSIError(f"{sweep_dir}:{config}: no point has all its seeds finished, so none is selected")
@@ -226,6 +228,26 @@ def compare(a_specs: list[str | Path], b_specs: list[str | Path], metric: str = 
     return paired_stats(values[: len(a)], values[len(a) :], [h.seed for h in a], metric, split)
 
 
+def check_output(path: Path, kind: str) -> None:
+    """Refuse to write over an existing file that is not msi-compare's own ``kind`` ("markdown" or "json") output: a
+    checkpoint, a run's results.json or anyone's notes stay as they are."""
+    if not path.exists():
+        return
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    if kind == "json":
+        try:
+            ours = list(json.loads(text)) == list(JSON_KEYS)
+        except (ValueError, TypeError):
+            ours = False
+    else:
+        ours = re.match(r"\w+@\d+ on (valid|test): \d+ users", text) is not None
+    if not ours:
+        raise MSIError(f"{path}: exists and is not msi-compare's {kind} output: not written over; choose another file")
+
+
 def _p(p: float | None, note: str = "") -> str:
     return f"n/a ({note})" if p is None else f"{p:.3g}"
 
@@ -291,4 +313,4 @@ def add_baseline(dest: Path, summary: dict[str, Any], baseline: str, device: tor
                  progress: bool = True) -> None:
     """Append ``baseline_section`` to ``dest``/results.md, just written by ``msi.select``'s report."""
     path = Path(dest) / "results.md"
-    path.write_text(path.read_text() + "\n" + baseline_section(summary, baseline, device, progress))
+    write_atomic(path, path.read_text() + "\n" + baseline_section(summary, baseline, device, progress))

@@ -262,9 +262,10 @@ def resume_config(cfg: Config, overrides: list[str]) -> tuple[Config, list[str]]
 
 
 @contextmanager
-def locked(run_dir: Path) -> Iterator[None]:
+def locked(run_dir: Path, tool: str = "msi-train") -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir/.lock`` while the run lives (its pid inside); the OS drops it when the
-    process dies, and the file is removed when the block ends. A second live process is refused."""
+    process dies, and the file is removed when the block ends. A second live process is refused (the error says it
+    is another ``tool``: msi-sweep locks its sweep folder the same way)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK
     while True:
@@ -277,7 +278,7 @@ def locked(run_dir: Path) -> Iterator[None]:
             f.seek(0)
             pid = f.read().strip() or "?"
             f.close()
-            raise MSIError(f"{run_dir}: in use by another live msi-train process (pid {pid}); wait for it to end "
+            raise MSIError(f"{run_dir}: in use by another live {tool} process (pid {pid}); wait for it to end "
                            "or choose another --out") from None
         try:
             if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
@@ -293,6 +294,23 @@ def locked(run_dir: Path) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)  # still held: no other process can have locked this file
         f.close()
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """The pid written in ``run_dir/.lock`` while a live process holds it (as ``locked`` does), else None."""
+    if fcntl is None:
+        return None
+    try:
+        f = open(Path(run_dir) / LOCK)
+    except OSError:  # no lock file, or no directory there
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "?"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
 
 
 def is_leftover(name: str) -> bool:

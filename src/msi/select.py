@@ -1,12 +1,14 @@
 """Valid-only selection over a sweep's run directories, and its tables: results.md, results.csv, summary.json.
 
 A sweep is configs x grid points x seeds; each trial is one ordinary run directory
-``<out>/<config>_<key-value...>_s<seed>/``. The rule, in one place (``summarize``): per config, the grid point with
-the best mean valid ``train.metric`` over its seeds wins; a point is eligible only when every seed has finished
-(a readable ``results.json``) and none was stopped early (``stopped.json``, written when ASHA stops a trial); test
-numbers are read only for the selected point. A damaged results.json (``msi.rundir.DamagedRunFile``) counts as
-unfinished: the sweep runs the trial again and the tables name the file. ``<out>/sweep.yaml`` records what the sweep
-is, so the tables can be re-rendered from the run directories alone (``report``).
+``<out>/<config>_<key-value...>_s<seed>/``. The rule, in one place (``summarize``): per config and data set (a table
+row, ``split_rows``), the grid point with the best mean valid ``train.metric`` over its seeds wins; a point is
+eligible only when every seed has finished (a readable ``results.json``) and none was stopped early
+(``stopped.json``, written when ASHA stops a trial); test numbers are read only for the selected point. A damaged
+results.json (``msi.rundir.DamagedRunFile``) counts as unfinished: the sweep runs the trial again and the tables
+name the file. ``<out>/sweep.yaml`` records what the sweep
+is, so the tables can be re-rendered from the run directories alone (``report``); it is written only once every
+trial's config and data set have loaded (``check_sweep``).
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ import json
 import re
 import shutil
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from msi.config import Config, load_config
-from msi.errors import MSIError
-from msi.rundir import LAST, STOPPED, DamagedRunFile, read_log, read_results
+from msi.errors import MSIError, read_utf8
+from msi.rundir import LAST, LOCK, STOPPED, DamagedRunFile, lock_holder, read_log, read_results, write_atomic
 
 SWEEP_FILE = "sweep.yaml"
 
@@ -39,6 +41,7 @@ class Trial:
     point: tuple[str, ...]  # grid overrides, e.g. ("loss.alpha=0.1", "model.dropout=0.3")
     seed: int
     run_dir: Path
+    row: str  # the table row it is selected in: its config's name, or name@data set (``split_rows``)
 
     @property
     def name(self) -> str:
@@ -60,15 +63,21 @@ def split_values(text: str) -> list[str]:
 
 
 def grid_points(grid: list[str]) -> list[tuple[str, ...]]:
-    """``["a.b=1,2", "c.d=[1,2],[3]"]`` -> every combination, as tuples of ``key=value`` overrides."""
-    axes = []
+    """``["a.b=1,2", "c.d=[1,2],[3]"]`` -> every combination, as tuples of ``key=value`` overrides. A value given
+    twice, or a key on two axes, would train one configuration twice: refused."""
+    axes: dict[str, list[str]] = {}
     for item in grid:
         key, sep, values = item.partition("=")
-        parts = split_values(values)
+        key, parts = key.strip(), split_values(values)
         if not sep or "." not in key or not all(parts):
             raise MSIError(f"--grid {item!r}: expected section.key=v1,v2 (e.g. loss.alpha=0.1,0.01)")
-        axes.append([f"{key.strip()}={v}" for v in parts])
-    return list(itertools.product(*axes))
+        twice = next((v for i, v in enumerate(parts) if v in parts[:i]), None)
+        if twice is not None:
+            raise MSIError(f"--grid {item!r}: {key}={twice} is given twice; give each value once")
+        if key in axes:
+            raise MSIError(f"--grid {item!r}: {key} is already an axis; give all its values in one --grid item")
+        axes[key] = [f"{key}={v}" for v in parts]
+    return list(itertools.product(*axes.values()))
 
 
 def run_name(config: Path, point: tuple[str, ...], seed: int) -> str:
@@ -88,8 +97,14 @@ def plan_trials(configs: list[Path], grid: list[str], seeds: list[int], out: Pat
     if len(set(seeds)) != len(seeds) or not seeds:
         raise MSIError(f"--seeds {seeds}: expected distinct seeds")
     points = grid_points(grid)
-    return [Trial(Path(c), p, s, Path(out) / run_name(Path(c), p, s))
-            for c in configs for p in points for s in seeds]
+    trials = [Trial(Path(c), p, s, Path(out) / run_name(Path(c), p, s), Path(c).stem)
+              for c in configs for p in points for s in seeds]
+    seen: dict[str, Trial] = {}
+    for t in trials:
+        if (other := seen.setdefault(t.name, t)) is not t:
+            raise MSIError(f"--grid: the points {' '.join(other.point)} and {' '.join(t.point)} both make the run "
+                           f"directory {t.name}; write the values so that they differ in letters or digits")
+    return trials
 
 
 def trial_config(trial: Trial, overrides: list[str]) -> Config:
@@ -121,9 +136,22 @@ def damaged_results(trials: list[Trial]) -> list[str]:
     return out
 
 
+def check_free(run_dir: Path) -> None:
+    """Refuse a run directory that a live process holds (its ``.lock``), or a file where it belongs: a sweep never
+    clears or trains in either."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MSIError(f"{run_dir}: a file where this trial's run directory belongs; move it away")
+    pid = lock_holder(run_dir)
+    if pid is not None:
+        raise MSIError(f"{run_dir}: in use by a live process (pid {pid}); wait for it to end, then run the sweep "
+                       "command again")
+
+
 def prepare_trial_dir(run_dir: Path) -> bool:
     """Make ``run_dir`` ready for its trial; True when the trial resumes from ``last.pt``. A partial start (neither
-    results.json nor last.pt) is removed, so the trainer starts it again in an empty directory."""
+    results.json nor last.pt) is removed, so the trainer starts it again in an empty directory; a directory in use
+    is refused (``check_free``), never cleared."""
+    check_free(run_dir)
     if trial_state(run_dir) == "resumable":
         return True
     if run_dir.exists():
@@ -141,35 +169,92 @@ def copy_log(run_dir: Path, log_path: Path, offset: int) -> int:
     return offset
 
 
-def record_sweep(out: Path, configs: list[Path], grid: list[str], seeds: list[int], overrides: list[str]) -> None:
-    """Write ``<out>/sweep.yaml``, or refuse when the one there describes another sweep."""
-    record = {"configs": [str(Path(c).resolve()) for c in configs], "grid": list(grid), "seeds": list(seeds),
-              "set": list(overrides)}
-    path = Path(out) / SWEEP_FILE
+def check_sweep(configs: list[Path], grid: list[str], seeds: list[int], out: Path,
+                overrides: list[str]) -> tuple[list[Trial], dict[str, Config]]:
+    """Plan a sweep and check all of it before anything is written, so that a corrected command is never refused
+    as another sweep: ``out`` is new, empty or this sweep's (``check_sweep_folder``); ``--set`` repeats no key of
+    the grid or of ``--seeds``; every trial's config loads, no two trials of a config are the same config, and every
+    data set loads (generated data is made here, once, not by racing trials). Returns the trials and their configs
+    by run name."""
+    trials = plan_trials(configs, grid, seeds, Path(out))
+    check_sweep_folder(Path(out), sweep_record(configs, grid, seeds, overrides))
+    owner = {"train.seed": "--seeds", **{item.partition("=")[0].strip(): "--grid" for item in grid}}
+    if "train.seed" in [item.partition("=")[0].strip() for item in grid]:
+        raise MSIError("--grid train.seed=...: the seeds are --seeds (each point runs every seed)")
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if key in owner:
+            raise MSIError(f"--set {override}: {key} is given by {owner[key]}, whose values replace this one; give "
+                           "it in one place")
+    cfgs = {t.name: trial_config(t, overrides) for t in trials}
+    seen: dict[str, Trial] = {}
+    for t in trials:
+        same = seen.setdefault(f"{t.config}\n{json.dumps(cfgs[t.name].to_dict(), sort_keys=True, default=str)}", t)
+        if same is not t:
+            raise MSIError(f"--grid: {' '.join(same.point)} and {' '.join(t.point)} give {t.config.name} the same "
+                           "config; give each value once")
+    from msi.run import dataset_for
+
+    for cfg in {(c.data.root, c.data.name, c.model.name): c for c in cfgs.values()}.values():
+        dataset_for(cfg, progress=False)
+    return trials, cfgs
+
+
+def sweep_record(configs: list[Path], grid: list[str], seeds: list[int], overrides: list[str]) -> dict[str, Any]:
+    """What ``<out>/sweep.yaml`` holds: the configs (absolute paths), the grid, the seeds and the ``--set``."""
+    return {"configs": [str(Path(c).resolve()) for c in configs], "grid": list(grid), "seeds": list(seeds),
+            "set": list(overrides)}
+
+
+def check_sweep_folder(out: Path, record: dict[str, Any]) -> None:
+    """Refuse ``out`` unless it is new, empty, or holds this very sweep (its sweep.yaml is ``record``)."""
+    path = out / SWEEP_FILE
     if path.is_file():
-        old = read_sweep(Path(out))
+        old = read_sweep(out)
         if old != record:
             diff = ", ".join(k for k in record if old.get(k) != record[k])
             raise MSIError(f"{path}: this folder holds another sweep (its {diff} differ); use a new --out, or "
                            "repeat the command that made it")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(record, sort_keys=False))
+    elif out.exists():
+        if not out.is_dir():
+            raise MSIError(f"{out}: is a file; --out names the sweep's folder")
+        present = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+        if present:
+            raise MSIError(f"{out}: holds {', '.join(present[:3])}{', ...' if len(present) > 3 else ''} but no "
+                           f"{SWEEP_FILE}, so it is not a sweep folder; choose a new or empty --out")
+
+
+def record_sweep(out: Path, configs: list[Path], grid: list[str], seeds: list[int], overrides: list[str]) -> None:
+    """Write ``<out>/sweep.yaml`` unless it is there already; refused as ``check_sweep_folder`` says."""
+    record, out = sweep_record(configs, grid, seeds, overrides), Path(out)
+    check_sweep_folder(out, record)
+    if not (out / SWEEP_FILE).is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / SWEEP_FILE, yaml.safe_dump(record, sort_keys=False))
+
+
+RECORD_ITEMS = {"configs": (str, "paths"), "grid": (str, "key=v1,v2 texts"), "seeds": (int, "whole numbers"),
+                "set": (str, "key=value texts")}
 
 
 def read_sweep(out: Path) -> dict[str, Any]:
+    """``<out>/sweep.yaml`` (``sweep_record``); an error names the file and the key that is wrong."""
     path = Path(out) / SWEEP_FILE
     if not path.is_file():
         raise MSIError(f"{path}: not found; is {out} a folder written by msi-sweep?")
     try:
-        record = yaml.safe_load(path.read_text())
+        record = yaml.safe_load(read_utf8(path, MSIError))
     except yaml.YAMLError as e:
-        raise MSIError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
-    if not isinstance(record, dict) or set(record) != {"configs", "grid", "seeds", "set"}:
-        raise MSIError(f"{path}: expected the keys configs, grid, seeds, set")
-    bad = [k for k in ("configs", "grid", "seeds", "set") if not isinstance(record[k], list)]
+        raise MSIError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(record, dict) or set(record) != set(RECORD_ITEMS):
+        raise MSIError(f"{path}: expected the keys {', '.join(RECORD_ITEMS)}")
+    bad = [k for k in RECORD_ITEMS if not isinstance(record[k], list)]
     if bad:
         raise MSIError(f"{path}: {', '.join(bad)} must be a list (as msi-sweep writes it)")
+    for key, (kind, what) in RECORD_ITEMS.items():
+        wrong = [v for v in record[key] if not isinstance(v, kind) or isinstance(v, bool)]
+        if wrong:
+            raise MSIError(f"{path}: {key} must be a list of {what}; {wrong[0]!r} is not")
     return record
 
 
@@ -187,17 +272,29 @@ def _results(run_dir: Path) -> dict[str, Any]:
     return results
 
 
+def _values(group: list[Trial], split: str, key: str) -> list[float]:
+    """``split``'s ``key`` of each finished trial of ``group``; a results.json without it is named."""
+    values = []
+    for t in group:
+        results = _results(t.run_dir)
+        if key not in results[split]:
+            raise MSIError(f"{t.run_dir / 'results.json'}: {split} has no {key} (it has "
+                           f"{', '.join(results[split]) or 'no metrics'}); train the trial again")
+        values.append(results[split][key])
+    return values
+
+
 def summarize(trials: list[Trial], metrics: dict[str, str]) -> dict[str, Any]:
-    """Select per config (``metrics``: config stem -> its ``train.metric``) on valid only; see the module doc."""
+    """Select per table row (``metrics``: row -> its ``train.metric``) on valid only; see the module doc."""
     by_point: dict[str, dict[tuple[str, ...], list[Trial]]] = {}
     for t in trials:
-        by_point.setdefault(t.config.stem, {}).setdefault(t.point, []).append(t)
+        by_point.setdefault(t.row, {}).setdefault(t.point, []).append(t)
     out: dict[str, Any] = {}
     for name, points in by_point.items():
         metric, grid = metrics[name], []
         for point, group in points.items():
             states = [trial_state(t.run_dir) for t in group]
-            valid = [_results(t.run_dir)["valid"][metric] for t, s in zip(group, states) if s == "done"]
+            valid = _values([t for t, s in zip(group, states) if s == "done"], "valid", metric)
             grid.append({"point": list(point), "valid": stats(valid), "finished": len(valid),
                          "stopped": states.count("stopped"), "eligible": states.count("done") == len(group)})
         eligible = [g for g in grid if g["eligible"]]
@@ -208,12 +305,11 @@ def summarize(trials: list[Trial], metrics: dict[str, str]) -> dict[str, Any]:
 
 def _selected(group: list[Trial]) -> dict[str, Any]:
     """Valid and test metrics of the selected point, the only place test numbers are read."""
-    results = [_results(t.run_dir) for t in group]
-    keys = list(results[0]["test"])
+    keys = list(_results(group[0].run_dir)["test"])
     return {"point": list(group[0].point), "run_dirs": [str(t.run_dir) for t in group],
-            "valid": {k: stats([r["valid"][k] for r in results]) for k in keys},
-            "test": {k: stats([r["test"][k] for r in results]) for k in keys},
-            "best_epoch": [r["best_epoch"] for r in results]}
+            "valid": {k: stats(_values(group, "valid", k)) for k in keys},
+            "test": {k: stats(_values(group, "test", k)) for k in keys},
+            "best_epoch": [_results(t.run_dir)["best_epoch"] for t in group]}
 
 
 def popularity_floor(cfg: Config, device: str = "cpu") -> dict[str, dict[str, float]]:
@@ -229,24 +325,56 @@ def popularity_floor(cfg: Config, device: str = "cpu") -> dict[str, dict[str, fl
     return {"valid": ev(model, "valid"), "test": ev(model, "test")}
 
 
-def load_sweep(out: Path) -> tuple[dict[str, Any], list[Trial], dict[str, Config]]:
-    """The record of ``<out>/sweep.yaml``, its trials, and one config per config file (the first trial's)."""
-    record = read_sweep(Path(out))
-    trials = plan_trials([Path(c) for c in record["configs"]], record["grid"], record["seeds"], Path(out))
+def split_rows(trials: list[Trial], data: dict[Path, str]) -> list[Trial]:
+    """``trials`` with their table rows (``data``: run directory -> data.name): a config's name, or ``name@data``
+    for each data set when its trials use several. A selection compares numbers of one data set only."""
+    sets: dict[str, set[str]] = {}
+    for t in trials:
+        sets.setdefault(t.config.stem, set()).add(data[t.run_dir])
+    return [replace(t, row=t.config.stem if len(sets[t.config.stem]) == 1 else f"{t.config.stem}@{data[t.run_dir]}")
+            for t in trials]
+
+
+def row_configs(trials: list[Trial], configs: dict[Path, Config]) -> dict[str, Config]:
+    """One config per table row (its first trial's, by run directory in ``configs``); a row needs one metric."""
     cfgs: dict[str, Config] = {}
     for t in trials:
-        cfg = trial_config(t, record["set"])
-        if cfgs.setdefault(t.config.stem, cfg).train.metric != cfg.train.metric:
-            raise MSIError(f"{t.config}: train.metric differs between grid points; selection needs one metric")
-    return record, trials, cfgs
+        cfg = configs[t.run_dir]
+        if cfgs.setdefault(t.row, cfg).train.metric != cfg.train.metric:
+            raise MSIError(f"{t.config}: train.metric differs between the trials of {t.row} "
+                           f"({cfgs[t.row].train.metric}, {cfg.train.metric}); selection needs one metric")
+    return cfgs
 
 
-def report(out: Path) -> dict[str, Any]:
-    """Re-read ``<out>``'s run directories, select, and write results.md, results.csv and summary.json."""
+def _load(out: Path, unstarted: bool = False) -> tuple[dict[str, Any], list[Trial], dict[Path, Config]]:
+    """The record of ``<out>/sweep.yaml``, its trials and each trial's config by run directory; a folder that holds
+    none of its trial directories is refused unless ``unstarted`` (they were moved, or no trial has started)."""
+    record = read_sweep(out)
+    trials = plan_trials([Path(c) for c in record["configs"]], record["grid"], record["seeds"], out)
+    if not unstarted and trials and not any(t.run_dir.is_dir() for t in trials):
+        raise MSIError(f"{out}: holds none of its sweep's {len(trials)} trial directories (such as "
+                       f"{trials[0].name}): no trial has started, or they were moved out of it")
+    return record, trials, {t.run_dir: trial_config(t, record["set"]) for t in trials}
+
+
+def load_sweep(out: Path, unstarted: bool = False) -> tuple[dict[str, Any], list[Trial], dict[str, Config]]:
+    """The record of ``<out>/sweep.yaml``, its trials with their table rows (``split_rows``), one config per row;
+    ``unstarted``: accept a folder where no trial has started (``_load``)."""
+    record, trials, configs = _load(Path(out), unstarted)
+    trials = split_rows(trials, {d: c.data.name for d, c in configs.items()})
+    return record, trials, row_configs(trials, configs)
+
+
+def report(out: Path, unstarted: bool = False) -> dict[str, Any]:
+    """Re-read ``<out>``'s run directories, select, and write results.md, results.csv and summary.json;
+    ``unstarted``: also when no trial has started (the end of a sweep stopped before any did)."""
     out = Path(out)
-    record, trials, cfgs = load_sweep(out)
+    record, trials, cfgs = load_sweep(out, unstarted)
     head = {"out": str(out.resolve()), "seeds": record["seeds"], "grid": record["grid"], "set": record["set"]}
     return _write_tables(out, head, trials, cfgs)
+
+
+TABLES = ("summary.json", "results.md", "results.csv")
 
 
 def _write_tables(dest: Path, head: dict[str, Any], trials: list[Trial], cfgs: dict[str, Config]) -> dict[str, Any]:
@@ -258,9 +386,9 @@ def _write_tables(dest: Path, head: dict[str, Any], trials: list[Trial], cfgs: d
     metrics = {name: cfg.train.metric for name, cfg in cfgs.items()}
     summary = {**head, "configs": summarize(trials, metrics), "popularity": floors, "damaged": damaged_results(trials)}
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (dest / "results.md").write_text(render_markdown(summary))
-    (dest / "results.csv").write_text(render_csv(summary))
+    texts = (json.dumps(summary, indent=2) + "\n", render_markdown(summary), render_csv(summary))
+    for name, text in zip(TABLES, texts):
+        write_atomic(dest / name, text)
     return summary
 
 
@@ -274,42 +402,56 @@ def union_trials(outs: list[Path]) -> tuple[list[Trial], dict[str, Config], list
     re-run later): each trial's point becomes its folder's ``--set`` overrides that not every folder shares (less
     ``RUN_ONLY_KEYS``) plus its grid point, sorted by key. A trial found in several folders counts once: its
     finished copy, else any copy; two finished copies are refused unless their results.json are the same (a copied
-    run directory). The seeds must be the same everywhere."""
-    loaded = [(Path(o), *load_sweep(Path(o))) for o in outs]
+    run directory). The seeds must be the same everywhere. Folders of different data sets are selected apart, one
+    row per config and data set (``split_rows``)."""
+    loaded = [(Path(o), *_load(Path(o))) for o in outs]
     seeds = loaded[0][1]["seeds"]
     sets = [[o for o in rec["set"] if o.partition("=")[0] not in RUN_ONLY_KEYS] for _, rec, _, _ in loaded]
     shared = set.intersection(*(set(x) for x in sets))
-    trials: dict[tuple[str, tuple[str, ...], int], Trial] = {}
-    cfgs: dict[str, Config] = {}
-    for (out, rec, folder_trials, folder_cfgs), overrides in zip(loaded, sets):
+    trials: dict[tuple[str, str, tuple[str, ...], int], Trial] = {}
+    configs: dict[Path, Config] = {}
+    for (out, rec, folder_trials, folder_configs), overrides in zip(loaded, sets):
         if rec["seeds"] != seeds:
             raise MSIError(f"{out}: seeds {rec['seeds']} differ from {loaded[0][0]}'s {seeds}; a union needs the same")
         label = [o for o in overrides if o not in shared]
-        for name, cfg in folder_cfgs.items():
-            if cfgs.setdefault(name, cfg).train.metric != cfg.train.metric:
-                raise MSIError(f"{out}: {name}'s train.metric differs from another folder's; selection needs one")
+        configs.update(folder_configs)
         for t in folder_trials:
             point = tuple(sorted({o.partition("=")[0]: o for o in [*label, *t.point]}.values()))
-            key = (t.config.stem, point, t.seed)
+            key = (t.config.stem, folder_configs[t.run_dir].data.name, point, t.seed)
             other = trials.get(key)
             if other is not None and trial_state(other.run_dir) == trial_state(t.run_dir) == "done":
                 if _results(other.run_dir) == _results(t.run_dir):
                     continue  # a copy of the same run
                 raise MSIError(f"{other.run_dir} and {t.run_dir}: the same trial finished twice; keep one")
             if other is None or trial_state(t.run_dir) == "done":
-                trials[key] = Trial(t.config, point, t.seed, t.run_dir)
-    return list(trials.values()), cfgs, seeds
+                trials[key] = replace(t, point=point)
+    merged = split_rows(list(trials.values()), {d: c.data.name for d, c in configs.items()})
+    return merged, row_configs(merged, configs), seeds
 
 
 def union_report(outs: list[Path], dest: Path) -> dict[str, Any]:
     """``report`` over the union of several sweep folders (``union_trials``), written to ``dest``: one selection,
-    by the same rule, over every point of every folder; test is read for the selected point only."""
+    by the same rule, over every point of every folder; test is read for the selected point only. ``dest`` must be
+    new, or hold no tables but an earlier union's."""
     dest = Path(dest)
     if (dest / SWEEP_FILE).is_file():
         raise MSIError(f"{dest}: holds a sweep; write the union to a folder of its own")
+    for name in TABLES:
+        if (dest / name).exists() and not _union_tables(dest):
+            raise MSIError(f"{dest / name}: exists and is not a union report's: not written over; choose another "
+                           "--out")
     trials, cfgs, seeds = union_trials(outs)
     head = {"out": [str(Path(o).resolve()) for o in outs], "seeds": seeds, "grid": [], "set": []}
     return _write_tables(dest, head, trials, cfgs)
+
+
+def _union_tables(dest: Path) -> bool:
+    """Whether ``dest``'s summary.json is one that ``union_report`` wrote (its ``out`` lists the folders)."""
+    try:
+        summary = json.loads(read_utf8(dest / TABLES[0], MSIError))
+    except (OSError, ValueError, MSIError):
+        return False
+    return isinstance(summary, dict) and isinstance(summary.get("out"), list) and "configs" in summary
 
 
 def _ms(s: dict[str, Any]) -> str:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
+import socket
 import sys
 import tempfile
 import threading
@@ -27,9 +29,8 @@ from tqdm import tqdm
 import msi
 from msi.config import config_from_dict
 from msi.errors import MSIError
-from msi.run import dataset_for
-from msi.rundir import STOPPED, DamagedRunFile, read_log, read_metrics, read_results, write_json
-from msi.select import (Trial, copy_log, plan_trials, prepare_trial_dir, record_sweep, report, trial_config,
+from msi.rundir import STOPPED, DamagedRunFile, locked, read_log, read_metrics, read_results, write_json
+from msi.select import (Trial, check_free, check_sweep, copy_log, prepare_trial_dir, record_sweep, report,
                         trial_state)
 
 RETRIES = 2  # a failing trial is tried 1 + RETRIES times, then reported
@@ -72,8 +73,23 @@ def start_ray(address: str | None = None) -> bool:
     if address == "local":
         init()
     else:
+        check_reachable(address)
         join_cluster(init, address)
     return True
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Refuse a ``host:port`` where nothing accepts a connection within ``timeout`` seconds: Ray itself retries
+    such an address for about a quarter of an hour without a word. Other forms (``ray://...``, ``auto``) pass."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in host:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise MSIError(f"could not join the Ray cluster at {address}: nothing answers there ({e.strerror or e}); is "
+                       "`ray start --head` running there, and is the address host:port of its GCS, 6379 by "
+                       "default?") from None
 
 
 def join_cluster(init: Callable[[], Any], address: str) -> None:
@@ -116,27 +132,61 @@ def run_sweep(
     address: str | None = None, deadline: float | None = None, asha: bool = False,
     log: Callable[[str], None] = tqdm.write,
 ) -> dict[str, Any]:
-    """Run every unfinished trial of the sweep, then select on valid and write the tables; returns the summary."""
+    """Run every unfinished trial of the sweep, then select on valid and write the tables; returns the summary.
+
+    Everything is checked before a file is written (``check_limits``, ``msi.select.check_sweep``); the driver then
+    holds ``<out>/.lock`` (one live sweep per folder) and refuses a trial directory a live process holds.
+    """
     out = Path(out).resolve()
     overrides = list(overrides or [])
-    trials = plan_trials(configs, grid, seeds, out)
-    cfgs = {t.name: trial_config(t, overrides) for t in trials}  # every config loads before anything is written
-    record_sweep(out, configs, grid, seeds, overrides)
-    for cfg in {c.data.name: c for c in cfgs.values()}.values():
-        dataset_for(cfg, progress=False)  # generated data is made once, here, not by racing trials
-    todo = [t for t in trials if trial_state(t.run_dir) in ("new", "resumable")]
-    log(f"{len(trials)} trials: {len(trials) - len(todo)} already finished or stopped, {len(todo)} to run")
-    if todo:
-        _tune(todo, cfgs, out, cpus_per_trial, gpus_per_trial, max_concurrent, address, deadline, asha, log)
-    left = [t for t in trials if trial_state(t.run_dir) in ("new", "resumable")]
-    for t in left:
-        try:
-            log(f"{t.name}: unfinished, {len(read_metrics(t.run_dir))} epochs logged")
-        except DamagedRunFile as e:
-            log(f"{t.name}: unfinished; {e}")
-    if left:
-        log(f"{len(left)} trials unfinished; run the same command again to continue them")
-    return report(out)
+    check_limits(cpus_per_trial, gpus_per_trial, max_concurrent, deadline)
+    trials, cfgs = check_sweep(configs, grid, seeds, out, overrides)
+    with locked(out, "msi-sweep"):
+        record_sweep(out, configs, grid, seeds, overrides)
+        todo = [t for t in trials if trial_state(t.run_dir) in ("new", "resumable")]
+        for t in todo:
+            check_free(t.run_dir)
+        log(f"{len(trials)} trials: {len(trials) - len(todo)} already finished or stopped, {len(todo)} to run")
+        if todo:
+            _tune(todo, cfgs, out, cpus_per_trial, gpus_per_trial, max_concurrent, address, deadline, asha, log)
+        left = [t for t in trials if trial_state(t.run_dir) in ("new", "resumable")]
+        for t in left:
+            try:
+                log(f"{t.name}: unfinished, {len(read_metrics(t.run_dir))} epochs logged")
+            except DamagedRunFile as e:
+                log(f"{t.name}: unfinished; {e}")
+        if left:
+            log(f"{len(left)} trials unfinished; run the same command again to continue them")
+        return report(out, unstarted=True)
+
+
+def check_limits(cpus_per_trial: int, gpus_per_trial: float, max_concurrent: int | None,
+                 deadline: float | None) -> None:
+    """Refuse resource and time limits under which no trial could run (None: no limit)."""
+    if cpus_per_trial < 1:
+        raise MSIError(f"--cpus-per-trial {cpus_per_trial}: must be >= 1")
+    if not math.isfinite(gpus_per_trial) or gpus_per_trial < 0:
+        raise MSIError(f"--gpus-per-trial {gpus_per_trial}: must be >= 0 (0: the CPU)")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise MSIError(f"--max-concurrent {max_concurrent}: must be >= 1 (leave it out: as many as resources allow)")
+    if deadline is not None and not (math.isfinite(deadline) and deadline > 0):
+        raise MSIError(f"--deadline {deadline:g}: must be a number of seconds > 0 (leave it out: no deadline)")
+
+
+def check_cluster(cpus_per_trial: int, gpus_per_trial: float, nodes: list[dict[str, Any]]) -> None:
+    """Refuse a trial that no live node of the cluster could hold (``nodes``: ``ray.nodes()``); Tune would wait for
+    it forever."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    if any(r.get("CPU", 0) >= cpus_per_trial and r.get("GPU", 0) >= gpus_per_trial for r in alive):
+        return
+    for flag, want, key in (("--cpus-per-trial", cpus_per_trial, "CPU"), ("--gpus-per-trial", gpus_per_trial, "GPU")):
+        most = max((r.get(key, 0) for r in alive), default=0)
+        if want > most:
+            raise MSIError(f"{flag} {want:g}: no node of the Ray cluster has {want:g} {key}s (the most on one node "
+                           f"is {most:g}), so no trial could start; ask for at most {most:g}")
+    have = "; ".join(f"{r.get('CPU', 0):g} CPUs, {r.get('GPU', 0):g} GPUs" for r in alive)
+    raise MSIError(f"--cpus-per-trial {cpus_per_trial} --gpus-per-trial {gpus_per_trial:g}: no node of the Ray "
+                   f"cluster has both ({have}), so no trial could start")
 
 
 def _tune(
@@ -151,22 +201,22 @@ def _tune(
               "log": str(out / "logs" / f"{t.name}.log")} for t in todo]
     max_epochs = max(cfgs[t.name].train.epochs for t in todo)
     started = start_ray(address)
-    bar = tqdm(total=len(todo), desc="trials", unit="trial", leave=False)
     try:
-        tuner = tune.Tuner(
-            tune.with_resources(run_trial, {"cpu": cpus, "gpu": gpus}),
-            param_space={"trial": tune.grid_search(specs)},
-            tune_config=tune.TuneConfig(
-                scheduler=stop_marking_asha(max_epochs) if asha else None, max_concurrent_trials=max_concurrent,
-                time_budget_s=deadline, reuse_actors=not asha,  # an ASHA-stopped trial's actor must die with it
-                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(
-                name="tune", storage_path=str(out / ".tune"), verbose=0, log_to_file=True,
-                failure_config=tune.FailureConfig(max_failures=RETRIES), callbacks=[_progress(bar, log)]),
-        )
-        tuner.fit()
+        check_cluster(cpus, gpus, ray.nodes())
+        with tqdm(total=len(todo), desc="trials", unit="trial", leave=False) as bar:
+            tuner = tune.Tuner(
+                tune.with_resources(run_trial, {"cpu": cpus, "gpu": gpus}),
+                param_space={"trial": tune.grid_search(specs)},
+                tune_config=tune.TuneConfig(
+                    scheduler=stop_marking_asha(max_epochs) if asha else None, max_concurrent_trials=max_concurrent,
+                    time_budget_s=deadline, reuse_actors=not asha,  # an ASHA-stopped trial's actor must die with it
+                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+                run_config=tune.RunConfig(
+                    name="tune", storage_path=str(out / ".tune"), verbose=0, log_to_file=True,
+                    failure_config=tune.FailureConfig(max_failures=RETRIES), callbacks=[_progress(bar, log)]),
+            )
+            tuner.fit()
     finally:
-        bar.close()
         if started:
             ray.shutdown()
 
