@@ -111,16 +111,23 @@ def record_env(run_dir: Path, record: dict[str, Any], resumed: bool) -> None:
 # ---------------------------------------------------------------- reading
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON value in ``path``, None when there is no such file; ``DamagedRunFile`` when it is not JSON."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(read_utf8(path, DamagedRunFile))
+    except ValueError as e:
+        raise DamagedRunFile(f"{path}: damaged, not JSON ({e})") from None
+
+
 def read_results(run_dir: Path) -> dict[str, Any] | None:
     """results.json, or None when there is none (the run has not finished); ``DamagedRunFile`` when it is not a
     JSON object with every key of ``RESULT_KEYS``, finite valid and test metrics and a whole best_epoch."""
     path = Path(run_dir) / RESULTS
-    if not path.is_file():
+    results = _read_json(path)
+    if results is None:
         return None
-    try:
-        results = json.loads(read_utf8(path, DamagedRunFile))
-    except ValueError as e:
-        raise DamagedRunFile(f"{path}: damaged, not JSON ({e})") from None
     problem = _results_problem(results)
     if problem:
         raise DamagedRunFile(f"{path}: damaged, {problem}")
@@ -205,12 +212,9 @@ def read_env(run_dir: Path) -> dict[str, Any] | None:
     """env.json as ``{"first": {...}, "resumes": [...]}``, or None when there is none (an older msi wrote one record,
     read as ``first``)."""
     path = Path(run_dir) / ENV
-    if not path.is_file():
+    env = _read_json(path)
+    if env is None:
         return None
-    try:
-        env = json.loads(read_utf8(path, DamagedRunFile))
-    except ValueError as e:
-        raise DamagedRunFile(f"{path}: damaged, not JSON ({e})") from None
     if not isinstance(env, dict):
         raise DamagedRunFile(f"{path}: damaged, not a JSON object")
     if "first" not in env and "resumes" not in env:
