@@ -239,6 +239,9 @@ def test_values_that_make_one_run_directory_are_refused(tmp_path):
 
     with pytest.raises(MSIError, match="both make the run directory tiny_model.name-msi_s1"):
         plan_trials([tmp_path / "tiny.yaml"], ["model.name=msi,m si"], [1], tmp_path / "s")
+    ks = f"[{','.join(map(str, range(1, 100)))}]"
+    with pytest.raises(MSIError, match="bytes long, more than a file name may be \\(255\\)"):
+        plan_trials([tmp_path / "tiny.yaml"], [f"eval.ks={ks}"], [1], tmp_path / "s")
 
 
 def test_a_trial_directory_in_use_is_never_cleared(tmp_path):

@@ -31,6 +31,7 @@ from msi.errors import MSIError, read_utf8
 from msi.rundir import LAST, LOCK, STOPPED, DamagedRunFile, lock_holder, read_log, read_results, write_atomic
 
 SWEEP_FILE = "sweep.yaml"
+NAME_MAX = 255  # bytes in a file name on Linux and macOS file systems
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,9 @@ def plan_trials(configs: list[Path], grid: list[str], seeds: list[int], out: Pat
               for c in configs for p in points for s in seeds]
     seen: dict[str, Trial] = {}
     for t in trials:
+        if len(t.name.encode()) > NAME_MAX:
+            raise MSIError(f"--grid: the run directory {t.name[:60]}... of {' '.join(t.point)} is "
+                           f"{len(t.name.encode())} bytes long, more than a file name may be ({NAME_MAX})")
         if (other := seen.setdefault(t.name, t)) is not t:
             raise MSIError(f"--grid: the points {' '.join(other.point)} and {' '.join(t.point)} both make the run "
                            f"directory {t.name}; write the values so that they differ in letters or digits")
