@@ -22,7 +22,9 @@ from pathlib import Path
 
 from msi.errors import Interrupted, MSIError
 from msi.rundir import locked, read_log
-from msi.select import check_free, check_sweep, copy_log, prepare_trial_dir, record_sweep, report, trial_state
+from msi.select import report
+from msi.sweepdir import (check_free, check_sweep, copy_log, prepare_trial_dir, record_sweep,
+                          trial_state)
 from msi.sweep import check_limits
 
 

@@ -70,7 +70,7 @@ def _fabricate_sweep(out: Path, valid: dict[str, dict[tuple[str, ...], list]], s
     seed ``(recall@20, ndcg@10, with_test)`` for a finished run, ``"partial"`` (last.pt only) or ``"stopped"``
     (stopped.json); a config's ``train.metric`` is ``ndcg@10`` when its name starts with ``ndcg``. A run written
     without test metrics (an empty ``test``) makes any reading of them fail. ``overrides``: the sweep's ``--set``."""
-    from msi.select import plan_trials, record_sweep
+    from msi.sweepdir import plan_trials, record_sweep
 
     configs = []
     for name in valid:

@@ -806,7 +806,7 @@ def test_i19_5_a_sweep_that_would_train_one_config_twice(workdir, tmp_path, caps
 
 def test_i19_5_one_live_sweep_per_folder_and_a_trial_in_use_is_not_touched(workdir, tmp_path, capsys):
     from msi.cli import sweep_main
-    from msi.select import record_sweep
+    from msi.sweepdir import record_sweep
 
     out = tmp_path / "s"
     with msi.rundir.locked(out, "msi-sweep"):  # another live msi-sweep on this --out (here: this process)

@@ -18,7 +18,8 @@ from msi.compare import JSON_KEYS, bootstrap_ci, compare, paired_stats, read_run
 from msi.config import load_config
 from msi.data.synth import generate
 from msi.errors import MSIError
-from msi.select import load_sweep, plan_trials, record_sweep, summarize, trial_config
+from msi.select import load_sweep, summarize
+from msi.sweepdir import plan_trials, record_sweep, trial_config
 from msi.train import train
 
 SEEDS = [1, 2]

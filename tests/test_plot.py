@@ -49,7 +49,7 @@ def write_run(run_dir: Path, seed: int, valid: list[float], dropout: float = 0.3
 
 def one_key_sweep(out: Path, key: str, values: dict[str, list[float]]) -> Path:
     """A sweep folder over one grid key, no training: ``values[v]`` is the valid recall@20 of each seed at ``v``."""
-    from msi.select import plan_trials, record_sweep
+    from msi.sweepdir import plan_trials, record_sweep
 
     config = out.parent / "cfg.yaml"
     config.write_text("data: {root: data, name: tiny}\ntrain: {metric: recall@20}\n")

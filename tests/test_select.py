@@ -15,8 +15,8 @@ from conftest import GRID
 
 from msi.errors import MSIError
 from msi.cli import sweep_main
-from msi.select import (grid_points, load_sweep, record_sweep, report, run_name, split_values, summarize,
-                        union_report, union_trials)
+from msi.select import load_sweep, report, summarize, union_report, union_trials
+from msi.sweepdir import grid_points, record_sweep, run_name, split_values
 
 A = ("loss.alpha=0.1", "eval.ks=[10,20]")
 B = ("loss.alpha=0.1", "eval.ks=[10,20,50]")
@@ -162,7 +162,7 @@ def test_union_refuses_twice_finished_trials_and_other_seeds(fabricate_sweep, tm
     (lambda r: json.dumps({k: v for k, v in r.items() if k != "best_epoch"}), "missing best_epoch"),
 ])
 def test_a_damaged_results_json_counts_as_unfinished_and_the_report_names_it(sweep, capsys, damage, why):
-    from msi.select import trial_state
+    from msi.sweepdir import trial_state
 
     _, trials, _ = load_sweep(sweep)
     hit = next(t for t in trials if t.config.stem == "recall" and t.point == A and t.seed == 1)
@@ -223,7 +223,8 @@ def test_folders_of_different_data_sets_are_selected_apart(fabricate_sweep, tmp_
 
 
 def test_split_rows_names_a_row_per_data_set_only_where_a_config_spans_several():
-    from msi.select import Trial, split_rows
+    from msi.select import split_rows
+    from msi.sweepdir import Trial
 
     trials = [Trial(Path(f"{c}.yaml"), (), s, Path(f"/s/{c}_{d}_s{s}"), c) for c in ("a", "b") for d in ("u", "v")
               for s in (1, 2) if c == "a" or d == "u"]
@@ -235,7 +236,7 @@ def test_split_rows_names_a_row_per_data_set_only_where_a_config_spans_several()
 
 
 def test_values_that_make_one_run_directory_are_refused(tmp_path):
-    from msi.select import plan_trials
+    from msi.sweepdir import plan_trials
 
     with pytest.raises(MSIError, match="both make the run directory tiny_model.name-msi_s1"):
         plan_trials([tmp_path / "tiny.yaml"], ["model.name=msi,m si"], [1], tmp_path / "s")
@@ -246,7 +247,7 @@ def test_values_that_make_one_run_directory_are_refused(tmp_path):
 
 def test_a_trial_directory_in_use_is_never_cleared(tmp_path):
     from msi.rundir import locked
-    from msi.select import prepare_trial_dir
+    from msi.sweepdir import prepare_trial_dir
 
     run_dir = tmp_path / "tiny_s1"
     run_dir.mkdir()

@@ -13,7 +13,7 @@ import pytest
 
 from msi.cli import sweep_main
 from msi.errors import MSIError
-from msi.select import plan_trials, trial_state
+from msi.sweepdir import plan_trials, trial_state
 from msi.sweep import import_ray, read_valid_rows, run_sweep, start_ray
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the extra: .[sweep]")
@@ -94,7 +94,7 @@ def test_cluster_check_takes_the_largest_live_node():
 
 @needs_ray
 def test_failing_trial_is_retried_then_reported_and_the_table_still_written(ray_session, config, tmp_path, capsys):
-    from msi.select import record_sweep
+    from msi.sweepdir import record_sweep
 
     out = tmp_path / "broken"
     record_sweep(out, [config], [], [1], ["train.epochs=1"])
@@ -110,7 +110,7 @@ def test_failing_trial_is_retried_then_reported_and_the_table_still_written(ray_
 
 
 def test_rerun_with_another_grid_into_the_same_folder_is_refused(config, tmp_path):
-    from msi.select import record_sweep
+    from msi.sweepdir import record_sweep
 
     record_sweep(tmp_path / "s", [config], GRID, SEEDS, [])
     with pytest.raises(MSIError, match="another sweep"):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from msi.select import report, trial_state
+from msi.select import report
+from msi.sweepdir import trial_state
 from tests.conftest import load_script as load
 
 

@@ -32,7 +32,8 @@ import numpy as np
 from msi.config import Config
 from msi.errors import MSIError
 from msi.rundir import CONFIG, METRICS, loss_terms, read_config, read_metrics
-from msi.select import SWEEP_FILE, grid_points, load_sweep, split_values, summarize
+from msi.select import load_sweep, summarize
+from msi.sweepdir import SWEEP_FILE, grid_points, split_values
 
 FORMATS = ("png", "pdf", "svg")
 PANEL = (4.0, 3.0)  # inches per panel

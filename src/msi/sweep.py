@@ -30,8 +30,9 @@ import msi
 from msi.config import config_from_dict
 from msi.errors import MSIError
 from msi.rundir import STOPPED, DamagedRunFile, locked, read_log, read_metrics, read_results, write_json
-from msi.select import (Trial, check_free, check_sweep, copy_log, prepare_trial_dir, record_sweep, report,
-                        trial_state)
+from msi.select import report
+from msi.sweepdir import (Trial, check_free, check_sweep, copy_log, prepare_trial_dir, record_sweep,
+                          trial_state)
 
 RETRIES = 2  # a failing trial is tried 1 + RETRIES times, then reported
 QUIET_ENV = {  # only our lines reach the terminal: no Ray banners, dashboards, usage stats or new-style output
