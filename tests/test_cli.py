@@ -144,6 +144,12 @@ def test_metrics_recomputed_from_the_recommend_file_equal_msi_eval(run_dir, work
 
 
 def test_resume_of_a_finished_run_and_resume_with_a_config(run_dir, workdir, capsys):
+    """Resuming a finished run prints its results and changes nothing; --resume with --config is refused."""
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "train.log"}
+    code, out, err = run(train_main, ["--resume", run_dir, "--quiet"], capsys)
+    assert code == 0 and err == ""
+    assert json.loads(out)["test"] == json.loads((run_dir / "results.json").read_text())["test"]
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "train.log"} == before
     code, _, err = run(train_main, ["--resume", run_dir, "--config", workdir / "tiny.yaml"], capsys)
     assert code == 2 and "--resume" in one_line_error(err)
 
