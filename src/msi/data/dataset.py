@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msi.errors import DataError, read_utf8, warn
+from msi.errors import ConfigError, DataError, read_utf8, warn
 
 REQUIRED_COLUMNS = ("userID", "itemID", "x_label")
 MIN_ID_LIMIT = 1024  # ids up to max(2 x the distinct count, this) are read; larger ones are taken for a mistake
@@ -151,6 +151,12 @@ def load_features(path: str | Path, n_items: int) -> np.ndarray:
             raise DataError(f"{path}: {len(rows)} row(s) hold values beyond float32's range of ±3.4e38 (first: row "
                             f"{rows[0]}, {feat[rows[0]][np.argmax(np.abs(feat[rows[0]]))]:.3g})")
     return np.array(feat, dtype=np.float32, order="C")  # a copy: nothing stays mapped to the file
+
+
+def check_data_set_name(name: str) -> None:
+    """A data set's name is the folder ``<root>/<name>/`` and its ``<name>.inter``: a plain folder name, no path."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\"):
+        raise ConfigError(f"data set name {name!r} must be a plain folder name")
 
 
 def load_dataset(root: str | Path, name: str, modalities: dict[str, str] | None = None) -> Dataset:

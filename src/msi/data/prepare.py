@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from msi import __version__
 from msi.data.amazon import read_image_features, read_item_texts, read_reviews
-from msi.data.dataset import INTER_HEADER, SPLIT_LABELS
+from msi.data.dataset import INTER_HEADER, SPLIT_LABELS, check_data_set_name
 from msi.errors import ConfigError, DataError, MSIError
 
 Encoder = Callable[[list[str]], np.ndarray]
@@ -253,8 +253,7 @@ def _write_mapping(path: Path, header: str, raw_ids: list[str]) -> None:
 
 def _output_folder(out: Path, name: str, overwrite: bool) -> Path:
     """`out/name`, checked before any work: a bad name, or earlier output without `overwrite`, is an error."""
-    if not name or name in (".", "..") or any(c in name for c in "/\\"):
-        raise ConfigError(f"data set name {name!r} must be a plain folder name")
+    check_data_set_name(name)
     folder = out / name
     earlier = [p.name for p in (folder / f"{name}.inter", folder / "prepare.json") if p.exists()]
     if earlier and not overwrite:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from msi.data.dataset import INTER_HEADER
+from msi.data.dataset import INTER_HEADER, check_data_set_name
 from msi.errors import ConfigError, DataError
 
 # Stream ids: each kind of draw has its own generator, so changing one step leaves the others' bytes alone.
@@ -158,8 +158,7 @@ def generate(preset: str | SynthPreset, out_dir: str | Path, seed: int = 0, name
     lat = latents(p, seed)
     out = Path(out_dir)
     name = name or out.resolve().name
-    if name in ("", ".", "..") or any(c in name for c in "/\\"):
-        raise ConfigError(f"data set name {name!r} must be a plain folder name")
+    check_data_set_name(name)
     _earlier_data_set(out, overwrite)
     users, items = _interactions(p, lat, seed, progress)
     users, items, stamps, labels = _split(users, items, p.n_users, seed)
