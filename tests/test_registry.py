@@ -22,7 +22,7 @@ from msi.cli import train_main
 from msi.config import load_config
 from msi.data.dataset import Dataset
 from msi.errors import ConfigError, MSIError
-from msi.models import LightGCN, Recommender, build_model, register
+from msi.models import LightGCN, build_model, register
 from msi.run import dataset_for
 
 TRAIN = np.array([[0, 0], [0, 1], [1, 1], [2, 2]])  # 3 users, 3 items
