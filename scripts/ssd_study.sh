@@ -9,7 +9,8 @@
 #                directories without Ray, so two sweeps share the CPU without two Ray instances)
 #   PART b       MSI w/o S with a budget of its own: dropout {0.3, 0.5} x gamma {0.1, 0.01} x layers {1, 2}
 #   PART c       the paper's alpha x beta grid {1e-1, 1e-2, 1e-3, 1e-4}^2 at dropout 0.3 under a reading
-#                (READING="key=value ..." names it; default none, the faithful model)
+#                (READING="key=value ..." names it; default none, the faithful model); CONCURRENT=1 runs one
+#                trial at a time (default 2)
 #   PART baselines  the BM3 variant and LightGCN at their configs' settings, for the final table
 #   PART report  one valid-only selection over every folder of (a) (and (b), (c) where present) per config,
 #                then msi-compare of the selected MSI against each baseline on test
@@ -53,9 +54,12 @@ case $PART in
       --grid model.dropout=0.3,0.5 loss.gamma=0.1,0.01 model.n_layers=1,2 --max-concurrent 2 --out "$S/wos_budget"
     ;;
   c)
+    # beta outermost, largest first: the points where SSD's AKL term weighs most (and that no earlier grid had)
+    # finish first, three seeds each, when the grid is run in several sittings
     # shellcheck disable=SC2086
     python3 "$HERE/scripts/sweep_fallback.py" --config "$HERE/configs/tiktok.yaml" "${COMMON[@]}" ${READING:-} \
-      --grid loss.alpha=1e-1,1e-2,1e-3,1e-4 loss.beta=1e-1,1e-2,1e-3,1e-4 --max-concurrent 2 --out "$S/alpha_beta"
+      --grid loss.beta=1e-1,1e-2,1e-3,1e-4 loss.alpha=1e-1,1e-2,1e-3,1e-4 --max-concurrent "${CONCURRENT:-2}" \
+      --out "$S/alpha_beta"
     ;;
   baselines)
     python3 "$HERE/scripts/sweep_fallback.py" --config "$HERE/configs/tiktok_bm3.yaml" \
