@@ -49,16 +49,22 @@ def write_run(run_dir: Path, seed: int, valid: list[float], dropout: float = 0.3
 
 def one_key_sweep(out: Path, key: str, values: dict[str, list[float]]) -> Path:
     """A sweep folder over one grid key, no training: ``values[v]`` is the valid recall@20 of each seed at ``v``."""
+    seeds = len(next(iter(values.values())))
+    return grid_sweep(out, [f"{key}={','.join(values)}"], seeds,
+                      lambda point, seed: values[point[0].partition("=")[2]][seed])
+
+
+def grid_sweep(out: Path, grid: list[str], seeds: int, recall) -> Path:
+    """A sweep folder over ``grid``, no training: ``recall(point, seed)`` is a finished run's valid recall@20."""
     from msi.sweepdir import plan_trials, record_sweep
 
     config = out.parent / "cfg.yaml"
     config.write_text("data: {root: data, name: tiny}\ntrain: {metric: recall@20}\n")
-    seeds = list(range(len(next(iter(values.values())))))
-    record_sweep(out, [config], [f"{key}={','.join(values)}"], seeds, [])
-    for t in plan_trials([config], [f"{key}={','.join(values)}"], seeds, out):
-        recall = values[t.point[0].partition("=")[2]][t.seed]
-        write_run(t.run_dir, t.seed, [recall / 2, recall])
-        metrics = {"recall@20": recall}
+    record_sweep(out, [config], grid, list(range(seeds)), [])
+    for t in plan_trials([config], grid, list(range(seeds)), out):
+        value = recall(t.point, t.seed)
+        write_run(t.run_dir, t.seed, [value / 2, value])
+        metrics = {"recall@20": value}
         (t.run_dir / "results.json").write_text(json.dumps({
             "best_epoch": 2, "epochs_run": 2, "valid": metrics, "test": metrics, "train_seconds": 1.0,
             "selected_by": "valid recall@20", "run_dir": str(t.run_dir)}))
@@ -153,11 +159,36 @@ def test_sweep_heat_map_cells_say_mean_std_and_n(fabricate_sweep, tmp_path):
     fig = sweep_figure(out)
     shown = texts(fig)
     assert "recall: valid recall@20\nmean ± std over n=2 seeds\n1 point(s) left out: seeds not all finished" in shown
-    assert "0.5000 ± 0.0000\n(n=2)" in shown and "n/a" in shown
+    assert "0.5000\n± 0.0000\nn=2" in shown and "n/a" in shown
     heat = fig.axes[0]
     assert [t.get_text() for t in heat.get_yticklabels()] == ["0.01", "0.1"]  # numeric order, not grid order
     star = [line for line in heat.lines if line.get_marker() == "*"]
-    assert len(star) == 1 and star[0].get_xydata()[0, 0] == 1  # alpha=0.1 (row 1), ks=[10,20,50] (column 1)
+    assert len(star) == 1 and np.round(star[0].get_xydata()[0]).tolist() == [1, 1]  # alpha=0.1 (row 1), ks=[10,20,50]
+    # (column 1); in the cell's upper right corner, off its text
+    assert_legend_off_the_panels(fig)
+
+
+@needs_matplotlib
+def test_a_four_by_four_heat_map_grows_so_that_no_cell_text_overlaps_another(tmp_path):
+    """The paper's alpha x beta grid: at the fixed panel size the cells' texts ran into each other."""
+    from msi.plot import PANEL, sweep_figure
+
+    values = ["1e-1", "1e-2", "1e-3", "1e-4"]
+    out = grid_sweep(tmp_path / "s", [f"loss.beta={','.join(values)}", f"loss.alpha={','.join(values)}"], 3,
+                     lambda point, seed: 0.08 + 0.001 * len(point[0] + point[1]) + 0.0123 * seed)
+    fig = sweep_figure(out)
+    width, height = fig.get_size_inches()
+    assert width > PANEL[0] and height > PANEL[1]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    heat = fig.axes[0]
+    cells = [t for t in heat.texts if t.get_text() != "n/a"]
+    assert len(cells) == 16 and cells[0].get_text().count("\n") == 2  # mean, ± std, n
+    boxes = [t.get_window_extent(renderer) for t in cells]
+    for i, a in enumerate(boxes):
+        assert not any(a.overlaps(b) for b in boxes[i + 1:])
+        panel = heat.get_window_extent(renderer)
+        assert panel.contains(a.x0, a.y0) and panel.contains(a.x1, a.y1)
     assert_legend_off_the_panels(fig)
 
 

@@ -10,8 +10,9 @@ is marked on every panel. The legend sits below the panels, never on them.
 
 Sweep (``sweep_figure``): one panel per config of the valid metric at every grid point, mean ± sample std over the
 seeds, with n said in the title and the legend; the point selected on valid is starred; a point whose seeds have not
-all finished is left out (the title counts them). Two grid keys: a heat map, each cell "mean ± std (n=2)", rows and
-columns in numeric order where the values are numbers (a heat map's cells are categories: evenly spaced). Otherwise
+all finished is left out (the title counts them). Two grid keys: a heat map, each cell "mean", "± std", "n=2" on
+three lines (the figure grows with the grid), rows and columns in numeric order where the values are numbers (a heat
+map's cells are categories: evenly spaced). Otherwise
 lines with error bars over the first key, one line per combination of the others, on a numeric x axis: linear, or
 logarithmic when the positive values span a decade or more (alpha, beta); when 0 is among them, symmetric-log with
 its linear part reaching the smallest positive value, so 0 sits one decade left of it. Non-numeric values
@@ -70,8 +71,9 @@ def plot(dirs: list[Path], out: Path) -> tuple[int, int]:
     return round(width), round(height)
 
 
-def new_figure(n_panels: int, legend_rows: int) -> tuple[Any, list[Any]]:
-    """A Figure (no pyplot state) of ``n_panels`` panels, three a row, with room for legend rows below."""
+def new_figure(n_panels: int, legend_rows: int, panel: tuple[float, float] = PANEL) -> tuple[Any, list[Any]]:
+    """A Figure (no pyplot state) of ``n_panels`` panels of ``panel`` inches, three a row, with room for legend rows
+    below."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -79,7 +81,7 @@ def new_figure(n_panels: int, legend_rows: int) -> tuple[Any, list[Any]]:
         raise MSIError("msi-plot needs matplotlib: pip install -e '.[plot]'") from None
     ncols = min(3, n_panels)
     nrows = math.ceil(n_panels / ncols)
-    fig = Figure(figsize=(PANEL[0] * ncols, PANEL[1] * nrows + _legend_height(legend_rows)), dpi=DPI)
+    fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows + _legend_height(legend_rows)), dpi=DPI)
     FigureCanvasAgg(fig)
     axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
     for ax in axes[n_panels:]:
@@ -252,8 +254,9 @@ def sweep_figure(sweep_dir: Path) -> Any:
     names = [f"{r} (mean ± std, n={n})" if r else f"mean ± std (n={n})" for r in rest]
     names += [] if heat else ["one seed"]
     names.append("selected (best mean valid)")
-    ncol = _legend_columns(names, PANEL[0] * min(3, len(configs)))
-    fig, axes = new_figure(len(configs), math.ceil(len(names) / ncol))
+    panel = heat_panel(*(len(v) for _, v in keys)) if heat else PANEL
+    ncol = _legend_columns(names, panel[0] * min(3, len(configs)))
+    fig, axes = new_figure(len(configs), math.ceil(len(names) / ncol), panel)
     handles: list[Any] = []
     for ax, (name, c) in zip(axes, configs.items()):
         stats = {tuple(g["point"]): g["valid"] for g in c["grid"] if g["eligible"]}
@@ -269,8 +272,15 @@ def sweep_figure(sweep_dir: Path) -> Any:
     return _finish(fig, [*handles, star], names, ncol)
 
 
+def heat_panel(rows: int, columns: int) -> tuple[float, float]:
+    """Inches for a heat map of rows x columns cells: about 0.8 in a cell across and 0.55 down, so that a cell's
+    three short lines (mean, ± std, n) fit inside it, plus room for the title, the labels and the colour bar."""
+    return max(PANEL[0], 1.9 + 0.8 * columns), max(PANEL[1], 1.4 + 0.55 * rows)
+
+
 def _heat_map(ax: Any, fig: Any, keys: list, stats: dict, chosen: tuple | None, metric: str) -> None:
-    """Rows: the first key, columns: the second, each in ``grid_axis`` order; a cell says mean ± std (n)."""
+    """Rows: the first key, columns: the second, each in ``grid_axis`` order; a cell says mean, ± std and n on three
+    lines."""
     (k0, v0), (k1, v1) = ((k, grid_axis(v)[0]) for k, v in keys)
     cells = [[stats.get((f"{k0}={a}", f"{k1}={b}")) for b in v1] for a in v0]
     grid = np.array([[s["mean"] if s else np.nan for s in row] for row in cells], dtype=float)
@@ -280,12 +290,12 @@ def _heat_map(ax: Any, fig: Any, keys: list, stats: dict, chosen: tuple | None, 
     low, high = np.nanmin(grid, initial=np.inf), np.nanmax(grid, initial=-np.inf)
     for i, j in np.ndindex(grid.shape):
         s = cells[i][j]
-        std = "" if s is None or s["std"] is None else f" ± {s['std']:.4f}"
-        text = "n/a" if s is None else f"{s['mean']:.4f}{std}\n(n={s['n']})"
+        std = "" if s is None or s["std"] is None else f"\n± {s['std']:.4f}"
+        text = "n/a" if s is None else f"{s['mean']:.4f}{std}\nn={s['n']}"
         dark = s is not None and (high == low or (s["mean"] - low) / (high - low) < 0.6)  # viridis: dark below
         ax.text(j, i, text, ha="center", va="center", color="white" if dark else "black", fontsize=7)
         if chosen == (f"{k0}={v0[i]}", f"{k1}={v1[j]}"):
-            ax.plot(j, i + 0.32, marker="*", color="red", markeredgecolor="black", markersize=12)
+            ax.plot(j + 0.36, i + 0.32, marker="*", color="red", markeredgecolor="black", markersize=10)
     ax.set(xticks=range(len(v1)), xticklabels=v1, xlabel=k1, yticks=range(len(v0)), yticklabels=v0, ylabel=k0)
 
 
