@@ -185,9 +185,9 @@ def test_a_four_by_four_heat_map_grows_so_that_no_cell_text_overlaps_another(tmp
     cells = [t for t in heat.texts if t.get_text() != "n/a"]
     assert len(cells) == 16 and cells[0].get_text().count("\n") == 2  # mean, ± std, n
     boxes = [t.get_window_extent(renderer) for t in cells]
+    panel = heat.get_window_extent(renderer)
     for i, a in enumerate(boxes):
         assert not any(a.overlaps(b) for b in boxes[i + 1:])
-        panel = heat.get_window_extent(renderer)
         assert panel.contains(a.x0, a.y0) and panel.contains(a.x1, a.y1)
     assert_legend_off_the_panels(fig)
 
