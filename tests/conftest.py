@@ -65,8 +65,8 @@ GRID = ["loss.alpha=0.1,0.01", "eval.ks=[10,20],[10,20,50]"]
 
 
 def _fabricate_sweep(out: Path, valid: dict[str, dict[tuple[str, ...], list]], seeds: tuple[int, ...] = (1, 2),
-                     overrides: tuple[str, ...] = ()) -> Path:
-    """A sweep folder of made-up run directories over ``GRID``, no training. ``valid[config][point]`` lists per
+                     overrides: tuple[str, ...] = (), grid: list[str] = GRID) -> Path:
+    """A sweep folder of made-up run directories over ``grid`` (``GRID`` unless given), no training. ``valid[config][point]`` lists per
     seed ``(recall@20, ndcg@10, with_test)`` for a finished run, ``"partial"`` (last.pt only) or ``"stopped"``
     (stopped.json); a config's ``train.metric`` is ``ndcg@10`` when its name starts with ``ndcg``. A run written
     without test metrics (an empty ``test``) makes any reading of them fail. ``overrides``: the sweep's ``--set``."""
@@ -79,8 +79,8 @@ def _fabricate_sweep(out: Path, valid: dict[str, dict[tuple[str, ...], list]], s
         path.write_text("data: {root: data, name: tiny, synth_preset: tiny}\nmodel: {embedding_dim: 16}\n"
                         f"train: {{epochs: 3, metric: '{metric}', device: cpu}}\n")
         configs.append(path)
-    record_sweep(out, configs, GRID, list(seeds), list(overrides))
-    for t in plan_trials(configs, GRID, list(seeds), out):
+    record_sweep(out, configs, grid, list(seeds), list(overrides))
+    for t in plan_trials(configs, grid, list(seeds), out):
         state = valid[t.config.stem][t.point][list(seeds).index(t.seed)]
         t.run_dir.mkdir(parents=True)
         (t.run_dir / "config.yaml").write_text(f"train: {{seed: {t.seed}, metric: recall@20}}\n")

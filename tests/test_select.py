@@ -126,6 +126,16 @@ def test_union_selects_over_the_points_of_every_folder(fabricate_sweep, tmp_path
     assert "loss.alpha=0.1 model.dropout=0.3 (selected)" in capsys.readouterr().out
 
 
+def test_union_names_the_point_of_a_folder_run_without_a_grid(fabricate_sweep, tmp_path):
+    plain = fabricate_sweep(tmp_path / "plain", {"recall": {(): [(0.70, 0, True), (0.72, 0, True)]}}, grid=[])
+    y = fabricate_sweep(tmp_path / "y", {"recall": Y}, overrides=("model.dropout=0.3",))
+    summary = union_report([plain, y], tmp_path / "u")
+    assert summary["configs"]["recall"]["selected"]["point"] == []
+    md = (tmp_path / "u" / "results.md").read_text()
+    assert "| recall | (the config as written) | 2 |" in md
+    assert "| (the config as written) (selected) | 0.7100 ± 0.0141 | 2 | yes |" in md
+
+
 def test_union_counts_a_trial_finished_in_another_folder_once(fabricate_sweep, tmp_path):
     x = fabricate_sweep(tmp_path / "x", {"recall": X}, overrides=DROP5)
     z = fabricate_sweep(tmp_path / "z", {"recall": Z}, overrides=("data.root=/cpu/data", "model.dropout=0.5"))

@@ -239,6 +239,11 @@ def _ms(s: dict[str, Any]) -> str:
     return f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["std"] is not None else "")
 
 
+def _point(point: list[str]) -> str:
+    """A grid point as the tables write it; the empty point (a folder run without --grid) says so."""
+    return " ".join(point) or "(the config as written)"
+
+
 def _columns(summary: dict[str, Any]) -> list[str]:
     keys = [k for c in summary["configs"].values() if c["selected"] for k in c["selected"]["test"]]
     keys += [k for f in summary["popularity"].values() for k in f["test"]]
@@ -258,7 +263,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {name} | none eligible | 0 |" + " |" * len(cols) + " | |")
             continue
         cells = [_ms(s["test"][k]) if k in s["test"] else "" for k in cols]
-        lines.append(f"| {name} | {' '.join(s['point']) or '-'} | {len(s['run_dirs'])} | " + " | ".join(cells)
+        lines.append(f"| {name} | {_point(s['point'])} | {len(s['run_dirs'])} | " + " | ".join(cells)
                      + f" | {c['metric']} {_ms(s['valid'][c['metric']])} | {'/'.join(map(str, s['best_epoch']))} |")
     for data, floor in summary["popularity"].items():
         cells = [f"{floor['test'][k]:.4f}" if k in floor["test"] else "" for k in cols]
@@ -268,7 +273,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
             lines += ["", f"Grid of {name}: valid {c['metric']}, mean ± std over seeds (test not read)", "",
                       "| point | valid | finished | eligible |", "|---|---|---|---|"]
             chosen = c["selected"]["point"] if c["selected"] else None
-            lines += [f"| {' '.join(g['point'])}{' (selected)' if g['point'] == chosen else ''} | {_ms(g['valid'])} "
+            lines += [f"| {_point(g['point'])}{' (selected)' if g['point'] == chosen else ''} | {_ms(g['valid'])} "
                       f"| {g['finished']} | {'yes' if g['eligible'] else 'no'} |" for g in c["grid"]]
     if summary.get("damaged"):
         lines += ["", "Damaged run files:", "", *(f"- {d}" for d in summary["damaged"])]
