@@ -66,10 +66,11 @@ GRID = ["loss.alpha=0.1,0.01", "eval.ks=[10,20],[10,20,50]"]
 
 def _fabricate_sweep(out: Path, valid: dict[str, dict[tuple[str, ...], list]], seeds: tuple[int, ...] = (1, 2),
                      overrides: tuple[str, ...] = (), grid: list[str] = GRID) -> Path:
-    """A sweep folder of made-up run directories over ``grid`` (``GRID`` unless given), no training. ``valid[config][point]`` lists per
-    seed ``(recall@20, ndcg@10, with_test)`` for a finished run, ``"partial"`` (last.pt only) or ``"stopped"``
-    (stopped.json); a config's ``train.metric`` is ``ndcg@10`` when its name starts with ``ndcg``. A run written
-    without test metrics (an empty ``test``) makes any reading of them fail. ``overrides``: the sweep's ``--set``."""
+    """A sweep folder of made-up run directories over ``grid`` (``GRID`` unless given), no training.
+    ``valid[config][point]`` lists per seed ``(recall@20, ndcg@10, with_test)`` for a finished run, ``"partial"``
+    (last.pt only) or ``"stopped"`` (stopped.json); a config's ``train.metric`` is ``ndcg@10`` when its name starts
+    with ``ndcg``. A run written without test metrics (an empty ``test``) makes any reading of them fail.
+    ``overrides``: the sweep's ``--set``."""
     from msi.sweepdir import plan_trials, record_sweep
 
     configs = []

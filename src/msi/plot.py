@@ -12,10 +12,10 @@ Sweep (``sweep_figure``): one panel per config of the valid metric at every grid
 seeds, with n said in the title and the legend; the point selected on valid is starred; a point whose seeds have not
 all finished is left out (the title counts them). Two grid keys: a heat map, each cell "mean", "± std", "n=2" on
 three lines (the figure grows with the grid), rows and columns in numeric order where the values are numbers (a heat
-map's cells are categories: evenly spaced). Otherwise lines with error bars over the first key, one line per combination of the others, on a numeric x axis: linear, or
-logarithmic when the positive values span a decade or more (alpha, beta); when 0 is among them, symmetric-log with
-its linear part reaching the smallest positive value, so 0 sits one decade left of it. Non-numeric values
-(``eval.ks=[10,20]``) are categories in grid order.
+map's cells are categories: evenly spaced). Otherwise lines with error bars over the first key, one line per
+combination of the others, on a numeric x axis: linear, or logarithmic when the positive values span a decade or
+more (alpha, beta); when 0 is among them, symmetric-log with its linear part reaching the smallest positive value,
+so 0 sits one decade left of it. Non-numeric values (``eval.ks=[10,20]``) are categories in grid order.
 """
 
 from __future__ import annotations
