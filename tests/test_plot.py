@@ -268,3 +268,13 @@ def test_without_matplotlib_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(MSIError, match=r"pip install -e '\.\[plot\]'"):
         new_figure(1, 0)
+
+
+def test_msi_plot_without_matplotlib_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    run = write_run(tmp_path / "r_s1", 1, [0.1, 0.2])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert plot_main([str(run), "--out", str(tmp_path / "r.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: msi-plot needs matplotlib") and len(err.splitlines()) == 1
+    assert not (tmp_path / "r.png").exists()

@@ -70,14 +70,20 @@ def plot(dirs: list[Path], out: Path) -> tuple[int, int]:
     return round(width), round(height)
 
 
+def require_matplotlib() -> None:
+    """A one-line MSIError naming the extra when matplotlib is not installed (called before any matplotlib import)."""
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ImportError:
+        raise MSIError("msi-plot needs matplotlib: pip install -e '.[plot]'") from None
+
+
 def new_figure(n_panels: int, legend_rows: int, panel: tuple[float, float] = PANEL) -> tuple[Any, list[Any]]:
     """A Figure (no pyplot state) of ``n_panels`` panels of ``panel`` inches, three a row, with room for legend rows
     below."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MSIError("msi-plot needs matplotlib: pip install -e '.[plot]'") from None
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     ncols = min(3, n_panels)
     nrows = math.ceil(n_panels / ncols)
     fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows + _legend_height(legend_rows)), dpi=DPI)
@@ -154,13 +160,14 @@ def _series(groups: list[list[tuple[Path, Config, list]]]) -> list[tuple[str, st
 
 def runs_figure(run_dirs: list[Path]) -> Any:
     """Valid metric and every loss term against the epoch (see the module doc); returns the Figure."""
+    groups: dict[str, list[tuple[Path, Config, list]]] = {}
+    for d in run_dirs:  # the inputs are read and checked first: a bad run is named also without matplotlib
+        cfg, rows = read_run(Path(d))
+        groups.setdefault(json.dumps(_settings(cfg), sort_keys=True), []).append((Path(d), cfg, rows))
+    require_matplotlib()
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    groups: dict[str, list[tuple[Path, Config, list]]] = {}
-    for d in run_dirs:
-        cfg, rows = read_run(Path(d))
-        groups.setdefault(json.dumps(_settings(cfg), sort_keys=True), []).append((Path(d), cfg, rows))
     metric = next(iter(groups.values()))[0][1].train.metric
     terms = list(dict.fromkeys(t for g in groups.values() for *_, rows in g for r in rows for t in loss_terms(r)))
     quantities = [f"valid {metric}", *terms]
@@ -242,9 +249,10 @@ def grid_axis(values: list[str]) -> tuple[list[str], list[float], str]:
 
 def sweep_figure(sweep_dir: Path) -> Any:
     """Valid metric per grid point, mean ± std over seeds, one panel per config (see the module doc); the Figure."""
+    record, trials, cfgs = load_sweep(sweep_dir)
+    require_matplotlib()
     from matplotlib.lines import Line2D
 
-    record, trials, cfgs = load_sweep(sweep_dir)
     configs = summarize(trials, {name: cfg.train.metric for name, cfg in cfgs.items()})
     keys = [(item.partition("=")[0].strip(), split_values(item.partition("=")[2])) for item in record["grid"]]
     n = len(record["seeds"])
