@@ -9,23 +9,25 @@ import scipy.sparse as sp
 import torch
 
 
-def normalized_adjacency(train: np.ndarray, n_users: int, n_items: int) -> torch.Tensor:
+def normalized_adjacency(train: np.ndarray, n_users: int, n_items: int, self_loops: bool = False) -> torch.Tensor:
     """Â = D^-1/2 A D^-1/2 of the bipartite graph of ``train`` rows, as an (N, N) sparse CSR float32 tensor.
 
     ``train`` is an int array of shape (n, 2) holding (user, item) rows; node ids are users 0..U-1 then items
-    U..U+I-1. Duplicate rows count once, there are no self-loops, and isolated nodes get all-zero rows (never NaN).
+    U..U+I-1. Duplicate rows count once, and isolated nodes get all-zero rows (never NaN). ``self_loops``: A + I
+    in place of A (D counts the loop; LATTICE's graph), so every node has a diagonal entry 1 / (degree + 1).
     CSR is the faster layout for ``A @ X`` on CPU and CUDA, and its rows are sorted (``bipartite_blocks`` relies on
     it).
     """
     n = n_users + n_items
     pairs = np.unique(np.asarray(train, dtype=np.int64).reshape(-1, 2), axis=0)
     u, i = pairs[:, 0], pairs[:, 1] + n_users
-    deg = np.bincount(np.concatenate([u, i]), minlength=n).astype(np.float64)
+    loops = np.arange(n) if self_loops else np.empty(0, np.int64)
+    deg = np.bincount(np.concatenate([u, i, loops]), minlength=n).astype(np.float64)
     inv_sqrt = np.zeros(n)
     nz = deg > 0
     inv_sqrt[nz] = deg[nz] ** -0.5
-    rows = np.concatenate([u, i])
-    cols = np.concatenate([i, u])
+    rows = np.concatenate([u, i, loops])
+    cols = np.concatenate([i, u, loops])
     vals = (inv_sqrt[rows] * inv_sqrt[cols]).astype(np.float32)
     csr = sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
     csr.sort_indices()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +22,32 @@ class _BlockSpMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:  # type: ignore[override]
         return None, None, torch.sparse.mm(ctx.a_t, grad)
+
+
+def spmm(a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A @ X (N, M) @ (M, k) for a sparse A given with its transpose A^T, whose gradient is A^T @ G (no transpose
+    built on each backward); a symmetric A is passed twice. Runs outside autocast in float32, as sparse products do."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _BlockSpMM.apply(a, a_t, x.to(torch.float32))
+
+
+def train_keys(train: np.ndarray | torch.Tensor, n_items: int) -> torch.Tensor:
+    """The sorted unique keys user * I + item of the train rows (n, 2): what ``sample_negatives`` rejects."""
+    train = torch.as_tensor(np.asarray(train), dtype=torch.long).reshape(-1, 2)
+    return torch.unique(train[:, 0] * n_items + train[:, 1])
+
+
+def sample_negatives(keys: torch.Tensor, users: torch.Tensor, n_items: int) -> torch.Tensor:
+    """One uniformly drawn item per user (B,), redrawn while it is one of the user's train items (``keys``, from
+    ``train_keys``)."""
+    neg = torch.randint(0, n_items, users.shape, device=users.device)
+    while True:
+        k = users * n_items + neg
+        pos = torch.searchsorted(keys, k).clamp(max=len(keys) - 1)
+        todo = keys[pos] == k
+        if not bool(todo.any()):
+            return neg
+        neg = torch.where(todo, torch.randint(0, n_items, users.shape, device=users.device), neg)
 
 
 def bipartite_blocks(adj: torch.Tensor, n_users: int) -> tuple[torch.Tensor, torch.Tensor] | None:
