@@ -51,7 +51,7 @@ class FREEDOM(Recommender):
     """Args: sizes, the train pairs (n, 2), the raw item features {modality: (I, F_m)}, and the hyper-parameters
     of the module docstring (``dropout`` = ρ, the share of train edges pruned each epoch; ``modality_weight`` =
     lambda). The raw features are trainable, as in MMRec; they and the projections W_m learn only through the
-    lambda term (at lambda = 0 they never change)."""
+    lambda term (at lambda = 0, MMRec's default, they never change, and the term is not computed)."""
 
     param_groups = {"user": "embeddings", "item": "embeddings", "raw": "features", "proj": "projections"}
 
@@ -75,7 +75,8 @@ class FREEDOM(Recommender):
         self.user = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, embedding_dim)))
         self.item = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, embedding_dim)))
         self.raw = nn.ParameterDict({m: nn.Parameter(x.float().clone()) for m, x in features.items()})
-        self.proj = nn.ModuleDict({m: nn.Linear(x.shape[1], embedding_dim) for m, x in features.items()})
+        # W_m without a bias: a bias would cancel in the difference of the two BPR scores (MMRec's has one)
+        self.proj = nn.ModuleDict({m: nn.Linear(x.shape[1], embedding_dim, bias=False) for m, x in features.items()})
 
     def start_epoch(self, epoch: int) -> None:
         """A new epoch prunes the user-item graph anew (at its first batch)."""
@@ -115,8 +116,9 @@ class FREEDOM(Recommender):
         user, item = self._propagate(self.pruned_adj)
         u = user[users]
         bpr = bpr_loss((u * item[items]).sum(-1), (u * item[neg]).sum(-1))
-        feat = sum(
-            bpr_loss((u * self.proj[m](x[items])).sum(-1), (u * self.proj[m](x[neg])).sum(-1))
-            for m, x in self.raw.items()
+        if self.modality_weight == 0:  # the term would change nothing: neither computed nor logged
+            return {"bpr": bpr, "loss": bpr}
+        feat = sum(  # <z_u, W x_i+> - <z_u, W x_j-> = <z_u, W (x_i+ - x_j-)>: one product
+            bpr_loss((u * self.proj[m](x[items] - x[neg])).sum(-1), 0.0) for m, x in self.raw.items()
         )
         return {"bpr": bpr, "feature_bpr": feat, "loss": bpr + self.modality_weight * feat}
