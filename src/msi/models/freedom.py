@@ -12,6 +12,9 @@ denoised each epoch by degree-sensitive edge pruning.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
@@ -20,6 +23,11 @@ from msi.data.graph import normalized_adjacency
 from msi.losses import bpr_loss
 from msi.models.base import Recommender, lightgcn_readout, sample_negatives, spmm, train_keys
 from msi.models.knn import cosine_knn, knn_edges, sym_normalize, to_csr
+from msi.registry import key, register
+
+if TYPE_CHECKING:
+    from msi.config import Config
+    from msi.data.dataset import Dataset
 
 
 def frozen_item_graph(
@@ -122,3 +130,39 @@ class FREEDOM(Recommender):
             bpr_loss((u * self.proj[m](x[items] - x[neg])).sum(-1), 0.0) for m, x in self.raw.items()
         )
         return {"bpr": bpr, "feature_bpr": feat, "loss": bpr + self.modality_weight * feat}
+
+
+@dataclass
+class FREEDOMModel:
+    """The model.* keys of model.name=freedom (defaults: MMRec's FREEDOM.yaml, the first value of each grid axis)."""
+
+    embedding_dim: int = key(64, "d: size of the user and item embeddings and of the projected features", check=">0")
+    n_layers: int = key(2, "L: LightGCN layers over the user-item graph (MMRec: n_ui_layers)", check=">=0")
+    n_item_layers: int = key(1, "L': layers over the frozen item-item graph (MMRec: n_mm_layers)", check=">=0")
+    knn_k: int = key(10, "k: neighbours of each item in each modality's kNN graph", check=">0")
+    first_graph_weight: float = key(
+        0.1, "weight of the first modality's kNN graph (TikTok, Amazon: image), the others share the rest "
+        "(MMRec: mm_image_weight)", check="[0,1]")
+    dropout: float = key(0.8, "rho: share of train edges pruned each epoch, degree-sensitively", check="[0,1)")
+
+
+@dataclass
+class FREEDOMLoss:
+    """The loss.* keys of model.name=freedom."""
+
+    modality_weight: float = key(
+        0.0, "lambda: weight of each modality's BPR term on the projected raw features (MMRec: reg_weight)",
+        check=">=0")
+
+
+@register("freedom", model=FREEDOMModel, loss=FREEDOMLoss)
+def build(cfg: Config, data: Dataset) -> FREEDOM:
+    """FREEDOM on ``data``'s train graph and item features: ``model.embedding_dim``, ``model.n_layers``,
+    ``model.n_item_layers``, ``model.knn_k``, ``model.first_graph_weight``, ``model.dropout`` and
+    ``loss.modality_weight``."""
+    m = cfg.model
+    return FREEDOM(
+        data.n_users, data.n_items, data.train, {name: torch.from_numpy(f) for name, f in data.features.items()},
+        embedding_dim=m.embedding_dim, n_layers=m.n_layers, n_item_layers=m.n_item_layers, knn_k=m.knn_k,
+        first_graph_weight=m.first_graph_weight, dropout=m.dropout, modality_weight=cfg.loss.modality_weight,
+    )

@@ -15,6 +15,9 @@ the current parameters. The kNN similarities are computed in row chunks and A is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,11 @@ from msi.data.graph import normalized_adjacency
 from msi.losses import bpr_loss
 from msi.models.base import Recommender, lightgcn_readout, sample_negatives, spmm, train_keys
 from msi.models.knn import cosine_knn, knn_edges, sym_normalize, to_csr
+from msi.registry import key, register
+
+if TYPE_CHECKING:
+    from msi.config import Config
+    from msi.data.dataset import Dataset
 
 
 def edge_mm(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -127,3 +135,36 @@ class LATTICE(Recommender):
         bpr = bpr_loss((u * i).sum(-1), (u * j).sum(-1))
         reg = (u.pow(2).sum() + i.pow(2).sum() + j.pow(2).sum()) / (2 * len(users))
         return {"bpr": bpr, "reg": reg, "loss": bpr + self.gamma * reg}
+
+
+@dataclass
+class LATTICEModel:
+    """The model.* keys of model.name=lattice (defaults: MMRec's LATTICE.yaml, the first value of each grid axis)."""
+
+    embedding_dim: int = key(64, "d: size of the user and item embeddings", check=">0")
+    feature_dim: int = key(64, "rows of each modality's projection W_m (MMRec: feat_embed_dim)", check=">0")
+    n_layers: int = key(2, "L: LightGCN layers over D^-1 (R + I) (MMRec: len(weight_size))", check=">=0")
+    n_item_layers: int = key(1, "L': layers over the item-item graph (MMRec: n_layers)", check=">=0")
+    knn_k: int = key(10, "k: neighbours of each item in each modality's kNN graph", check=">0")
+    init_graph_weight: float = key(
+        0.9, "lambda: weight of the raw features' kNN graph against the learned one (MMRec: lambda_coeff)",
+        check="[0,1]")
+
+
+@dataclass
+class LATTICELoss:
+    """The loss.* keys of model.name=lattice."""
+
+    gamma: float = key(0.0, "L2 weight of the batch's final representations (MMRec: reg_weight)", check=">=0")
+
+
+@register("lattice", model=LATTICEModel, loss=LATTICELoss)
+def build(cfg: Config, data: Dataset) -> LATTICE:
+    """LATTICE on ``data``'s train graph and item features: ``model.embedding_dim``, ``model.feature_dim``,
+    ``model.n_layers``, ``model.n_item_layers``, ``model.knn_k``, ``model.init_graph_weight`` and ``loss.gamma``."""
+    m = cfg.model
+    return LATTICE(
+        data.n_users, data.n_items, data.train, {name: torch.from_numpy(f) for name, f in data.features.items()},
+        embedding_dim=m.embedding_dim, feature_dim=m.feature_dim, n_layers=m.n_layers,
+        n_item_layers=m.n_item_layers, knn_k=m.knn_k, init_graph_weight=m.init_graph_weight, gamma=cfg.loss.gamma,
+    )
