@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from msi.config import load_config
 from msi.data.graph import normalized_adjacency
+from msi.models import build_model
 from msi.models.freedom import FREEDOM, frozen_item_graph, pruning_weights
 from msi.models.knn import to_csr
 from msi.train import make_optimizer, run_epoch
@@ -148,3 +150,15 @@ def test_pinned_trajectory(tiny) -> None:
         rows.append(run_epoch(model, opt, torch.from_numpy(tiny.train), 64, e))
     for row, want in zip(rows, REFERENCE_LOSSES):
         assert {k: row[k] for k in want} == pytest.approx(want, rel=1e-5)
+
+
+def test_builder_reads_its_keys(tiny) -> None:
+    cfg = load_config(overrides=["model.name=freedom", "model.embedding_dim=6", "model.n_layers=3",
+                                 "model.n_item_layers=2", "model.knn_k=4", "model.first_graph_weight=0.25",
+                                 "model.dropout=0.5", "loss.modality_weight=0.01"])
+    model = build_model(cfg, tiny)
+    assert isinstance(model, FREEDOM) and model.user.shape == (tiny.n_users, 6)
+    assert (model.n_layers, model.n_item_layers, model.dropout, model.modality_weight) == (3, 2, 0.5, 0.01)
+    feats = {m: torch.from_numpy(f) for m, f in tiny.features.items()}
+    rows, cols, vals = frozen_item_graph(feats, 4, 0.25)
+    torch.testing.assert_close(model.item_graph.to_dense(), to_csr(rows, cols, vals, tiny.n_items).to_dense())

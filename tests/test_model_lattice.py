@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from msi.config import load_config
 from msi.data.graph import normalized_adjacency
+from msi.models import build_model
 from msi.models.knn import to_csr
 from msi.models.lattice import LATTICE
 from msi.train import make_optimizer, run_epoch
@@ -161,3 +163,14 @@ def test_pinned_trajectory(tiny) -> None:
         rows.append(run_epoch(model, opt, torch.from_numpy(tiny.train), 64, e))
     for row, want in zip(rows, REFERENCE_LOSSES):
         assert {k: row[k] for k in want} == pytest.approx(want, rel=1e-5)
+
+
+def test_builder_reads_its_keys(tiny) -> None:
+    cfg = load_config(overrides=["model.name=lattice", "model.embedding_dim=6", "model.feature_dim=5",
+                                 "model.n_layers=3", "model.n_item_layers=2", "model.knn_k=4",
+                                 "model.init_graph_weight=0.3", "loss.gamma=0.01"])
+    model = build_model(cfg, tiny)
+    assert isinstance(model, LATTICE) and model.user.shape == (tiny.n_users, 6)
+    assert model.proj["image"].weight.shape == (5, tiny.features["image"].shape[1])
+    assert (model.n_layers, model.n_item_layers, model.k, model.lam, model.gamma) == (3, 2, 4, 0.3, 0.01)
+    assert model.modalities == list(tiny.features)
