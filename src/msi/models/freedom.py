@@ -21,7 +21,7 @@ from torch import nn
 
 from msi.data.graph import normalized_adjacency
 from msi.losses import bpr_loss
-from msi.models.base import Recommender, lightgcn_readout, sample_negatives, spmm, train_keys
+from msi.models.base import Recommender, lightgcn_readout, pair_keys, sample_negatives, sparse_product
 from msi.models.knn import cosine_knn, knn_edges, sym_normalize, to_csr
 from msi.registry import key, register
 
@@ -72,7 +72,7 @@ class FREEDOM(Recommender):
         self.n_users, self.n_items, self.n_layers, self.n_item_layers = n_users, n_items, n_layers, n_item_layers
         self.dropout, self.modality_weight = dropout, modality_weight
         pairs = torch.from_numpy(np.unique(np.asarray(train, dtype=np.int64).reshape(-1, 2), axis=0))
-        self.register_buffer("train_keys", train_keys(pairs, n_items), persistent=False)
+        self.register_buffer("train_keys", pair_keys(pairs, n_items), persistent=False)
         self.register_buffer("edges", pairs, persistent=False)  # (E, 2) unique train edges
         self.register_buffer("edge_weights", pruning_weights(pairs, n_users, n_items), persistent=False)
         self.register_buffer("adj", normalized_adjacency(train, n_users, n_items), persistent=False)
@@ -105,7 +105,7 @@ class FREEDOM(Recommender):
         z = lightgcn_readout(adj, torch.cat([self.user, self.item]), self.n_layers)
         h = self.item
         for _ in range(self.n_item_layers):
-            h = spmm(self.item_graph, self.item_graph_t, h)
+            h = sparse_product(self.item_graph, self.item_graph_t, h)
         return z[: self.n_users], z[self.n_users :] + h
 
     @torch.no_grad()

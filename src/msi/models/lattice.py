@@ -25,7 +25,7 @@ from torch import nn
 
 from msi.data.graph import normalized_adjacency
 from msi.losses import bpr_loss
-from msi.models.base import Recommender, lightgcn_readout, sample_negatives, spmm, train_keys
+from msi.models.base import Recommender, lightgcn_readout, pair_keys, sample_negatives, sparse_product
 from msi.models.knn import cosine_knn, knn_edges, sym_normalize, to_csr
 from msi.registry import key, register
 
@@ -54,7 +54,7 @@ class LATTICE(Recommender):
         super().__init__()
         self.n_users, self.n_items, self.n_layers, self.n_item_layers = n_users, n_items, n_layers, n_item_layers
         self.k, self.lam, self.gamma = knn_k, init_graph_weight, gamma
-        self.register_buffer("train_keys", train_keys(train, n_items), persistent=False)
+        self.register_buffer("train_keys", pair_keys(train, n_items), persistent=False)
         # P = D^-1 (R + I) = D^-1/2 S D^1/2 with S = D^-1/2 (R + I) D^-1/2 symmetric: propagate over S, rescale
         self.register_buffer("adj", normalized_adjacency(train, n_users, n_items, self_loops=True), persistent=False)
         pairs = np.unique(np.asarray(train, dtype=np.int64).reshape(-1, 2), axis=0)
@@ -103,7 +103,7 @@ class LATTICE(Recommender):
         h = self.item
         if training and self.epoch_graph is not None:
             for _ in range(self.n_item_layers):
-                h = spmm(self.epoch_graph, self.epoch_graph_t, h)
+                h = sparse_product(self.epoch_graph, self.epoch_graph_t, h)
             return F.normalize(h, dim=1)
         rows, cols, vals = self.learned_graph()
         if training:

@@ -16,7 +16,7 @@ from torch import nn
 from msi.data.dataset import Dataset
 from msi.data.graph import normalized_adjacency
 from msi.losses import bpr_loss
-from msi.models.base import Recommender, lightgcn_readout, sample_negatives, train_keys
+from msi.models.base import Recommender, lightgcn_readout, pair_keys, sample_negatives
 from msi.registry import key, register
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class LightGCN(Recommender):
         super().__init__()
         self.n_users, self.n_items, self.n_layers, self.gamma = n_users, n_items, n_layers, gamma
         self.register_buffer("adj", adj, persistent=False)
-        self.register_buffer("train_keys", train_keys(train, n_items), persistent=False)
+        self.register_buffer("train_keys", pair_keys(train, n_items), persistent=False)
         self.emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users + n_items, embedding_dim)))
 
     def _propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
