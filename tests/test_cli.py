@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from msi import __version__
-from msi.cli import data_main, eval_main, recommend_main, train_main
+from msi.cli import TOOLS, data_main, eval_main, recommend_main, train_main
 from msi.data.dataset import read_inter
 
 EPOCHS = 3
@@ -235,6 +235,15 @@ def test_help_exits_0_and_mentions_the_key_options(main, options, capsys):
     out = capsys.readouterr().out
     for option in options:
         assert option in out, option
+
+
+@pytest.mark.parametrize("argv", [["msi-train"], ["msi-eval"], ["msi-recommend"], ["msi-data", "synth"],
+                                  ["msi-data", "prepare"], ["msi-sweep"], ["msi-plot"], ["msi-compare"]])
+def test_help_says_each_default_once_and_never_none(argv, capsys):
+    with pytest.raises(SystemExit):
+        TOOLS[argv[0].removeprefix("msi-")]([*argv[1:], "--help"])
+    options = " ".join(capsys.readouterr().out.split()).split(" -")  # one entry per option, lines joined
+    assert not [o for o in options if o.count("(default:") > 1 or "(default: None)" in o]
 
 
 def test_list_keys(capsys):

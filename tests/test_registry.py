@@ -185,15 +185,15 @@ requires = ["setuptools>=61"]
 build-backend = "setuptools.build_meta"
 
 [project]
-name = "msi-mf-example"
+name = "msi-suite-plugin-example"
 version = "0.1.0"
 dependencies = ["msi"]
 
 [project.entry-points."msi.models"]
-mf = "msi_mf_example"
+msi-suite-mf = "msi_suite_plugin_example"
 
 [tool.setuptools]
-py-modules = ["msi_mf_example"]
+py-modules = ["msi_suite_plugin_example"]
 """
 
 PLUGIN_MODULE = '''\
@@ -227,7 +227,7 @@ class MF(Recommender):
         return {"bpr": bpr, "reg": reg, "loss": bpr + self.gamma * reg}
 
 
-@register("mf", item_features=False)
+@register("msi-suite-mf", item_features=False)
 def build(cfg, data) -> MF:
     return MF(data.n_users, data.n_items, embedding_dim=cfg.model.embedding_dim, gamma=cfg.loss.gamma)
 '''
@@ -240,7 +240,7 @@ def plugin_site(tmp_path_factory) -> Path:
     pkg, site = root / "pkg", root / "site"
     pkg.mkdir()
     (pkg / "pyproject.toml").write_text(PLUGIN_PYPROJECT)
-    (pkg / "msi_mf_example.py").write_text(PLUGIN_MODULE)
+    (pkg / "msi_suite_plugin_example.py").write_text(PLUGIN_MODULE)
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
            "--disable-pip-version-check", "--target", str(site), str(pkg)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -259,11 +259,11 @@ def cli(workdir: Path, site: Path | None, *argv: str) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def plugin_run(plugin_site, tmp_path_factory) -> tuple[Path, Path]:
-    """(work folder, run folder) of msi-train with model.name=mf on generated tiny data, no item features."""
+    """(work folder, run folder) of msi-train with model.name=msi-suite-mf on generated tiny data, no item features."""
     work = tmp_path_factory.mktemp("plugin-run")
     (work / "tiny.yaml").write_text(
         "data:\n  root: data\n  name: tiny\n  synth_preset: tiny\n  modalities: {}\n"
-        "model:\n  name: mf\n  embedding_dim: 16\n"
+        "model:\n  name: msi-suite-mf\n  embedding_dim: 16\n"
         "loss:\n  gamma: 0.001\n"
         "train:\n  epochs: 3\n  lr: 0.01\n  device: cpu\n  out_dir: runs\n  run_name: mf\n"
         "eval:\n  ks: [10, 20]\n"
@@ -278,7 +278,7 @@ def test_the_plugin_is_unknown_without_its_package(plugin_run):
     done = cli(work, None, "train", "--config", "tiny.yaml", "--out", "elsewhere")
     assert done.returncode == 2
     err = done.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: config key 'model.name': no model named 'mf'"), err
+    assert len(err) == 1 and err[0].startswith("error: config key 'model.name': no model named 'msi-suite-mf'"), err
 
 
 def test_msi_train_trains_the_plugin_model(plugin_run):

@@ -22,10 +22,17 @@ EPILOG_OVERRIDES = (
 )
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help, unless the help names its default itself or the default is None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog, description=description, epilog=epilog, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=_HelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -177,7 +184,7 @@ def _data(argv: list[str] | None) -> int:
     from msi.data.synth import PRESETS, SIGNALS
 
     s = sub.add_parser("synth", help="generate a data set with planted structure",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_HelpFormatter,
                        description="Generate a data set in the MMRec layout (same seed, same bytes).")
     s.add_argument("--preset", required=True, choices=sorted(PRESETS), help="size preset")
     s.add_argument("--out", required=True, help="data set folder to write (<out>/<name>.inter, *_feat.npy)")
@@ -192,7 +199,7 @@ def _data(argv: list[str] | None) -> int:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     _prepare_arguments(sub.add_parser(
         "prepare", help="build a data set from raw Amazon review files (2014 or 2018 release)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="Build a data set in the MMRec layout from raw Amazon review/metadata/image files."))
     args = p.parse_args(argv)
     if args.command == "synth":
@@ -216,8 +223,7 @@ def _positive_int(text: str) -> int:
 def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of `msi-data prepare` to `parser`.
 
-    Each help text shows its default itself (required options have none), so the text reads the same with or
-    without `argparse.ArgumentDefaultsHelpFormatter`.
+    Each help text shows its default itself (required options have none), so `_HelpFormatter` adds none.
     """
     from msi.data.prepare import DEDUPE, ID_ORDERS, SPLIT_METHODS
 
