@@ -77,9 +77,9 @@ def test_train_writes_a_run_directory(run_dir, workdir):
     assert 1 <= results["best_epoch"] <= EPOCHS and 0 <= results["test"]["recall@20"] <= 1
 
 
-@pytest.mark.parametrize("split", ["valid", "test"])
-def test_eval_reproduces_the_runs_final_metrics(run_dir, capsys, split):
-    code, out, _ = run(eval_main, ["--checkpoint", run_dir / "best.pt", "--split", split, "--device", "cpu"], capsys)
+@pytest.mark.parametrize("split, flag", [("valid", []), ("valid", ["--split", "valid"]), ("test", ["--split", "test"])])
+def test_eval_reproduces_the_runs_final_metrics(run_dir, capsys, split, flag):
+    code, out, _ = run(eval_main, ["--checkpoint", run_dir / "best.pt", *flag, "--device", "cpu"], capsys)
     assert code == 0
     got = json.loads(out)
     assert got["split"] == split and got["item_view"] == "id"
@@ -93,7 +93,7 @@ def test_eval_item_view_and_ks(run_dir, capsys):
     assert code == 0
     got = json.loads(out)
     assert got["item_view"] == "image"
-    assert {"recall@5", "ndcg@10", "precision@5", "map@10"} <= set(got) and "recall@20" not in got
+    assert {"recall@5", "ndcg@10", "precision@5", "map@10", "hit@5", "mrr@10"} <= set(got) and "recall@20" not in got
     code, _, err = run(eval_main, ["--checkpoint", run_dir / "best.pt", "--item-view", "audio",
                                    "--device", "cpu"], capsys)
     assert code == 2 and "audio" in one_line_error(err)

@@ -130,6 +130,16 @@ def test_runs_against_themselves_give_delta_0_and_each_seed_its_own_valid_metric
     assert c.a_seeds == pytest.approx(results, abs=1e-12)
 
 
+@pytest.mark.parametrize("metric", ["hit@5", "mrr@20"])
+def test_hit_and_mrr_are_compared_like_the_other_metrics(sweep, metric):
+    runs = point_dirs(sweep, "msi", "0.1")
+    c = compare(runs, point_dirs(sweep, "msi", "0.01"), metric=metric, device="cpu", progress=False)
+    assert c.metric == metric
+    for seeds, side in ((c.a_seeds, runs), (c.b_seeds, point_dirs(sweep, "msi", "0.01"))):
+        results = [json.loads((d / "results.json").read_text())["valid"][metric] for d in side]
+        assert seeds == pytest.approx(results, abs=1e-12)
+
+
 def test_mismatched_seeds_are_refused_with_one_line(sweep):
     a, b = point_dirs(sweep, "msi", "0.1"), point_dirs(sweep, "msi", "0.01")
     with pytest.raises(MSIError) as e:

@@ -113,9 +113,12 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval(argv: list[str] | None) -> int:
-    p = _parser("msi-eval", "Full-ranking evaluation of a checkpoint; prints JSON metrics.")
+    p = _parser("msi-eval", "Full-ranking evaluation of a checkpoint on the valid split (or --split test); prints "
+                "JSON metrics.")
     _checkpoint_args(p)
-    p.add_argument("--split", choices=("valid", "test"), default="test", help="which split to score")
+    p.add_argument("--split", choices=("valid", "test"), default="valid",
+                   help="which split to score (the output's 'split' says which); test only for a checkpoint "
+                        "already selected on valid")
     p.add_argument("--item-view", default="id", help="represent items by 'id' or a modality name (the probe)")
     p.add_argument("--ks", default=None, help="comma-separated cut-offs (default: the run's eval.ks)")
     args = p.parse_args(argv)
@@ -374,7 +377,7 @@ def _compare(argv: list[str] | None) -> int:
     p.add_argument("--split", choices=("valid", "test"), default="valid",
                    help="test is for points already selected on valid only (e.g. SWEEP_DIR:CONFIG), never for "
                         "choosing between settings")
-    p.add_argument("--metric", default="recall@20", help="recall, ndcg, precision or map @ a cut-off")
+    p.add_argument("--metric", default="recall@20", help="recall, ndcg, precision, map, hit or mrr @ a cut-off")
     p.add_argument("--out", type=Path, metavar="FILE.md", help="also write the markdown summary here")
     p.add_argument("--json", type=Path, metavar="FILE.json", help="write the statistics as JSON here")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")

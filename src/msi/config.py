@@ -23,7 +23,7 @@ import yaml
 from msi import registry
 from msi.errors import ConfigError, read_utf8, warn
 
-METRICS = ("recall", "ndcg", "precision", "map")
+METRICS = ("recall", "ndcg", "precision", "map", "hit", "mrr")
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 MAX_INT = 2**63 - 1  # torch's int64: an integer setting above it (train.batch_size=1e30) never reaches a tensor
 MAX_LR = 1.0  # Adam moves every weight by about lr per step: above 1 the weights overflow within a few steps

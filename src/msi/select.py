@@ -247,7 +247,8 @@ def _point(point: list[str]) -> str:
 def _columns(summary: dict[str, Any]) -> list[str]:
     keys = [k for c in summary["configs"].values() if c["selected"] for k in c["selected"]["test"]]
     keys += [k for f in summary["popularity"].values() for k in f["test"]]
-    return list(dict.fromkeys(k for k in keys if k.split("@")[0] in ("recall", "ndcg")))
+    chosen = {c["metric"] for c in summary["configs"].values()}  # a selection by hit@20 shows test hit@20 too
+    return list(dict.fromkeys(k for k in keys if k.split("@")[0] in ("recall", "ndcg") or k in chosen))
 
 
 def render_markdown(summary: dict[str, Any]) -> str:
