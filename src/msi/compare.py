@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import scipy.stats
 import torch
-from tqdm import tqdm
 
 from msi.checkpoint import load_checkpoint
 from msi.config import METRICS, Config, config_from_dict
+from msi.console import progress_bar
 from msi.data.dataset import Dataset
 from msi.errors import MSIError
 from msi.evaluate import Evaluator
@@ -200,7 +200,7 @@ def score_runs(heads: list[RunHead], datasets: dict[str, Dataset], metric: str, 
     k = check_metric(metric)
     evaluators: dict[tuple[str, bool], Evaluator] = {}
     rows = []
-    for h in tqdm(heads, desc="scoring runs", unit="run", disable=not progress or len(heads) < 3):
+    for h in progress_bar(heads, desc="scoring runs", unit="run", show=progress and len(heads) >= 3):
         model, cfg, dataset, _ = open_run(h.run_dir / BEST, device, dataset=datasets[h.fingerprint])
         key = (h.fingerprint, cfg.eval.mask_valid_at_test)
         if key not in evaluators:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import msi
 from msi.config import config_from_dict
+from msi.console import progress_bar
 from msi.errors import MSIError
 from msi.rundir import STOPPED, DamagedRunFile, locked, read_log, read_metrics, read_results, write_json
 from msi.select import report
@@ -212,7 +213,7 @@ def _tune(
     started = start_ray(address)
     try:
         check_cluster(cpus, gpus, ray.nodes())
-        with tqdm(total=len(todo), desc="trials", unit="trial", leave=False) as bar:
+        with progress_bar(total=len(todo), desc="trials", unit="trial", leave=False) as bar:
             tuner = tune.Tuner(
                 tune.with_resources(run_trial, {"cpu": cpus, "gpu": gpus}),
                 param_space={"trial": tune.grid_search(specs)},

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from msi.checkpoint import first_non_finite, rng_state, save_checkpoint, set_rng_state
 from msi.config import Config
+from msi.console import progress_bar
 from msi.data.dataset import Dataset
 from msi.errors import CheckpointError, ConfigError, DataError, Interrupted, MSIError
 from msi.evaluate import Evaluator
@@ -240,7 +241,7 @@ def _loop(run: _Run, quiet: bool, log: Log) -> None:
     epochs = range(p["epoch"], t.epochs) if not p["stopped"] else range(0)
     tensorboard = TensorBoardLog(run.dir, t.tensorboard)
     try:
-        for epoch in tqdm(epochs, desc="epochs", disable=quiet, initial=p["epoch"], total=t.epochs):
+        for epoch in progress_bar(epochs, desc="epochs", show=not quiet, initial=p["epoch"], total=t.epochs):
             run.model.start_epoch(epoch)
             row = run_epoch(run.model, run.optimizer, run.pairs, t.batch_size, epoch, quiet, t.autocast == "bf16")
             terms = [k for k in row if k not in ("epoch", "epoch_seconds")]  # run_epoch's mean loss terms
@@ -321,7 +322,7 @@ def run_epoch(
     sums: dict[str, torch.Tensor] = {}
     n_batches = math.ceil(len(pairs) / batch_size)
     losses = torch.empty(n_batches, device=pairs.device)  # checked once per epoch: no GPU sync per step
-    for b in tqdm(range(n_batches), desc=f"epoch {epoch + 1}", leave=False, disable=quiet):
+    for b in progress_bar(range(n_batches), desc=f"epoch {epoch + 1}", leave=False, show=not quiet):
         batch = pairs[perm[b * batch_size : (b + 1) * batch_size]]
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(pairs.device.type, dtype=torch.bfloat16, enabled=bf16):
