@@ -335,7 +335,7 @@ def test_14_resuming_a_finished_run_changes_nothing(workdir, capsys):
     done = workdir / "runs" / "done"
     before = snapshot(done)
     code, out, _ = run(train_main, ["--resume", done, "--quiet"], capsys)
-    assert code == 0 and json.loads(out)["test"] == json.loads(before["results.json"])["test"]
+    assert code == 0 and out.startswith(f"{done}: best epoch ")
     assert snapshot(done) == before
 
 
@@ -369,7 +369,7 @@ def test_10_bf16_autocast_trains_on_the_cpu(workdir, tmp_path, capsys):
     code, out, err = run(train_main, train_args(workdir, tmp_path / "run", "train.epochs=1", "train.autocast=bf16"),
                          capsys)
     assert code == 0, err
-    assert 0 <= json.loads(out)["test"]["recall@20"] <= 1
+    assert 0 <= json.loads((tmp_path / "run" / "results.json").read_text())["test"]["recall@20"] <= 1
 
 
 # ---------------------------------------------------------------- 11, 13, 15. prepare, recommend, overrides
@@ -804,9 +804,11 @@ def test_i19_5_a_sweep_that_would_train_one_config_twice(workdir, tmp_path, caps
     assert not (tmp_path / "s").exists()
 
 
-def test_i19_5_one_live_sweep_per_folder_and_a_trial_in_use_is_not_touched(workdir, tmp_path, capsys):
+def test_i19_5_one_live_sweep_per_folder_and_a_trial_in_use_is_not_touched(workdir, tmp_path, capsys, monkeypatch):
     from msi.cli import sweep_main
     from msi.sweepdir import record_sweep
+
+    monkeypatch.setattr("msi.sweep.import_ray", lambda: None)  # refused before Ray would start
 
     out = tmp_path / "s"
     with msi.rundir.locked(out, "msi-sweep"):  # another live msi-sweep on this --out (here: this process)
@@ -837,6 +839,7 @@ def test_i19_15_a_failed_check_writes_no_sweep_yaml_and_the_corrected_command_ru
         for t in todo:
             t.run_dir.mkdir()
     monkeypatch.setattr("msi.sweep._tune", tune)
+    monkeypatch.setattr("msi.sweep.import_ray", lambda: None)
     code, out_text, _ = run(sweep_main, sweep_args(workdir, out, "--grid", "data.name=tiny"), capsys)
     assert code == 0 and "| tiny | none eligible | 0 |" in out_text
 
@@ -849,6 +852,7 @@ def test_i19_15_ctrl_c_of_a_sweep_says_the_command_that_continues_it(workdir, tm
     def ctrl_c(*args):
         raise KeyboardInterrupt
     monkeypatch.setattr("msi.sweep._tune", ctrl_c)
+    monkeypatch.setattr("msi.sweep.import_ray", lambda: None)
     argv = sweep_args(workdir, tmp_path / "s", "--grid", "loss.alpha=0.1,0.01")
     code, _, err = run(sweep_main, argv, capsys)
     line = error_line(err)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
@@ -99,9 +100,21 @@ def _train(argv: list[str] | None) -> int:
     results = train(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
                     overrides=args.overrides if args.resume else None,
                     device=args.device, allow_other_data=args.allow_other_data)
-    print(json.dumps({"run_dir": results["run_dir"], "best_epoch": results["best_epoch"],
-                      "valid": results["valid"], "test": results["test"]}))
+    print(_result_line(results))
     return 0
+
+
+def _result_line(results: dict) -> str:
+    """msi-train's last line: the run directory, its best epoch, the selection metric on valid and test, and the
+    popularity floor (a results.json written before msi recorded it has none)."""
+    metric = results["selected_by"].removeprefix("valid ")
+    where = os.path.relpath(results["run_dir"])
+    where = results["run_dir"] if where.startswith("..") else where
+    floor = results.get("popularity")
+    beside = f" (popularity: valid {floor['valid'][metric]:.4f} test {floor['test'][metric]:.4f})" if floor else ""
+    return (f"{where}: best epoch {results['best_epoch']} of {results['epochs_run']}, {metric} valid "
+            f"{results['valid'][metric]:.4f} test {results['test'][metric]:.4f}{beside}; every metric in its "
+            "results.json")
 
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ from msi.data.dataset import Dataset
 from msi.data.graph import interaction_csr
 from msi.errors import DataError, MSIError
 from msi.models.base import Recommender
+from msi.models.popularity import Popularity
 
 
 def topk_metrics(hits: torch.Tensor, n_true: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:
@@ -122,3 +123,10 @@ class Evaluator:
 def non_finite_users(top_scores: torch.Tensor) -> torch.Tensor:
     """How many rows of top-k scores (B, k) hold NaN or +inf (topk ranks both first; -inf marks masked items)."""
     return (torch.isnan(top_scores) | (top_scores == float("inf"))).any(1).sum()
+
+
+def popularity_metrics(evaluator: Evaluator) -> dict[str, dict[str, float]]:
+    """Valid and test metrics of items ranked by their train count: the floor a model must clear."""
+    data = evaluator.dataset
+    return {split: evaluator(Popularity(data.n_users, data.n_items, data.train).to(evaluator.device), split)
+            for split in ("valid", "test")}

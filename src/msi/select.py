@@ -93,15 +93,12 @@ def _selected(group: list[Trial]) -> dict[str, Any]:
 
 def popularity_floor(cfg: Config, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Valid and test metrics of the popularity baseline (items ranked by train count) on ``cfg``'s data."""
-    from msi.evaluate import Evaluator
-    from msi.models import Popularity
+    from msi.evaluate import Evaluator, popularity_metrics
     from msi.run import dataset_for, resolve_device
 
     data = dataset_for(cfg, progress=False)
-    dev = resolve_device(device)
-    ev = Evaluator(data, dev, cfg.eval.ks, cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
-    model = Popularity(data.n_users, data.n_items, data.train).to(dev)
-    return {"valid": ev(model, "valid"), "test": ev(model, "test")}
+    return popularity_metrics(Evaluator(data, resolve_device(device), cfg.eval.ks, cfg.eval.batch_users,
+                                        cfg.eval.mask_valid_at_test))
 
 
 def split_rows(trials: list[Trial], data: dict[Path, str]) -> list[Trial]:

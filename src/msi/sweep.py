@@ -136,15 +136,15 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run every unfinished trial of the sweep, then select on valid and write the tables; returns the summary.
 
-    Everything is checked before a file is written (Ray Tune installed, ``check_limits``,
-    ``msi.select.check_sweep``); the driver then holds ``<out>/.lock`` (one live sweep per folder) and refuses a
+    Everything is checked before a file is written (``check_limits``, ``msi.select.check_sweep``, Ray Tune
+    installed); the driver then holds ``<out>/.lock`` (one live sweep per folder) and refuses a
     trial directory a live process holds.
     """
     out = Path(out).resolve()
     overrides = list(overrides or [])
-    import_ray()  # without the extra, a refusal that leaves --out as it was: the corrected command can start there
     check_limits(cpus_per_trial, gpus_per_trial, max_concurrent, deadline)
     trials, cfgs = check_sweep(configs, grid, seeds, out, overrides)
+    import_ray()  # without the extra, a refusal that leaves --out as it was: the corrected command can start there
     with locked(out, "msi-sweep"):
         record_sweep(out, configs, grid, seeds, overrides)
         todo = [t for t in trials if trial_state(t.run_dir) in ("new", "resumable")]

@@ -29,7 +29,7 @@ from msi.config import Config
 from msi.console import progress_bar
 from msi.data.dataset import Dataset
 from msi.errors import CheckpointError, ConfigError, DataError, Interrupted, MSIError
-from msi.evaluate import Evaluator
+from msi.evaluate import Evaluator, popularity_metrics
 from msi.models import Recommender, build_model, epoch_diagnostics
 from msi.runinfo import TensorBoardLog, write_env
 from msi.run import data_signature, dataset_for, open_run, resolve_device, seed_everything
@@ -240,6 +240,9 @@ def _loop(run: _Run, quiet: bool, log: Log) -> None:
     start, seconds_before = time.time(), p["train_seconds"]
     epochs = range(p["epoch"], t.epochs) if not p["stopped"] else range(0)
     tensorboard = TensorBoardLog(run.dir, t.tensorboard)
+    if epochs:
+        log(f"one line per evaluated epoch: mean train loss, valid metrics, and * when valid {t.metric} is the "
+            "best so far (saved as best.pt)")
     try:
         for epoch in progress_bar(epochs, desc="epochs", show=not quiet, initial=p["epoch"], total=t.epochs):
             run.model.start_epoch(epoch)
@@ -367,6 +370,7 @@ def _finish(run: _Run, log: Log) -> dict[str, Any]:
         "train_seconds": p["train_seconds"],
         "selected_by": f"valid {run.cfg.train.metric}",
         "run_dir": str(run.dir),  # absolute (train makes it so)
+        "popularity": popularity_metrics(run.evaluator),  # the floor: items ranked by their train count
     }
     write_results(run.dir, results)
     log(f"best epoch {results['best_epoch']}: valid {_fmt(results['valid'])} | test {_fmt(results['test'])}")
