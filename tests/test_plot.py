@@ -136,6 +136,20 @@ def test_run_curves_of_two_configs_are_labelled_by_what_differs(tmp_path):
 
 
 @needs_matplotlib
+def test_labels_spell_values_as_yaml_does(tmp_path):
+    from msi.plot import runs_figure
+
+    for name, ssd in (("a", "true"), ("b", "false")):
+        write_run(tmp_path / name, 1, [0.1, 0.2])
+        (tmp_path / name / "config.yaml").write_text(
+            f"model: {{use_ssd: {ssd}}}\ndata: {{modalities: {{image: {name}.npy, text: t.npy}}}}\n"
+            "train: {seed: 1}\n")
+    assert [t.get_text() for t in runs_figure([tmp_path / "a", tmp_path / "b"]).legends[0].get_texts()][:2] == [
+        "data.modalities={image: a.npy, text: t.npy}, model.use_ssd=true (seed 1)",
+        "data.modalities={image: b.npy, text: t.npy}, model.use_ssd=false (seed 1)"]  # not {'image': ...}, True
+
+
+@needs_matplotlib
 def test_jsd_panel_is_titled_as_an_estimate(tmp_path):
     from msi.plot import runs_figure
 

@@ -407,8 +407,10 @@ def _compare(argv: list[str] | None) -> int:
     print(text, end="")
     if args.out:
         write_atomic(args.out, text)
+        print(f"wrote {args.out}")
     if args.json:
         write_atomic(args.json, json.dumps(result.to_json(), indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 

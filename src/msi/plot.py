@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from msi.config import Config
+from msi.config import Config, settings
 from msi.errors import MSIError
 from msi.rundir import CONFIG, METRICS, loss_terms, read_config, read_metrics
 from msi.select import load_sweep, summarize
@@ -44,9 +44,6 @@ TITLES = {
     "nce": "nce: InfoNCE estimate of I(z^a; z^b)\n(higher = more shared)",
     "jsd": "jsd: JSD estimate of I(z^a; z^b)\n(higher = more shared)",
 }
-# keys that say where or how a run ran, not what it trained: runs differing only here are seeds of one group
-NOT_A_SETTING = {"train.seed", "train.run_name", "train.out_dir", "data.root", "train.device",
-                 "train.checkpoint_every", "train.tensorboard"}
 
 
 def plot(dirs: list[Path], out: Path) -> tuple[int, int]:
@@ -124,18 +121,13 @@ def read_run(run_dir: Path) -> tuple[Config, list[dict[str, Any]]]:
     return read_config(run_dir), rows
 
 
-def _settings(cfg: Config) -> dict[str, str]:
-    flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
-    return {k: json.dumps(v) for k, v in flat.items() if k not in NOT_A_SETTING}
-
-
 def _group_labels(groups: list[list[tuple[Path, Config, list]]]) -> list[str]:
     """What tells each group apart: ``key=value, ...`` over the keys that differ, or the differing part of the
     run directory names when more than three keys differ."""
-    settings = [_settings(g[0][1]) for g in groups]
-    differ = [k for k in settings[0] if len({s[k] for s in settings}) > 1]
+    each = [settings(g[0][1]) for g in groups]
+    differ = [k for k in dict.fromkeys(k for s in each for k in s) if len({s.get(k) for s in each}) > 1]
     if len(differ) <= 3:
-        return [", ".join(f"{k}={json.loads(s[k])}" for k in differ) for s in settings]
+        return [", ".join(f"{k}={s.get(k, '-')}" for k in differ) for s in each]
     parts = [re.sub(r"_s\d+$", "", g[0][0].name).split("_") for g in groups]
     for end in (0, -1):  # drop the leading, then the trailing parts every name shares
         while all(len(p) > 1 for p in parts) and len({p[end] for p in parts}) == 1:
@@ -163,7 +155,7 @@ def runs_figure(run_dirs: list[Path]) -> Any:
     groups: dict[str, list[tuple[Path, Config, list]]] = {}
     for d in run_dirs:  # the inputs are read and checked first: a bad run is named also without matplotlib
         cfg, rows = read_run(Path(d))
-        groups.setdefault(json.dumps(_settings(cfg), sort_keys=True), []).append((Path(d), cfg, rows))
+        groups.setdefault(json.dumps(settings(cfg), sort_keys=True), []).append((Path(d), cfg, rows))
     require_matplotlib()
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
