@@ -233,6 +233,27 @@ def test_sweep_lines_have_error_bars_numeric_order_and_a_symlog_axis_through_0(t
     assert_legend_off_the_panels(fig)
 
 
+@needs_matplotlib
+def test_sweep_panels_share_one_y_range_and_draw_the_popularity_floor(fabricate_sweep, tmp_path):
+    from msi.plot import sweep_figure
+    from msi.select import report
+
+    low, high = ("loss.alpha=0.1",), ("loss.alpha=0.01",)
+    out = fabricate_sweep(tmp_path / "s", {"a": {low: [(0.10, 0.1, True)] * 2, high: [(0.12, 0.1, True)] * 2},
+                                           "b": {low: [(0.50, 0.1, True)] * 2, high: [(0.55, 0.1, True)] * 2}},
+                          grid=["loss.alpha=0.1,0.01"])
+    floor = report(out)["popularity"]["tiny"]["valid"]["recall@20"]
+    fig = sweep_figure(out)
+    a, b = fig.axes[:2]
+    assert a.get_ylim() == b.get_ylim() and a.get_ylim()[0] < 0.10 and a.get_ylim()[1] > max(0.55, floor)
+    for ax in (a, b):
+        (line,) = [ln for ln in ax.lines if ln.get_gid() == "popularity"]
+        assert list(line.get_ydata()) == [floor, floor]
+        assert ax.get_xlabel() == "loss.alpha"
+    assert [t.get_text() for t in fig.legends[0].get_texts()][-1] == "popularity (valid)"
+    assert_legend_off_the_panels(fig)
+
+
 def test_grid_axis_orders_numbers_and_picks_the_scale():
     from msi.plot import grid_axis
 

@@ -221,13 +221,20 @@ def union_report(outs: list[Path], dest: Path) -> dict[str, Any]:
     return _write_tables(dest, head, trials, cfgs)
 
 
+def read_summary(dest: Path) -> dict[str, Any] | None:
+    """``dest``'s summary.json as ``report`` or ``union_report`` wrote it; None when there is none (or another file
+    of that name)."""
+    try:
+        summary = json.loads(read_utf8(Path(dest) / TABLES[0], MSIError))
+    except (OSError, ValueError, MSIError):
+        return None
+    return summary if isinstance(summary, dict) and "configs" in summary else None
+
+
 def _union_tables(dest: Path) -> bool:
     """Whether ``dest``'s summary.json is one that ``union_report`` wrote (its ``out`` lists the folders)."""
-    try:
-        summary = json.loads(read_utf8(dest / TABLES[0], MSIError))
-    except (OSError, ValueError, MSIError):
-        return False
-    return isinstance(summary, dict) and isinstance(summary.get("out"), list) and "configs" in summary
+    summary = read_summary(dest)
+    return summary is not None and isinstance(summary.get("out"), list)
 
 
 def _ms(s: dict[str, Any]) -> str:
