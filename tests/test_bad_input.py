@@ -93,6 +93,30 @@ def test_1_overwrite_starts_over_and_refuses_files_msi_did_not_write(workdir, tm
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_1_a_run_that_fails_before_its_first_epoch_leaves_nothing(workdir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    code, _, err = run(train_main, train_args(workdir, out, "data.name=nope"), capsys)  # a missing data set
+    assert code == 2 and "nope.inter does not exist" in error_line(err) and not out.exists()
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # a missing extra
+    code, _, err = run(train_main, train_args(workdir, out, "train.tensorboard=true"), capsys)
+    assert code == 2 and "pip install -e '.[tensorboard]'" in error_line(err) and not out.exists()
+    out.mkdir()  # a folder the user made stays, as empty as it was
+    assert run(train_main, train_args(workdir, out, "train.tensorboard=true"), capsys)[0] == 2
+    assert list(out.iterdir()) == []
+    assert run(train_main, train_args(workdir, out, "train.epochs=1"), capsys)[0] == 0  # the corrected command
+
+
+def test_1_what_an_unstarted_run_left_does_not_block_a_new_one(workdir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name, text in (("config.yaml", "train: {epochs: 9}\n"), ("metrics.jsonl", ""), ("env.json", "{}\n"),
+                       ("train.log", "a line\n")):  # what a run failing at its start left before
+        (out / name).write_text(text)
+    assert run(train_main, train_args(workdir, out, "train.epochs=1"), capsys)[0] == 0
+    assert f"removed config.yaml, env.json, metrics.jsonl, train.log from {out}\n" in (out / "train.log").read_text()
+    assert json.loads((out / "results.json").read_text())["epochs_run"] == 1
+
+
 def test_1_a_second_live_process_on_a_run_directory_is_refused(workdir, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -322,13 +346,30 @@ def test_12_leftovers_of_interrupted_writes_are_removed(workdir, tmp_path, capsy
 
 
 def test_14_ctrl_c_exits_130_and_says_how_to_resume(workdir, tmp_path, capsys, monkeypatch):
+    real_epoch, calls = msi.train.run_epoch, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C in the second epoch, after last.pt holds the first
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(msi.train, "run_epoch", interrupted)
+    out = tmp_path / "run"
+    code, _, err = run(train_main, train_args(workdir, out), capsys)
+    assert code == 130 and f"--resume {out}" in error_line(err)
+
+
+def test_14_ctrl_c_in_the_first_epoch_leaves_nothing_and_says_to_start_again(workdir, tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(msi.train, "run_epoch", interrupted)
     out = tmp_path / "run"
     code, _, err = run(train_main, train_args(workdir, out), capsys)
-    assert code == 130 and f"--resume {out}" in error_line(err)
+    assert code == 130 and error_line(err) == (f"error: interrupted before {out / 'last.pt'} was first written, so "
+                                               "there is nothing to resume: start the run again")
+    assert not out.exists()
 
 
 def test_14_resuming_a_finished_run_changes_nothing(workdir, capsys):

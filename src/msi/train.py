@@ -34,8 +34,8 @@ from msi.models import Recommender, build_model, epoch_diagnostics
 from msi.runinfo import TensorBoardLog, write_env
 from msi.run import data_signature, dataset_for, open_run, resolve_device, seed_everything
 from msi.rundir import (BEST, LAST, METRICS, RESULTS, DamagedRunFile, append_log, append_metrics,
-                        clear_for_new_run, locked, read_results, remove_leftovers, resume_config, truncate_metrics,
-                        write_atomic, write_config, write_results)
+                        clear_for_new_run, locked, read_results, remove_files, remove_leftovers, resume_config,
+                        truncate_metrics, unstarted_run, write_atomic, write_config, write_results)
 
 Log = Callable[..., None]
 
@@ -85,20 +85,31 @@ def train(
     if resume is not None and not (run_dir / LAST).is_file():
         raise CheckpointError(f"{run_dir / LAST}: checkpoint not found; nothing to resume")
     log = _TrainLog(run_dir, quiet, hold=resume is None)
-    with locked(run_dir):
-        if resume is not None and not overrides and (done := _finished(run_dir, log)) is not None:
-            if not quiet:  # the console only: resuming a finished run changes nothing in it
-                tqdm.write(f"{run_dir} is finished (results.json); nothing to resume")
-            return done
-        run = _setup(cfg, run_dir, resume is not None, overwrite, device, quiet, allow_other_data, log, model, data,
-                     overrides or [])
-        log.release()
-        try:
-            _loop(run, quiet, log)
-            return _finish(run, log)
-        except MSIError as e:  # the console's last line (the CLI prints it), kept with the others
-            append_log(run_dir, f"error: {e}")
-            raise
+    created = resume is None and not run_dir.exists()
+    try:
+        with locked(run_dir):
+            if resume is not None and not overrides and (done := _finished(run_dir, log)) is not None:
+                if not quiet:  # the console only: resuming a finished run changes nothing in it
+                    tqdm.write(f"{run_dir} is finished (results.json); nothing to resume")
+                return done
+            released = False
+            try:
+                run = _setup(cfg, run_dir, resume is not None, overwrite, device, quiet, allow_other_data, log,
+                             model, data, overrides or [])
+                log.release()
+                released = True
+                _loop(run, quiet, log)
+                return _finish(run, log)
+            except BaseException as e:
+                if resume is None and (names := unstarted_run(run_dir)) is not None:
+                    remove_files(run_dir, names)  # a new run that never finished an epoch leaves nothing behind
+                elif released and isinstance(e, MSIError):  # the console's last line (the CLI prints it), kept
+                    append_log(run_dir, f"error: {e}")
+                raise
+    except BaseException:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # nor the folder it made: the corrected command starts as if it had not run
+        raise
 
 
 class _TrainLog:
@@ -196,7 +207,7 @@ def _setup(
     else:
         removed = clear_for_new_run(run_dir, overwrite)
         if removed:
-            log(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
+            log(f"removed {', '.join(removed)} from {run_dir}{' (--overwrite)' if overwrite else ''}")
         seed_everything(cfg.train.seed)
         dataset = data if data is not None else dataset_for(cfg, progress=not quiet)
         if model is not None:
@@ -268,6 +279,9 @@ def _loop(run: _Run, quiet: bool, log: Log) -> None:
                 log(f"early stop: no better valid {t.metric} for {t.patience} evaluations")
                 break
     except KeyboardInterrupt:
+        if run.saved_epoch == 0:  # no epoch row: the run's files go (train); rows without last.pt stay
+            raise Interrupted(f"interrupted before {run.dir / 'last.pt'} was first written, so there is nothing to "
+                              f"resume: start the run again{' with --overwrite' if p['epoch'] else ''}") from None
         raise Interrupted(
             f"interrupted; {run.dir / 'last.pt'} holds epoch {run.saved_epoch}: continue with "
             f"msi-train --resume {run.dir}"
