@@ -25,4 +25,5 @@ def test_piped_msi_data_synth_prints_its_line_and_no_bar(tmp_path):
                            str(tmp_path / "tiny")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # tqdm drew "interactions: 100%|..." here before
-    assert done.stdout.splitlines()[-1].startswith("wrote ")
+    assert done.stdout.splitlines()[-1] == (f"wrote {tmp_path / 'tiny'}: data set 'tiny' (train on it with "
+                                            f"data.root={tmp_path} data.name=tiny)")  # named after the folder

@@ -204,7 +204,8 @@ def _data(argv: list[str] | None) -> int:
     s.add_argument("--preset", required=True, choices=sorted(PRESETS), help="size preset")
     s.add_argument("--out", required=True, help="data set folder to write (<out>/<name>.inter, *_feat.npy)")
     s.add_argument("--seed", type=int, default=0, help="random seed")
-    s.add_argument("--name", default=None, help="data set name (default: the folder's name)")
+    s.add_argument("--name", default=None,
+                   help="data set name, the <name> of <name>.inter and of data.name (default: the folder's name)")
     s.add_argument("--signal", choices=SIGNALS, default=None,
                    help="where the preference factors live: mixed (both modalities, one shared nuisance), shared "
                         "(both, each with a nuisance of its own), specific (half the factors each, a shared "
@@ -222,7 +223,9 @@ def _data(argv: list[str] | None) -> int:
 
         path = generate(args.preset, args.out, seed=args.seed, name=args.name, progress=not args.quiet,
                         signal=args.signal, overwrite=args.overwrite)
-        print(f"wrote {path.parent}")
+        name = path.stem  # <name>.inter: the folder's name unless --name
+        print(f"wrote {path.parent}: data set '{name}' (train on it with data.root={path.parent.parent} "
+              f"data.name={name})")
     else:
         _run_prepare(args)
     return 0
