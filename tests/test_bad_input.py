@@ -1,7 +1,8 @@
 """The hostile-user catalogue, case by case, through the command-line functions on generated ``tiny`` data.
 
 Each case: the exit status, a one-line ``error: ...`` that names the file or key (no traceback), and nothing that
-was saved before is lost or misreported. The numbers are those of the catalogue in the README's "Bad input".
+was saved before is lost or misreported. The numbers are those of the catalogue once in the README; its summary is
+now docs/run_directories.md's "Bad input".
 """
 
 from __future__ import annotations
