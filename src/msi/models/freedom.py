@@ -33,18 +33,15 @@ if TYPE_CHECKING:
 def frozen_item_graph(
     features: dict[str, torch.Tensor], k: int, first_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FREEDOM's S (I, I) as an edge list (rows, cols, values; duplicates add up): the weighted sum of each modality's binary kNN graph, each
-    normalized D^-1/2 S^m D^-1/2 by its row sums (k), so every entry of S^m is 1 / k. The first modality weighs
-    ``first_weight``, the others share the rest equally; a single modality weighs 1."""
+    """FREEDOM's S (I, I) as an edge list (rows, cols, values; duplicates add up): the weighted sum of each
+    modality's binary kNN graph, each normalized D^-1/2 S^m D^-1/2 by its row sums (k), so every entry of S^m is
+    1 / k. The first modality weighs ``first_weight``, the others share the rest equally; a single one weighs 1."""
     mats = list(features.values())
     weights = [1.0] if len(mats) == 1 else [first_weight] + [(1 - first_weight) / (len(mats) - 1)] * (len(mats) - 1)
     n = mats[0].shape[0]
-    rows, cols, vals = [], [], []
-    for w, x in zip(weights, mats):
-        r, c = knn_edges(cosine_knn(x.float(), k)[0])
-        rows.append(r), cols.append(c)
-        vals.append(w * sym_normalize(r, c, torch.ones(len(r)), n))
-    return torch.cat(rows), torch.cat(cols), torch.cat(vals)
+    edges = [knn_edges(cosine_knn(x.float(), k)[0]) for x in mats]
+    vals = [w * sym_normalize(r, c, torch.ones(len(r)), n) for w, (r, c) in zip(weights, edges)]
+    return torch.cat([r for r, _ in edges]), torch.cat([c for _, c in edges]), torch.cat(vals)
 
 
 def pruning_weights(pairs: torch.Tensor, n_users: int, n_items: int) -> torch.Tensor:

@@ -82,12 +82,12 @@ class LATTICE(Recommender):
         """A as an edge list (rows, cols, values), differentiable in the projections, raw features and modal
         weights."""
         a = torch.softmax(self.modal_weight, 0)
-        rows, cols, vals = [], [], []
+        edges, vals = [], []
         for w, m in zip(a, self.modalities):
             idx, sim = cosine_knn(self.proj[m](self.raw[m]), self.k)
-            r, c = knn_edges(idx)
-            rows.append(r), cols.append(c), vals.append(w * sim.flatten())
-        rows_l, cols_l = torch.cat(rows), torch.cat(cols)
+            edges.append(knn_edges(idx))
+            vals.append(w * sim.flatten())
+        rows_l, cols_l = torch.cat([r for r, _ in edges]), torch.cat([c for _, c in edges])
         learned = sym_normalize(rows_l, cols_l, torch.cat(vals), self.n_items)
         init = (a[:, None] * self.init_values).flatten()
         return (torch.cat([rows_l, self.init_rows]), torch.cat([cols_l, self.init_cols]),
