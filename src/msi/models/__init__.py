@@ -16,9 +16,11 @@ from msi.data.dataset import Dataset
 from msi.data.graph import interaction_csr
 from msi.errors import MSIError
 from msi.models.base import Recommender, grad_norms, lightgcn_readout, mask_rows
+from msi.models.bpr import BPR
 from msi.models.lightgcn import LightGCN
 from msi.models.msi import MSI
 from msi.models.popularity import Popularity
+from msi.models.vbpr import VBPR
 from msi.registry import get, register
 
 
@@ -47,5 +49,5 @@ def epoch_diagnostics(model: Recommender) -> dict[str, float]:
     return {**grad_norms(model), **model.code_stats()}
 
 
-__all__ = ["MSI", "LightGCN", "Popularity", "Recommender", "build_model", "epoch_diagnostics", "grad_norms",
+__all__ = ["BPR", "MSI", "LightGCN", "VBPR", "Popularity", "Recommender", "build_model", "epoch_diagnostics", "grad_norms",
            "lightgcn_readout", "mask_rows", "register"]

@@ -1,4 +1,8 @@
-"""The popularity floor: every user gets the items ranked by their number of train interactions."""
+"""The popularity floor: every user gets the items ranked by their number of train interactions.
+
+Registered as the model ``popularity`` (no keys, no item features): ``msi-train`` scores it once, as epoch 0, with
+no epoch to train (msi.train), and msi-eval, msi-recommend and msi-compare open its run like any other.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import numpy as np
 import torch
 
 from msi.models.base import Recommender
+from msi.registry import register
 
 
 class Popularity(Recommender):
@@ -23,3 +28,9 @@ class Popularity(Recommender):
 
     def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
         raise TypeError("the popularity baseline has nothing to train; evaluate it directly")
+
+
+@register("popularity", item_features=False)
+def build(cfg, data) -> Popularity:
+    """Popularity on ``data``'s train pairs; it reads no key."""
+    return Popularity(data.n_users, data.n_items, data.train)
