@@ -8,10 +8,10 @@ model by name. docs/adding_a_model.md shows how a package of one's own adds a mo
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from msi.config import Config
 from msi.data.dataset import Dataset
 from msi.data.graph import interaction_csr
 from msi.errors import MSIError
@@ -21,7 +21,10 @@ from msi.models.lightgcn import LightGCN
 from msi.models.msi import MSI
 from msi.models.popularity import Popularity
 from msi.models.vbpr import VBPR
-from msi.registry import get, register
+from msi.registry import get, key, register
+
+if TYPE_CHECKING:
+    from msi.config import Config
 
 
 def build_model(cfg: Config, dataset: Dataset, with_features: bool = True) -> Recommender:
@@ -49,5 +52,5 @@ def epoch_diagnostics(model: Recommender) -> dict[str, float]:
     return {**grad_norms(model), **model.code_stats()}
 
 
-__all__ = ["BPR", "MSI", "LightGCN", "VBPR", "Popularity", "Recommender", "build_model", "epoch_diagnostics", "grad_norms",
-           "lightgcn_readout", "mask_rows", "register"]
+__all__ = ["BPR", "MSI", "LightGCN", "Popularity", "Recommender", "VBPR", "build_model", "epoch_diagnostics",
+           "grad_norms", "lightgcn_readout", "key", "mask_rows", "register"]

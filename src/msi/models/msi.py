@@ -21,16 +21,26 @@ Forward pass (SPEC §2), d = embedding_dim, U users, I items, N = U + I:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msi.config import CODE_PLACEMENTS, MI_ESTIMATORS, SCORE_VIEWS, Config
 from msi.data.dataset import Dataset
 from msi.data.graph import normalized_adjacency
+from msi.errors import ConfigError
 from msi.losses import average_kl, cosine_loss, frobenius_reg, info_nce, jsd_mi
 from msi.models.base import Recommender, bipartite_blocks, lightgcn_readout, one_layer_readout
-from msi.registry import register
+from msi.registry import key, register
+
+if TYPE_CHECKING:
+    from msi.config import Config
+
+CODE_PLACEMENTS = ("sample", "mean")  # model.code_placement
+MI_ESTIMATORS = ("infonce", "jsd")  # model.mi_estimator
+SCORE_VIEWS = ("id", "all")  # model.score_views
 
 
 class MSI(Recommender):
@@ -250,7 +260,44 @@ class MSI(Recommender):
         return out
 
 
-@register("msi")
+@dataclass
+class MSIModel:
+    """The model.* keys of model.name=msi."""
+
+    embedding_dim: int = key(64, "d: size of every embedding", check=">0")
+    n_layers: int = key(1, "L: LightGCN layers of every graph", check=">=0")
+    dropout: float = key(0.3, "p of the target-view dropout (contrastive view generator)", check="[0,1)")
+    tau: float = key(0.2, "InfoNCE temperature of the SSD module", check=">0")
+    use_ssd: bool = key(True, "superfluous semantics discarding (Gaussian encoders, InfoNCE + AKL)")
+    use_ip: bool = key(True, "interaction preserving (modality LightGCN graphs)")
+    freeze_features: bool = key(False, "keep raw item features fixed (BM3 trains them)")
+    code_placement: str = key("sample", "sample: SSD samples feed graphs and losses | mean: means downstream, "
+                              "samples only in L_ssd", choices=CODE_PLACEMENTS)
+    mi_estimator: str = key("infonce", "infonce: cosine InfoNCE (SPEC) | jsd: MLP critic with the Jensen-Shannon "
+                            "bound (MIB)", choices=MI_ESTIMATORS)
+    score_views: str = key("id", "id: score items with P z_s^i (SPEC) | all: P z_s^i + sum_m P z_s^m",
+                           choices=SCORE_VIEWS)
+
+    def validate(self, cfg: Config) -> None:
+        n = len(cfg.data.modalities)
+        if self.use_ssd and n != 2:
+            raise ConfigError(f"model.use_ssd needs exactly two modalities (got {n}: {list(cfg.data.modalities)}); "
+                              "set model.use_ssd=false or list two in data.modalities")
+
+
+@dataclass
+class MSILoss:
+    """The loss.* keys of model.name=msi."""
+
+    alpha: float = key(0.1, "weight of L_ssd", check=">=0")
+    beta: float = key(1e-4, "weight of the average KL inside L_ssd", check=">=0")
+    beta_warmup: int = key(0, "epochs over which beta rises linearly from 0 to its value (0: off)", check=">=0")
+    gamma: float = key(0.1, "weight of L_reg, the L2 of the batch's embeddings (BM3's reg_weight)", check=">=0")
+    w_align: float = key(1.0, "weight of L_align (BM3: cl_weight 2.0)", check=">=0")
+    w_mask: float = key(1.0, "weight of L_mask (BM3: cl_weight 2.0)", check=">=0")
+
+
+@register("msi", model=MSIModel, loss=MSILoss)
 def build(cfg: Config, data: Dataset) -> MSI:
     """MSI (or the ablation that ``model.use_ssd`` / ``model.use_ip`` / the loss weights name) for ``data``'s train
     graph and item features."""
