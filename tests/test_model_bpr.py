@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from msi.config import load_config
+from msi.models import build_model
 from msi.models.bpr import BPR
 from msi.train import make_optimizer, run_epoch
 
@@ -81,3 +83,9 @@ def test_pinned_trajectory(tiny):
     assert len(got) == len(REFERENCE_LOSSES)
     for row, want in zip(got, REFERENCE_LOSSES):
         assert row == pytest.approx(want, rel=1e-5)
+
+
+def test_the_builder_reads_its_keys(tiny):
+    model = build_model(load_config(overrides=["model.name=bpr", "model.embedding_dim=5", "loss.gamma=0.25"]), tiny)
+    assert isinstance(model, BPR) and model.gamma == 0.25
+    assert model.user.shape == (tiny.n_users, 5) and model.item.shape == (tiny.n_items, 5)

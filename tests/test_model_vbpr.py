@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from msi.config import load_config
+from msi.models import build_model
 from msi.models.vbpr import VBPR
 from msi.train import make_optimizer, run_epoch
 
@@ -100,3 +102,13 @@ def test_pinned_trajectory(tiny):
     assert len(got) == len(REFERENCE_LOSSES)
     for row, want in zip(got, REFERENCE_LOSSES):
         assert row == pytest.approx(want, rel=1e-5)
+
+
+def test_the_builder_reads_its_keys(tiny):
+    cfg = load_config(overrides=["model.name=vbpr", "model.embedding_dim=5", "model.feature_dim=3", "loss.gamma=0.25"])
+    model = build_model(cfg, tiny)
+    assert isinstance(model, VBPR) and model.gamma == 0.25
+    assert model.user.shape == (tiny.n_users, 8) and model.item.shape == (tiny.n_items, 5)
+    assert model.proj.out_features == 3
+    want = torch.cat([torch.from_numpy(tiny.features[m]) for m in tiny.features], dim=1)
+    assert torch.equal(model.features, want)

@@ -240,8 +240,9 @@ def _loop(run: _Run, quiet: bool, log: Log) -> None:
     t, p = run.cfg.train, run.progress
     start, seconds_before = time.time(), p["train_seconds"]
     epochs = range(p["epoch"], t.epochs) if not p["stopped"] else range(0)
-    if run.optimizer is None and not p["stopped"]:
-        _score_as_is(run, log)
+    if run.optimizer is None:  # nothing to train: scored once, and a resumed run is only finished again
+        if p["best_metric"] == -math.inf:
+            _score_as_is(run, log)
         return
     tensorboard = TensorBoardLog(run.dir, t.tensorboard)
     try:

@@ -10,12 +10,20 @@ loss.gamma means what MMRec's reg_weight means (docs/models.md says why).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
 
 from msi.losses import bpr_loss, frobenius_reg
 from msi.models.base import Recommender, pair_keys, sample_negatives
+from msi.registry import key, register
+
+if TYPE_CHECKING:
+    from msi.config import Config
+    from msi.data.dataset import Dataset
 
 
 class BPR(Recommender):
@@ -47,3 +55,24 @@ class BPR(Recommender):
         bpr = bpr_loss((u * i).sum(-1), (u * j).sum(-1))
         reg = frobenius_reg(u, i, j, denominator=len(users))
         return {"bpr": bpr, "reg": reg, "loss": bpr + self.gamma * reg}
+
+
+@dataclass
+class BPRModel:
+    """The model.* keys of model.name=bpr."""
+
+    embedding_dim: int = key(64, "d: size of the user and item embeddings (MMRec: embedding_size)", check=">0")
+
+
+@dataclass
+class BPRLoss:
+    """The loss.* keys of model.name=bpr."""
+
+    gamma: float = key(2.0, "weight of the batch rows' Frobenius norms over B (MMRec: reg_weight, its first grid "
+                            "value)", check=">=0")
+
+
+@register("bpr", item_features=False, model=BPRModel, loss=BPRLoss)
+def build(cfg: Config, data: Dataset) -> BPR:
+    """BPR-MF on ``data``'s users and items: ``model.embedding_dim`` and ``loss.gamma``."""
+    return BPR(data.n_users, data.n_items, data.train, embedding_dim=cfg.model.embedding_dim, gamma=cfg.loss.gamma)

@@ -6,11 +6,17 @@ no epoch to train (msi.train), and msi-eval, msi-recommend and msi-compare open 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from msi.models.base import Recommender
 from msi.registry import register
+
+if TYPE_CHECKING:
+    from msi.config import Config
+    from msi.data.dataset import Dataset
 
 
 class Popularity(Recommender):
@@ -31,6 +37,6 @@ class Popularity(Recommender):
 
 
 @register("popularity", item_features=False)
-def build(cfg, data) -> Popularity:
+def build(cfg: Config, data: Dataset) -> Popularity:
     """Popularity on ``data``'s train pairs; it reads no key."""
     return Popularity(data.n_users, data.n_items, data.train)

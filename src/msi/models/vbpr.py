@@ -12,12 +12,20 @@ is MMRec's (docs/models.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
 
 from msi.losses import bpr_loss, frobenius_reg
 from msi.models.base import Recommender, pair_keys, sample_negatives
+from msi.registry import key, register
+
+if TYPE_CHECKING:
+    from msi.config import Config
+    from msi.data.dataset import Dataset
 
 
 class VBPR(Recommender):
@@ -64,3 +72,29 @@ class VBPR(Recommender):
         bpr = bpr_loss((u * i).sum(-1), (u * j).sum(-1))
         reg = frobenius_reg(u, i, j, denominator=len(users))
         return {"bpr": bpr, "reg": reg, "loss": bpr + self.gamma * reg}
+
+
+@dataclass
+class VBPRModel:
+    """The model.* keys of model.name=vbpr."""
+
+    embedding_dim: int = key(64, "d: size of the ID part of the embeddings (MMRec: embedding_size)", check=">0")
+    feature_dim: int = key(64, "d': size of the projected feature part E f_i + b (MMRec: embedding_size too)",
+                           check=">0")
+
+
+@dataclass
+class VBPRLoss:
+    """The loss.* keys of model.name=vbpr."""
+
+    gamma: float = key(2.0, "weight of the batch rows' Frobenius norms over B (MMRec: reg_weight, its first grid "
+                            "value)", check=">=0")
+
+
+@register("vbpr", model=VBPRModel, loss=VBPRLoss)
+def build(cfg: Config, data: Dataset) -> VBPR:
+    """VBPR on ``data``'s train pairs and the features of every modality in ``data.modalities``:
+    ``model.embedding_dim``, ``model.feature_dim`` and ``loss.gamma``."""
+    feats = {m: torch.from_numpy(f) for m, f in data.features.items()}
+    return VBPR(data.n_users, data.n_items, data.train, feats, embedding_dim=cfg.model.embedding_dim,
+                feature_dim=cfg.model.feature_dim, gamma=cfg.loss.gamma)
