@@ -5,7 +5,6 @@ up here without a line of its own."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from msi import registry
 from msi.cli import eval_main, recommend_main, train_main
 from msi.run import open_run
+from tests.conftest import recommended_train_pairs
 
 BUILTINS = sorted(n for n in registry.names() if registry.get(n).build.__module__.startswith("msi.models."))
 
@@ -75,13 +75,8 @@ def test_recommend_leaves_out_train_items(run_dir, work, capsys):
     assert recommend_main(["--checkpoint", str(run_dir / "best.pt"), "--device", "cpu", "--k", "5",
                            "--out", str(out)]) == 0
     capsys.readouterr()
-    with open(out, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    lines = (work / "data" / "tiny" / "tiny.inter").read_text().splitlines()
-    header = lines[0].split("\t")
-    u, i, x = (header.index(c) for c in ("userID", "itemID", "x_label"))
-    train = {(r[u], r[i]) for r in (line.split("\t") for line in lines[1:] if line.strip()) if r[x] == "0"}
-    assert rows and not any((r["userID"], r["itemID"]) in train for r in rows)
+    rows, seen = recommended_train_pairs(out, work / "data" / "tiny" / "tiny.inter")
+    assert rows and not seen
 
 
 def test_open_run_gives_back_the_saved_weights(run_dir):

@@ -4,7 +4,6 @@ msi-recommend drive end to end."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -15,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 import torch
+import yaml
 
 from msi import registry
 from msi.cli import train_main
@@ -25,6 +24,7 @@ from msi.data.dataset import Dataset
 from msi.errors import ConfigError, MSIError
 from msi.models import LightGCN, build_model, register
 from msi.run import dataset_for
+from tests.conftest import recommended_train_pairs
 
 TRAIN = np.array([[0, 0], [0, 1], [1, 1], [2, 2]])  # 3 users, 3 items
 EMPTY = np.zeros((0, 2), dtype=np.int64)
@@ -341,11 +341,6 @@ def test_msi_recommend_lists_unseen_items_of_the_plugin_model(plugin_run, plugin
     done = cli(work, plugin_site, "recommend", "--checkpoint", str(run_dir / "best.pt"), "--device", "cpu",
                "--k", "5", "--out", str(out))
     assert done.returncode == 0, done.stderr
-    with open(out, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    lines = (work / "data" / "tiny" / "tiny.inter").read_text().splitlines()
-    header = lines[0].split("\t")
-    u, i, x = (header.index(c) for c in ("userID", "itemID", "x_label"))
-    train = {(r[u], r[i]) for r in (line.split("\t") for line in lines[1:] if line.strip()) if r[x] == "0"}
+    rows, seen = recommended_train_pairs(out, work / "data" / "tiny" / "tiny.inter")
     assert rows and {r["rank"] for r in rows} <= {"1", "2", "3", "4", "5"}
-    assert not any((r["userID"], r["itemID"]) in train for r in rows)
+    assert not seen

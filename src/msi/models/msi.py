@@ -21,6 +21,7 @@ Forward pass (SPEC §2), d = embedding_dim, U users, I items, N = U + I:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 CODE_PLACEMENTS = ("sample", "mean")  # model.code_placement
 MI_ESTIMATORS = ("infonce", "jsd")  # model.mi_estimator
 SCORE_VIEWS = ("id", "all")  # model.score_views
+HEAD_INITS = ("xavier", "identity")  # model.head_init
+SIGMA_INIT = math.log(2.0)  # softplus(0): the starting sigma with the scale rows' bias at zero
 
 
 class MSI(Recommender):
@@ -62,6 +65,10 @@ class MSI(Recommender):
             with the model).
         score_views: "id" scores items by their ID-graph view, "all" by the sum of every view (scoring only: the
             loss terms are the same either way).
+        sigma_init: every item's sigma at the start (up to the 1e-6 floor): the scale rows of each head start at
+            zero and their bias at softplus^-1(sigma_init); the default ln 2 = softplus(0) leaves the bias at zero.
+        head_init: the mean rows of each SSD head: "xavier" (Xavier-normal, bias zero) or "identity" (mu = h at
+            the start: the identity matrix, bias zero).
 
     The loss weights stay in the constructor, beside the architecture: the trainer calls ``loss(users, items)``
     for every registered model alike, and a model's builder (``build`` below) is the one place that reads its config.
@@ -92,6 +99,8 @@ class MSI(Recommender):
         beta_warmup: int = 0,
         mi_estimator: str = "infonce",
         score_views: str = "id",
+        sigma_init: float = SIGMA_INIT,
+        head_init: str = "xavier",
     ) -> None:
         super().__init__()
         if not features:
@@ -104,6 +113,10 @@ class MSI(Recommender):
             raise ValueError(f"score_views must be one of {SCORE_VIEWS}, got {score_views!r}")
         if beta_warmup < 0:
             raise ValueError(f"beta_warmup must be >= 0, got {beta_warmup}")
+        if not sigma_init > 0:
+            raise ValueError(f"sigma_init must be > 0, got {sigma_init}")
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
         if use_ssd and len(features) != 2:
             raise ValueError(f"use_ssd needs exactly two modalities, got {len(features)}: {list(features)}")
         self.n_users, self.n_items, self.n_layers = n_users, n_items, n_layers
@@ -133,16 +146,27 @@ class MSI(Recommender):
             self.proj[m] = nn.Linear(feat.shape[1], d)
             nn.init.xavier_normal_(self.proj[m].weight)
             if use_ssd:
-                self.head[m] = nn.Linear(d, 2 * d)  # -> (mu, pre-softplus scale)
-                nn.init.xavier_normal_(self.head[m].weight)
-                nn.init.zeros_(self.head[m].bias)
-                with torch.no_grad():  # scale rows at zero: sigma = softplus(0) at the start (docs/design.md)
-                    self.head[m].weight[d:].zero_()
+                self.head[m] = self._ssd_head(d, sigma_init, head_init)
         self.predictor = nn.Linear(d, d)
         nn.init.xavier_normal_(self.predictor.weight)
         if use_ssd and mi_estimator == "jsd":  # T(a, b): (B, 2d) -> (B, 1)
             self.critic = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ReLU(), nn.Linear(2 * d, 2 * d), nn.ReLU(),
                                         nn.Linear(2 * d, 1))
+
+    @staticmethod
+    def _ssd_head(d: int, sigma_init: float, head_init: str) -> nn.Linear:
+        """Linear(d, 2d) -> (mu, pre-softplus scale). Scale rows at zero, their bias softplus^-1(sigma_init): every
+        sigma starts at sigma_init (docs/design.md); mean rows Xavier-normal or the identity, bias zero."""
+        head = nn.Linear(d, 2 * d)
+        nn.init.xavier_normal_(head.weight)
+        nn.init.zeros_(head.bias)
+        with torch.no_grad():
+            head.weight[d:].zero_()
+            if sigma_init != SIGMA_INIT:  # softplus^-1(y) = log(expm1(y)); the default keeps the bias exactly 0
+                head.bias[d:] = math.log(math.expm1(sigma_init))
+            if head_init == "identity":
+                head.weight[:d] = torch.eye(d)
+        return head
 
     @property
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -277,6 +301,10 @@ class MSIModel:
                             "bound (MIB)", choices=MI_ESTIMATORS)
     score_views: str = key("id", "id: score items with P z_s^i (SPEC) | all: P z_s^i + sum_m P z_s^m",
                            choices=SCORE_VIEWS)
+    sigma_init: float = key(SIGMA_INIT, "every item's SSD sigma at the start (default ln 2 = softplus(0): the scale "
+                            "rows' bias at zero)", check=">0")
+    head_init: str = key("xavier", "the mean rows of each SSD head: xavier | identity (mu = h at the start)",
+                         choices=HEAD_INITS)
 
     def validate(self, cfg: Config) -> None:
         n = len(cfg.data.modalities)
@@ -309,4 +337,5 @@ def build(cfg: Config, data: Dataset) -> MSI:
         use_ip=m.use_ip, freeze_features=m.freeze_features, code_placement=m.code_placement,
         alpha=lo.alpha, beta=lo.beta, gamma=lo.gamma, w_align=lo.w_align, w_mask=lo.w_mask,
         beta_warmup=lo.beta_warmup, mi_estimator=m.mi_estimator, score_views=m.score_views,
+        sigma_init=m.sigma_init, head_init=m.head_init,
     )
