@@ -103,24 +103,6 @@ def lightgcn_readout(adj: torch.Tensor, x0: torch.Tensor, n_layers: int) -> torc
     return out / (n_layers + 1)
 
 
-def pair_keys(train: np.ndarray | torch.Tensor, n_items: int) -> torch.Tensor:
-    """The sorted unique keys user * n_items + item of the (n, 2) train pairs, for ``sample_negatives``."""
-    train = torch.as_tensor(np.asarray(train), dtype=torch.long).reshape(-1, 2)
-    return torch.unique(train[:, 0] * n_items + train[:, 1])
-
-
-def sample_negatives(keys: torch.Tensor, users: torch.Tensor, n_items: int) -> torch.Tensor:
-    """One uniformly drawn item per user (B,), redrawn while (user, item) is among ``keys`` (``pair_keys``)."""
-    neg = torch.randint(0, n_items, users.shape, device=users.device)
-    while True:
-        k = users * n_items + neg
-        pos = torch.searchsorted(keys, k).clamp(max=len(keys) - 1)
-        todo = keys[pos] == k
-        if not bool(todo.any()):
-            return neg
-        neg = torch.where(todo, torch.randint(0, n_items, users.shape, device=users.device), neg)
-
-
 def mask_rows(scores: torch.Tensor, users: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
     """Set scores[b, i] = -inf where ``exclude`` (a (U, I) sparse CSR 0/1 matrix) holds (users[b], i).
 
