@@ -19,7 +19,7 @@ MMRec has (bpr, vbpr, lightgcn, bm3) is timed beside MMRec's own at its default 
 trainer (time_mmrec.py, run by ``--mmrec-python``, a Python with MMRec's dependencies), on the same data and
 threads: the ratios of our step, epoch and evaluation to MMRec's are written beside.
 
-Example (the README table):
+Example (the tables of docs/benchmarks.md):
     python scripts/bench.py --datasets baby sports tiktok elec --threads 2 --epoch-steps 20
     python scripts/bench.py --device cuda --datasets baby tiktok --mmrec-bm3 ../shared/reference/mmrec-bm3
     python scripts/bench.py --datasets tiktok --models bpr vbpr --threads 1 --mmrec ../shared/reference/mmrec/src \
