@@ -63,7 +63,7 @@ def test_resume_of_a_finished_run_and_with_more_epochs(runs, tmp_path):
 
 def test_eval_prints_the_runs_test_metrics(runs, capsys):
     run = runs["popularity"][0]
-    assert eval_main(["--checkpoint", str(run / "best.pt"), "--device", "cpu"]) == 0
+    assert eval_main(["--checkpoint", str(run / "best.pt"), "--device", "cpu", "--split", "test"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert {k: printed[k] for k in ("recall@20", "ndcg@5")} == {
         k: json.loads((run / "results.json").read_text())["test"][k] for k in ("recall@20", "ndcg@5")}
