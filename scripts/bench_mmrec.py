@@ -48,8 +48,9 @@ def mmrec_model(
     name: str, dataset: Dataset, args: argparse.Namespace, device: torch.device, ks: list[int]
 ) -> dict[str, Any]:
     """MMRec's own model of our bench model ``name`` at its default point, timed by ``time_mmrec.py`` with our
-    evaluation's cut-offs ``ks`` as its topk: its JSON (step_ms, epoch_s, eval_s), or {"error": ...}. MMRec reads a data folder: one in a temporary directory holds a
-    link to this data set's .inter file and its first two modalities' features, as MMRec's v_feat and t_feat."""
+    evaluation's cut-offs ``ks`` as its topk: its JSON (step_ms, epoch_s, eval_s), or {"error": ...}. MMRec reads
+    a data folder: one in a temporary directory holds a link to this data set's .inter file and its first two
+    modalities' features, as MMRec's v_feat and t_feat."""
     with tempfile.TemporaryDirectory(prefix="bench-mmrec-") as root:
         folder = Path(root) / dataset.name
         folder.mkdir()

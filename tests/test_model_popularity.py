@@ -1,5 +1,6 @@
 """The popularity model through the library's tools: msi-train scores it as epoch 0 (no parameters, no epoch), a
-resume (with more epochs too) only finishes it again, and msi-eval, msi-recommend and msi-compare open its runs like any other."""
+resume (with more epochs too) only finishes it again, and msi-eval, msi-recommend and msi-compare open its runs like
+any other."""
 
 from __future__ import annotations
 
