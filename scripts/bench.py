@@ -56,7 +56,7 @@ def bench_dataset(dataset: Dataset, args: argparse.Namespace, device: torch.devi
     csr = products["csr"]
     print(f"  graph product fwd+bwd: fused {csr['fused_ms']:.1f} ms, three separate {csr['separate_ms']:.1f} ms "
           f"(CSR); fused COO {products['coo']['fused_ms']:.1f} ms", flush=True)
-    evaluator = Evaluator(dataset, device, cfg.eval.ks, cfg.eval.batch_users)
+    evaluator = Evaluator.from_config(dataset, device, cfg)
     for model_name in args.models:
         try:
             row = bench_model(model_name, dataset, evaluator, args, device, matmul)

@@ -26,7 +26,7 @@ def probe(run_dirs: list[Path], device: str) -> dict[str, dict[str, list[float]]
     dev = resolve_device(device)
     for run_dir in run_dirs:
         model, cfg, data, _ = open_run(run_dir / BEST, dev)
-        ev = Evaluator(data, dev, [20], cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
+        ev = Evaluator.from_config(data, dev, cfg, [20])
         for view in model.item_views:
             for split in ("valid", "test"):
                 out.setdefault(view, {}).setdefault(split, []).append(ev(model, split, view)["recall@20"])

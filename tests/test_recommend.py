@@ -175,7 +175,7 @@ def test_only_a_new_file_or_an_earlier_tsv_is_written(tiny, model, tmp_path):
     for name, content in (("best.pt", b"PK\x03\x04zip"), ("results.json", b'{"test": 1}'), ("tiny.inter", b"userID\t"),
                           ("empty.tsv", b""), ("other.tsv", b"userID\trank\titemID\tscore_x\n")):
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(MSIError, match=f"^{tmp_path / name}: exists and is not a recommendations TSV"):
+        with pytest.raises(MSIError, match=f"^{tmp_path / name}: exists and was not written by msi-recommend"):
             write_recommendations(model, tiny, tmp_path / name, k=2)
         assert (tmp_path / name).read_bytes() == content
     with pytest.raises(MSIError, match=f"^{tmp_path}: is a folder, not a file"):

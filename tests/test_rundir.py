@@ -10,9 +10,10 @@ import pytest
 import msi.rundir
 from msi.config import load_config
 from msi.errors import ConfigError, MSIError
-from msi.rundir import (DamagedRunFile, append_log, append_metrics, clear_for_new_run, is_leftover, locked,
+from msi.files import is_temporary, write_text
+from msi.rundir import (DamagedRunFile, append_log, append_metrics, check_new_run_dir, locked,
                         loss_terms, read_config, read_env, read_log, read_metrics, read_results, record_env,
-                        remove_leftovers, resume_config, truncate_metrics, write_atomic, write_config,
+                        remove_leftovers, remove_run_files, resume_config, truncate_metrics, write_config,
                         write_results)
 
 RESULTS = {"best_epoch": 3, "epochs_run": 5, "valid": {"recall@20": 0.5}, "test": {"recall@20": 0.4},
@@ -27,10 +28,10 @@ def only_file(folder):
 # ---------------------------------------------------------------- writing
 
 
-def test_write_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path):
+def test_write_text_replaces_the_file_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "results.json"
-    write_atomic(path, "one")
-    write_atomic(path, "two")
+    write_text(path, "one")
+    write_text(path, "two")
     assert path.read_text() == "two" and only_file(tmp_path) == ["results.json"]
 
 
@@ -44,7 +45,7 @@ def test_a_failed_write_names_the_file_keeps_the_old_one_and_removes_its_tempora
 
     monkeypatch.setattr(os, fails, disk_full)
     with pytest.raises(MSIError, match=f"^{path}: could not write \\(No space left on device\\)"):
-        write_atomic(path, "new")
+        write_text(path, "new")
     assert path.read_text() == "old" and only_file(tmp_path) == ["results.json"]
 
 
@@ -203,26 +204,28 @@ def test_a_lock_file_removed_while_waiting_for_it_is_not_trusted(tmp_path, monke
 
 
 def test_a_new_run_refuses_files_unless_overwrite_and_never_removes_foreign_ones(tmp_path):
-    assert clear_for_new_run(tmp_path, overwrite=False) == []
+    assert check_new_run_dir(tmp_path, overwrite=False) == []
     for name in ("results.json", "train.log", ".best.pt.tmp-12"):
         (tmp_path / name).write_text("x")
     (tmp_path / "tensorboard").mkdir()
     with pytest.raises(MSIError, match="already holds .best.pt.tmp-12, results.json, tensorboard, train.log; pass "
                                        "--resume"):
-        clear_for_new_run(tmp_path, overwrite=False)
-    assert clear_for_new_run(tmp_path, overwrite=True) == [".best.pt.tmp-12", "results.json", "tensorboard",
-                                                           "train.log"]
+        check_new_run_dir(tmp_path, overwrite=False)
+    present = check_new_run_dir(tmp_path, overwrite=True)
+    assert present == [".best.pt.tmp-12", "results.json", "tensorboard", "train.log"]
+    assert len(only_file(tmp_path)) == 4  # checking removes nothing
+    remove_run_files(tmp_path, present)
     assert only_file(tmp_path) == []
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(MSIError, match="did not write \\(notes.txt\\)"):
-        clear_for_new_run(tmp_path, overwrite=True)
+        check_new_run_dir(tmp_path, overwrite=True)
     assert only_file(tmp_path) == ["notes.txt"]
 
 
 def test_leftovers_of_interrupted_writes_are_removed(tmp_path):
     for name in (".best.pt.tmp-12", ".results.json.tmp-12-ab12cd34", "best.pt", ".lock"):
         (tmp_path / name).write_text("x")
-    assert is_leftover(".last.pt.tmp-1") and not is_leftover("last.pt") and not is_leftover(".lock")
+    assert is_temporary(".last.pt.tmp-1") and not is_temporary("last.pt") and not is_temporary(".lock")
     assert sorted(p.name for p in remove_leftovers(tmp_path)) == [".best.pt.tmp-12", ".results.json.tmp-12-ab12cd34"]
     assert only_file(tmp_path) == [".lock", "best.pt"]
 

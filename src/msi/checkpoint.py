@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import torch
 
 from msi import __version__
 from msi.errors import CheckpointError
+from msi.files import owned, writing
 
 FORMAT = "msi-checkpoint"
 FORMAT_VERSION = 1
@@ -51,23 +50,13 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 
     A failed write (a full disk) is a CheckpointError naming ``path``; the file there before stays as it was.
     """
-    path = Path(path)
     obj = {"format": FORMAT, "format_version": FORMAT_VERSION, "msi_version": __version__, **payload}
-    tmp = temporary_path(path)
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
-        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("\n")[0]
-        raise CheckpointError(f"{path}: could not write the checkpoint ({cause}); the earlier one is kept") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def temporary_path(path: Path) -> Path:
-    """Where a file is written before the rename into ``path``: ``.<name>.tmp-<pid>-<random hex>`` beside it, a name
-    no other writer of ``path`` (another process, or another thread of this one) picks."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        with writing(path, owned, "msi-train", error=CheckpointError, what="checkpoint") as tmp:
+            torch.save(obj, tmp)
+    except RuntimeError as e:  # torch's zip writer reports a full disk as a RuntimeError
+        raise CheckpointError(f"{path}: could not write the checkpoint ({str(e).splitlines()[0]}); the earlier file, "
+                              "if any, is kept") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

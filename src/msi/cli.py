@@ -86,12 +86,14 @@ def _train(argv: list[str] | None) -> int:
                        "--out and --overwrite")
     if not args.resume and not args.config:
         p.error("--config is required (or --resume RUN_DIR); try --config configs/quickstart.yaml")
-    from msi.train import train
+    from msi.train import resume, train
 
-    cfg = None if args.resume else load_config(args.config, args.overrides)
-    results = train(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
-                    overrides=args.overrides if args.resume else None,
-                    device=args.device, allow_other_data=args.allow_other_data)
+    if args.resume:
+        results = resume(args.resume, args.overrides, quiet=args.quiet, device=args.device,
+                         allow_other_data=args.allow_other_data)
+    else:
+        results = train(load_config(args.config, args.overrides), out=args.out, overwrite=args.overwrite,
+                        quiet=args.quiet, device=args.device)
     print(json.dumps({"run_dir": results["run_dir"], "best_epoch": results["best_epoch"],
                       "valid": results["valid"], "test": results["test"]}))
     return 0
@@ -119,9 +121,7 @@ def _eval(argv: list[str] | None) -> int:
     model, cfg, dataset, _ = open_run(args.checkpoint, device, allow_other_data=args.allow_other_data)
     if args.item_view not in model.item_views:
         raise MSIError(f"--item-view {args.item_view!r}: this model has {', '.join(model.item_views)}")
-    ks = _parse_ks(args.ks) if args.ks else cfg.eval.ks
-    mask_valid = args.mask_valid or cfg.eval.mask_valid_at_test
-    evaluator = Evaluator(dataset, device, ks, cfg.eval.batch_users, mask_valid)
+    evaluator = Evaluator.from_config(dataset, device, cfg, _parse_ks(args.ks) if args.ks else None, args.mask_valid)
     metrics = evaluator(model, args.split, args.item_view)
     print(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, "item_view": args.item_view,
                       **metrics}, indent=2))
@@ -344,11 +344,13 @@ def _plot(argv: list[str] | None) -> int:
                 "epoch marked), or a sweep's grid of valid metrics (mean ± std over seeds) with the selected point "
                 "starred, as a picture. Needs: pip install -e '.[plot]'.")
     p.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run directories, or one msi-sweep folder")
-    p.add_argument("--out", required=True, type=Path, help="file to write: .png, .pdf or .svg")
+    p.add_argument("--out", required=True, type=Path, help="file to write: .png, .pdf or .svg (an existing file "
+                   "only when msi-plot wrote it)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out also when msi-plot did not write it")
     args = p.parse_args(argv)
     from msi.plot import plot
 
-    width, height = plot(args.dirs, args.out)
+    width, height = plot(args.dirs, args.out, args.overwrite)
     print(f"wrote {args.out} ({width}x{height})")
     return 0
 
@@ -374,20 +376,20 @@ def _compare(argv: list[str] | None) -> int:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    from msi.compare import check_output, compare, render_markdown
+    from msi.compare import compare, ours_json, ours_markdown, render_markdown
+    from msi.files import check_replace, write_text
     from msi.run import resolve_device
-    from msi.rundir import write_atomic
 
-    for path, kind in ((args.out, "markdown"), (args.json, "json")):
-        if path:
-            check_output(path, kind)  # before any run is scored
+    outputs = [(path, ours, kind) for path, ours, kind in ((args.out, ours_markdown, "md"),
+                                                           (args.json, ours_json, "json")) if path]
+    for path, ours, _ in outputs:
+        check_replace(path, ours, "msi-compare")  # before any run is scored
     result = compare(args.a, args.b, args.metric, args.split, resolve_device(args.device), not args.quiet)
-    text = render_markdown(result, " ".join(args.a), " ".join(args.b))
-    print(text, end="")
-    if args.out:
-        write_atomic(args.out, text)
-    if args.json:
-        write_atomic(args.json, json.dumps(result.to_json(), indent=2) + "\n")
+    texts = {"md": render_markdown(result, " ".join(args.a), " ".join(args.b)),
+             "json": json.dumps(result.to_json(), indent=2) + "\n"}
+    print(texts["md"], end="")
+    for path, ours, kind in outputs:
+        write_text(path, texts[kind], ours, "msi-compare")
     return 0
 
 

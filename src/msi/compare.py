@@ -31,7 +31,8 @@ from msi.data.dataset import Dataset
 from msi.errors import MSIError
 from msi.evaluate import Evaluator
 from msi.run import dataset_for, open_run
-from msi.rundir import BEST, write_atomic
+from msi.files import write_text
+from msi.rundir import BEST
 from msi.select import load_sweep, summarize
 
 BOOTSTRAP_RESAMPLES = 10_000
@@ -204,7 +205,7 @@ def score_runs(heads: list[RunHead], datasets: dict[str, Dataset], metric: str, 
         model, cfg, dataset, _ = open_run(h.run_dir / BEST, device, dataset=datasets[h.fingerprint])
         key = (h.fingerprint, cfg.eval.mask_valid_at_test)
         if key not in evaluators:
-            evaluators[key] = Evaluator(dataset, device, [k], cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
+            evaluators[key] = Evaluator.from_config(dataset, device, cfg, [k])
         _, values = evaluators[key].per_user(model, split)
         rows.append(values[metric].cpu().numpy())
     return np.stack(rows)
@@ -228,24 +229,24 @@ def compare(a_specs: list[str | Path], b_specs: list[str | Path], metric: str = 
     return paired_stats(values[: len(a)], values[len(a) :], [h.seed for h in a], metric, split)
 
 
-def check_output(path: Path, kind: str) -> None:
-    """Refuse to write over an existing file that is not msi-compare's own ``kind`` ("markdown" or "json") output: a
-    checkpoint, a run's results.json or anyone's notes stay as they are."""
-    if not path.exists():
-        return
+def ours_markdown(path: Path) -> bool:
+    """Whether ``path`` holds msi-compare's markdown summary (``render_markdown``'s first line)."""
+    return re.match(r"\w+@\d+ on (valid|test): \d+ users", _text(path)) is not None
+
+
+def ours_json(path: Path) -> bool:
+    """Whether ``path`` holds msi-compare's JSON statistics (exactly ``JSON_KEYS``)."""
     try:
-        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        return list(json.loads(_text(path))) == list(JSON_KEYS)
+    except (ValueError, TypeError):
+        return False
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
-        text = ""
-    if kind == "json":
-        try:
-            ours = list(json.loads(text)) == list(JSON_KEYS)
-        except (ValueError, TypeError):
-            ours = False
-    else:
-        ours = re.match(r"\w+@\d+ on (valid|test): \d+ users", text) is not None
-    if not ours:
-        raise MSIError(f"{path}: exists and is not msi-compare's {kind} output: not written over; choose another file")
+        return ""
 
 
 def _p(p: float | None, note: str = "") -> str:
@@ -313,4 +314,4 @@ def add_baseline(dest: Path, summary: dict[str, Any], baseline: str, device: tor
                  progress: bool = True) -> None:
     """Append ``baseline_section`` to ``dest``/results.md, just written by ``msi.select``'s report."""
     path = Path(dest) / "results.md"
-    write_atomic(path, path.read_text() + "\n" + baseline_section(summary, baseline, device, progress))
+    write_text(path, path.read_text() + "\n" + baseline_section(summary, baseline, device, progress))

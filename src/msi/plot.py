@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from msi.config import Config
-from msi.errors import MSIError
+from msi.errors import MSIError, shown
+from msi.files import check_replace, writing
 from msi.rundir import CONFIG, METRICS, loss_terms, read_config, read_metrics
 from msi.select import load_sweep, summarize
 from msi.sweepdir import SWEEP_FILE, grid_points, split_values
@@ -39,6 +39,8 @@ FORMATS = ("png", "pdf", "svg")
 PANEL = (4.0, 3.0)  # inches per panel
 LEGEND = (0.15, 0.2)  # inches below the panels for the legend: a margin, and one row of 8 pt text
 DPI = 100
+MARK = "written by msi-plot"  # in every picture's metadata: a file holding it may be replaced
+MAX_PICTURE = 64 * 2**20  # bytes of a file read to find MARK: msi-plot's pictures are far smaller
 TITLES = {
     "loss": "loss: the total minimised",
     "nce": "nce: InfoNCE estimate of I(z^a; z^b)\n(higher = more shared)",
@@ -49,25 +51,32 @@ NOT_A_SETTING = {"train.seed", "train.run_name", "train.out_dir", "data.root", "
                  "train.checkpoint_every", "train.tensorboard"}
 
 
-def plot(dirs: list[Path], out: Path) -> tuple[int, int]:
+def plot(dirs: list[Path], out: Path, overwrite: bool = False) -> tuple[int, int]:
     """A sweep folder (with sweep.yaml) or run directories -> the file ``out``; returns its (width, height) in
-    pixels at ``DPI``. ``out`` must end in .png, .pdf or .svg."""
+    pixels at ``DPI``. ``out`` must end in .png, .pdf or .svg, and be new or a picture msi-plot wrote (``ours``)
+    unless ``overwrite``."""
     out = Path(out)
     if out.suffix.lower().lstrip(".") not in FORMATS:
-        what = f"unsupported extension {out.suffix!r}" if out.suffix else "no extension"
+        what = f"unsupported extension {shown(out.suffix)}" if out.suffix else "no extension"
         raise MSIError(f"{out}: {what}; msi-plot writes {', '.join('.' + f for f in FORMATS)}: end the name in one")
+    check_replace(out, ours, "msi-plot", "--overwrite", overwrite)  # before the inputs are read
     dirs = [Path(d) for d in dirs]
     is_sweep = len(dirs) == 1 and (dirs[0] / SWEEP_FILE).is_file()
     fig = sweep_figure(dirs[0]) if is_sweep else runs_figure(dirs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:  # beside, then renamed: ``out`` is never a half-written picture
-        fig.savefig(tmp, format=out.suffix.lower().lstrip("."), dpi=DPI)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    fmt = out.suffix.lower().lstrip(".")
+    with writing(out, ours, "msi-plot", "--overwrite", overwrite, what="picture") as tmp:
+        fig.savefig(tmp, format=fmt, dpi=DPI, metadata={"Software" if fmt == "png" else "Creator": MARK})
     width, height = fig.get_size_inches() * DPI
     return round(width), round(height)
+
+
+def ours(path: Path) -> bool:
+    """Whether ``path`` is a picture msi-plot wrote: its metadata (PNG Software, SVG and PDF Creator) holds ``MARK``."""
+    try:
+        with open(path, "rb") as f:
+            return MARK.encode() in f.read(MAX_PICTURE)
+    except OSError:
+        return False
 
 
 def require_matplotlib() -> None:

@@ -27,7 +27,7 @@ from functools import lru_cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Callable, NamedTuple
 
-from msi.errors import ConfigError, MSIError
+from msi.errors import ConfigError, MSIError, raised
 
 GROUP = "msi.models"  # the entry-point group of model plugins
 
@@ -105,8 +105,7 @@ def _load_plugin(point: EntryPoint) -> None:
     except MSIError:
         raise
     except Exception as e:  # any failure inside a third party's import: one line that names the entry point
-        detail = " ".join(f"{type(e).__name__}: {e}".split())
-        raise MSIError(f"model plugin {_describe(point)} failed to import ({detail})") from None
+        raise MSIError(f"model plugin {_describe(point)} failed to import ({raised(e)})") from None
     _LOADED.add(point.name)
     if point.name not in _ENTRIES:
         raise MSIError(f"model plugin {_describe(point)} registered no model named {point.name!r}: decorate its "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -26,7 +25,8 @@ from typing import Any
 import yaml
 
 from msi.config import Config, config_from_dict, load_config, parse_overrides
-from msi.errors import ConfigError, MSIError, read_utf8
+from msi.errors import ConfigError, MSIError, read_utf8, warn
+from msi.files import is_temporary, write_text
 
 try:
     import fcntl
@@ -48,28 +48,12 @@ class DamagedRunFile(MSIError):
 # ---------------------------------------------------------------- writing
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` beside ``path`` under a unique temporary name, fsync, rename over ``path``. On any OSError
-    (a full disk) the temporary file is removed and the error names ``path``; the file there before is kept."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise MSIError(f"{path}: could not write ({e.strerror or e}); the earlier file, if any, is kept") from None
-
-
 def write_json(path: str | Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
-    write_atomic(run_dir / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(run_dir / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def write_results(run_dir: Path, results: dict[str, Any]) -> None:
@@ -186,7 +170,7 @@ def truncate_metrics(run_dir: Path, epoch: int) -> int:
     kept = [line for line, row in lines if row["epoch"] <= epoch]
     total = len(path.read_bytes().splitlines())
     if len(kept) != total:
-        write_atomic(path, "".join(line + "\n" for line in kept))
+        write_text(path, "".join(line + "\n" for line in kept))
     return total - len(kept)
 
 
@@ -254,6 +238,9 @@ def resume_config(cfg: Config, overrides: list[str]) -> tuple[Config, list[str]]
             raise ConfigError(f"config key '{name}': cannot read {value!r}") from None
     new = config_from_dict(raw)
     changes = []
+    given = [f"{section}.{key}" for section, key, _ in parse_overrides(overrides)]
+    for name in sorted({n for n in given if given.count(n) > 1}):
+        warn(f"override {name} is given twice; the last is used")
     for name in RESUME_KEYS:
         key = name.partition(".")[2]
         before, after = getattr(cfg.train, key), getattr(new.train, key)
@@ -262,14 +249,21 @@ def resume_config(cfg: Config, overrides: list[str]) -> tuple[Config, list[str]]
     return new, changes
 
 
+def changed_keys(a: Config, b: Config) -> list[str]:
+    """The dotted keys whose values differ between two configs."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{s}.{k}" for s in da for k in da[s] if da[s][k] != db[s].get(k)]
+
+
 # ---------------------------------------------------------------- the directory
 
 
 @contextmanager
-def locked(run_dir: Path, tool: str = "msi-train") -> Iterator[None]:
+def locked(run_dir: Path, tool: str = "msi-train",
+           advice: str = "wait for it to end or choose another --out") -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir/.lock`` while the run lives (its pid inside); the OS drops it when the
     process dies, and the file is removed when the block ends. A second live process is refused (the error says it
-    is another ``tool``: msi-sweep locks its sweep folder the same way)."""
+    is another ``tool``, and what to do: ``advice``; msi-sweep locks its sweep folder the same way)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK
     while True:
@@ -282,8 +276,7 @@ def locked(run_dir: Path, tool: str = "msi-train") -> Iterator[None]:
             f.seek(0)
             pid = f.read().strip() or "?"
             f.close()
-            raise MSIError(f"{run_dir}: in use by another live {tool} process (pid {pid}); wait for it to end "
-                           "or choose another --out") from None
+            raise MSIError(f"{run_dir}: in use by another live {tool} process (pid {pid}); {advice}") from None
         try:
             if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
                 break
@@ -317,31 +310,30 @@ def lock_holder(run_dir: Path) -> str | None:
     return None
 
 
-def is_leftover(name: str) -> bool:
-    """A temporary file of an interrupted write (``.best.pt.tmp-PID``, ``.results.json.tmp-PID-XXXX``)."""
-    return name.startswith(".") and ".tmp-" in name
-
-
 def remove_leftovers(run_dir: Path) -> list[Path]:
     """Remove the temporary files of interrupted writes; returns them."""
-    gone = [p for p in run_dir.iterdir() if is_leftover(p.name)]
+    gone = [p for p in run_dir.iterdir() if is_temporary(p.name)]
     for p in gone:
         p.unlink()
     return gone
 
 
-def clear_for_new_run(run_dir: Path, overwrite: bool) -> list[str]:
-    """Refuse a run directory holding files, unless ``overwrite``: then remove its run files (and leftovers) and
-    return their names. Files msi-train did not write are always refused."""
+def check_new_run_dir(run_dir: Path, overwrite: bool) -> list[str]:
+    """The names of the files a new run in ``run_dir`` removes (``remove_run_files``) before it starts: none in an
+    empty directory. Files there without ``overwrite``, or files msi-train did not write, are refused."""
     present = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)
     if present and not overwrite:
         raise MSIError(f"{run_dir}: already holds {', '.join(present)}; pass --resume {run_dir} to continue that "
                        "run, or --overwrite to start over")
-    foreign = [n for n in present if n not in RUN_FILES and not is_leftover(n)]
+    foreign = [n for n in present if n not in RUN_FILES and not is_temporary(n)]
     if foreign:
         raise MSIError(f"{run_dir}: holds files msi-train did not write ({', '.join(foreign)}); --overwrite "
                        "removes only run files: choose another --out")
-    for name in present:
+    return present
+
+
+def remove_run_files(run_dir: Path, names: list[str]) -> None:
+    """Remove the run files ``check_new_run_dir`` named."""
+    for name in names:
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return present

@@ -57,6 +57,16 @@ def write_env(
     return Path(run_dir) / ENV
 
 
+def check_tensorboard(enabled: bool) -> None:
+    """With ``enabled`` (train.tensorboard), a one-line MSIError naming the extra when TensorBoard is missing."""
+    if not enabled:
+        return
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise MSIError("train.tensorboard: true needs TensorBoard: pip install -e '.[tensorboard]'") from None
+
+
 class TensorBoardLog:
     """Per-epoch scalars for TensorBoard in ``<run_dir>/tensorboard/`` (``train.tensorboard: true``).
 
@@ -69,10 +79,9 @@ class TensorBoardLog:
         self.writer = None
         if not enabled:
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise MSIError("train.tensorboard: true needs TensorBoard: pip install -e '.[tensorboard]'") from None
+        check_tensorboard(True)
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def log(self, row: dict[str, Any]) -> None:

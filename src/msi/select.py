@@ -22,7 +22,8 @@ from typing import Any
 
 from msi.config import Config
 from msi.errors import MSIError, read_utf8
-from msi.rundir import DamagedRunFile, read_results, write_atomic
+from msi.files import check_replace, write_text
+from msi.rundir import DamagedRunFile, read_results
 from msi.sweepdir import SWEEP_FILE, Trial, plan_trials, read_sweep, trial_config, trial_state
 
 
@@ -99,7 +100,7 @@ def popularity_floor(cfg: Config, device: str = "cpu") -> dict[str, dict[str, fl
 
     data = dataset_for(cfg, progress=False)
     dev = resolve_device(device)
-    ev = Evaluator(data, dev, cfg.eval.ks, cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
+    ev = Evaluator.from_config(data, dev, cfg)
     model = Popularity(data.n_users, data.n_items, data.train).to(dev)
     return {"valid": ev(model, "valid"), "test": ev(model, "test")}
 
@@ -167,7 +168,7 @@ def _write_tables(dest: Path, head: dict[str, Any], trials: list[Trial], cfgs: d
     dest.mkdir(parents=True, exist_ok=True)
     texts = (json.dumps(summary, indent=2) + "\n", render_markdown(summary), render_csv(summary))
     for name, text in zip(TABLES, texts):
-        write_atomic(dest / name, text)
+        write_text(dest / name, text)
     return summary
 
 
@@ -215,10 +216,9 @@ def union_report(outs: list[Path], dest: Path) -> dict[str, Any]:
     dest = Path(dest)
     if (dest / SWEEP_FILE).is_file():
         raise MSIError(f"{dest}: holds a sweep; write the union to a folder of its own")
+    ours = _union_tables(dest)  # before any table of the new union replaces summary.json
     for name in TABLES:
-        if (dest / name).exists() and not _union_tables(dest):
-            raise MSIError(f"{dest / name}: exists and is not a union report's: not written over; choose another "
-                           "--out")
+        check_replace(dest / name, lambda _: ours, "msi-sweep --report (a union)")
     trials, cfgs, seeds = union_trials(outs)
     head = {"out": [str(Path(o).resolve()) for o in outs], "seeds": seeds, "grid": [], "set": []}
     return _write_tables(dest, head, trials, cfgs)

@@ -318,12 +318,12 @@ def run_trial(params: dict[str, Any]) -> None:
     tune.report({"epoch": res["epochs_run"], "valid": res["valid"][spec["metric"]], "node": node, "finished": True})
 
 
-def _train_into(spec: dict[str, Any], resume: bool, outcome: dict[str, Any]) -> None:
-    from msi.train import train
+def _train_into(spec: dict[str, Any], resumed: bool, outcome: dict[str, Any]) -> None:
+    from msi.train import resume, train
 
     try:
-        if resume:
-            outcome["results"] = train(None, resume=spec["run_dir"], quiet=True, device=spec["device"])
+        if resumed:
+            outcome["results"] = resume(spec["run_dir"], quiet=True, device=spec["device"])
         else:
             cfg = config_from_dict(spec["config"])
             outcome["results"] = train(cfg, out=spec["run_dir"], quiet=True, device=spec["device"])

@@ -21,7 +21,8 @@ import yaml
 
 from msi.config import Config, load_config
 from msi.errors import MSIError, read_utf8
-from msi.rundir import LAST, LOCK, STOPPED, DamagedRunFile, lock_holder, read_log, read_results, write_atomic
+from msi.files import write_text
+from msi.rundir import LAST, LOCK, STOPPED, DamagedRunFile, lock_holder, read_log, read_results
 
 SWEEP_FILE = "sweep.yaml"
 NAME_MAX = 255  # bytes in a file name on Linux and macOS file systems
@@ -216,7 +217,7 @@ def record_sweep(out: Path, configs: list[Path], grid: list[str], seeds: list[in
     check_sweep_folder(out, record)
     if not (out / SWEEP_FILE).is_file():
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / SWEEP_FILE, yaml.safe_dump(record, sort_keys=False))
+        write_text(out / SWEEP_FILE, yaml.safe_dump(record, sort_keys=False))
 
 
 RECORD_ITEMS = {"configs": (str, "paths"), "grid": (str, "key=v1,v2 texts"), "seeds": (int, "whole numbers"),

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from msi.errors import ConfigError, DataError, read_utf8, warn
+from msi.files import check_name
 
 REQUIRED_COLUMNS = ("userID", "itemID", "x_label")
 MIN_ID_LIMIT = 1024  # ids up to max(2 x the distinct count, this) are read; larger ones are taken for a mistake
@@ -155,8 +156,7 @@ def load_features(path: str | Path, n_items: int) -> np.ndarray:
 
 def check_data_set_name(name: str) -> None:
     """A data set's name is the folder ``<root>/<name>/`` and its ``<name>.inter``: a plain folder name, no path."""
-    if name in ("", ".", "..") or any(c in name for c in "/\\"):
-        raise ConfigError(f"data set name {name!r} must be a plain folder name")
+    check_name(name, "data set name", ConfigError)
 
 
 def load_dataset(root: str | Path, name: str, modalities: dict[str, str] | None = None) -> Dataset:

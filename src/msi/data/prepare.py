@@ -8,7 +8,6 @@ and the counts after each step. docs/prepare.md gives the exact rules.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from msi import __version__
 from msi.data.amazon import read_image_features, read_item_texts, read_reviews
 from msi.data.dataset import INTER_HEADER, SPLIT_LABELS, check_data_set_name
 from msi.errors import ConfigError, DataError, MSIError
+from msi.files import temporary_path
 
 Encoder = Callable[[list[str]], np.ndarray]
 
@@ -297,8 +297,7 @@ def prepare(
         Path(meta), image_path, data.item_ids, encode, skip_bad_lines, progress
     )
     counts |= feature_counts
-    staging = folder.with_name(f".{name}.tmp-{os.getpid()}")  # beside the target: the swap is a rename
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = temporary_path(folder)  # beside the target: the swap is a rename
     staging.mkdir(parents=True)
     try:
         written = write_dataset(staging, name, data, text_feat, image_feat)
@@ -326,14 +325,15 @@ def prepare(
 
 def _swap_in(staging: Path, folder: Path, outputs: list[str]) -> None:
     """Replace ``folder`` by the complete ``staging`` folder; files of ``folder`` that prepare does not write
-    (an extra modality, notes) move over. A crash between the two renames leaves ``.<name>.old-<pid>`` whole."""
+    (an extra modality, notes) move over. A crash between the two renames leaves the old folder whole under a
+    ``msi.files.temporary_path`` name."""
     if not folder.exists():
         staging.rename(folder)
         return
     for extra in folder.iterdir():
         if extra.name not in outputs:
             extra.rename(staging / extra.name)
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    old = temporary_path(folder)
     folder.rename(old)
     staging.rename(folder)
     shutil.rmtree(old)

@@ -21,8 +21,6 @@ thread counts, BLAS builds or how much memory there is.
 """
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +32,7 @@ from tqdm import tqdm
 
 from msi.data.dataset import INTER_HEADER, check_data_set_name
 from msi.errors import ConfigError, DataError
+from msi.files import temporary_path
 
 # Stream ids: each kind of draw has its own generator, so changing one step leaves the others' bytes alone.
 _LATENTS, _DEGREES, _INTERACTIONS, _COVER, _SPLIT, _MAPS, _NOISE, _OWN_NUISANCE = range(8)
@@ -162,7 +161,7 @@ def generate(preset: str | SynthPreset, out_dir: str | Path, seed: int = 0, name
     _earlier_data_set(out, overwrite)
     users, items = _interactions(p, lat, seed, progress)
     users, items, stamps, labels = _split(users, items, p.n_users, seed)
-    staging = out.resolve().parent / f".{out.resolve().name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    staging = temporary_path(out.resolve())
     inter_name = f"{name}.inter"
     try:
         with _naming(out / inter_name, out):
