@@ -12,12 +12,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import msi.models
 import msi.recommend
 import msi.rundir
 import msi.train
@@ -912,3 +914,219 @@ def test_i19_x_compare_never_writes_over_a_file_it_did_not_write(workdir, tmp_pa
             tmp_path / "c.json"]
     assert run(compare_main, argv, capsys)[0] == 0 and run(compare_main, argv, capsys)[0] == 0  # its own: rewritten
     assert json.loads((tmp_path / "c.json").read_text())["delta"] == 0.0
+
+
+# ---------------------------------------------------------------- issue 26: check everything before changing anything
+
+
+def finished_copy(workdir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(workdir / "runs" / "done", out)
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("extra", [["--device", "cuda"], ["--device", "mps"], ["train.tensorboard=true"]])
+def test_26_1_a_refused_resume_changes_nothing(workdir, tmp_path, capsys, monkeypatch, extra):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as without the tensorboard extra
+    out = finished_copy(workdir, tmp_path)
+    before = snapshot(out)
+    code, _, err = run(train_main, ["--resume", out, "train.epochs=4", "--quiet", *extra], capsys)
+    expected = {"cuda": "error: device 'cuda' was asked for, but this torch build sees no CUDA GPU",
+                "mps": "error: device 'mps': msi runs on auto, cpu, cuda or cuda:N",
+                "train.tensorboard=true": "error: train.tensorboard: true needs TensorBoard: pip install -e "
+                                          "'.[tensorboard]'"}[extra[-1]]
+    assert code == 2 and error_line(err) == expected
+    assert snapshot(out) == before  # results.json kept, config.yaml still says the old epochs
+
+
+def test_26_2_plot_replaces_only_a_picture_it_wrote(workdir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from msi.cli import plot_main
+
+    done, notes = workdir / "runs" / "done", tmp_path / "notes.svg"
+    notes.write_text("<svg>my own drawing</svg>")
+    code, _, err = run(plot_main, [done, "--out", notes], capsys)
+    assert code == 2 and error_line(err) == (f"error: {notes}: exists and was not written by msi-plot: not written "
+                                             "over; choose another file, or pass --overwrite to replace it")
+    assert notes.read_text() == "<svg>my own drawing</svg>"
+    for suffix in ("svg", "png", "pdf"):  # a picture msi-plot wrote is replaced, in each format
+        picture = tmp_path / f"curves.{suffix}"
+        assert run(plot_main, [done, "--out", picture], capsys)[0] == 0
+        assert run(plot_main, [done, "--out", picture], capsys)[0] == 0
+    assert run(plot_main, [done, "--out", notes, "--overwrite"], capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.pdf", "curves.png", "curves.svg", "notes.svg"]
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/tmp/absolute", ".", "..", "a\0b"])
+def test_26_3_a_run_name_is_one_path_component(workdir, tmp_path, capsys, name):
+    out_dir = tmp_path / "deep" / "runs"
+    code, _, err = run(train_main, ["--config", workdir / "tiny.yaml", "--quiet", f"train.out_dir={out_dir}",
+                                    f"train.run_name={name}"], capsys)
+    assert code == 2 and error_line(err) == (f"error: train.run_name {name!r} must be a plain folder name (not "
+                                             "empty, '.' or '..', no '/', '\\' or NUL byte)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_26_4_compare_refuses_a_run_still_training_or_never_finished(workdir, tmp_path, capsys):
+    from msi.cli import compare_main
+
+    done, other = workdir / "runs" / "done", finished_copy(workdir, tmp_path)
+    (other / "results.json").unlink()  # interrupted before its end
+    args = ["--a", done, "--b", other, "--device", "cpu", "--quiet"]
+    code, _, err = run(compare_main, args, capsys)
+    assert code == 2 and error_line(err) == (f"error: {other}: not finished (no results.json): its best.pt is of an "
+                                             "interrupted run; finish it with msi-train --resume, or pass "
+                                             "--unfinished to compare it as it is")
+    assert run(compare_main, [*args, "--unfinished"], capsys)[0] == 0
+    with msi.rundir.locked(other):  # a live msi-train on it (here: this process)
+        code, _, err = run(compare_main, [*args, "--unfinished"], capsys)
+    assert code == 2 and error_line(err) == (f"error: {other}: still training (msi-train pid {os.getpid()} holds "
+                                             "it); compare it once it has finished")
+
+
+def test_26_5_sigterm_is_handled_as_ctrl_c(workdir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "msi.cli", "train", "--config", str(workdir / "tiny.yaml"),
+                             "--out", str(out), "train.epochs=100000", "train.patience=100000", "--quiet"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        while not (out / "last.pt").exists():  # the run is in its epochs
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    line = error_line(err)
+    assert line.startswith("error: interrupted; ") and line.endswith(f"continue with msi-train --resume {out}")
+    assert not (out / ".lock").exists()
+
+
+class _Plugin(msi.models.Recommender):
+    """A plugin's model whose faults a test chooses: ``fault`` in "no loss", "non-scalar", "embeddings"."""
+
+    def __init__(self, n_users: int, n_items: int, fault: str) -> None:
+        super().__init__()
+        self.n_users, self.fault = n_users, fault
+        self.user = torch.nn.Parameter(torch.randn(n_users, 4))
+        self.item = torch.nn.Parameter(torch.randn(n_items, 4))
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        items = self.item[:-1] if self.fault == "embeddings" else self.item
+        return {"user": self.user.detach(), "id": items.detach()}
+
+    def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        score = (self.user[users] * self.item[items]).sum(-1)
+        if self.fault == "no loss":
+            return {"bpr": -score.mean()}
+        return {"loss": -score if self.fault == "non-scalar" else -score.mean()}
+
+
+@pytest.fixture
+def plugin(monkeypatch):
+    """Register ``plugin-<fault>`` models for this test only; "builder" is one whose builder raises."""
+    from msi import registry
+
+    monkeypatch.setattr(registry, "_ENTRIES", dict(registry._ENTRIES))
+    for fault in ("no loss", "non-scalar", "embeddings", "none"):
+        registry.register(f"plugin-{fault.replace(' ', '-')}", item_features=False)(
+            lambda cfg, data, fault=fault: _Plugin(data.n_users, data.n_items, fault))
+
+    def broken(cfg, data):
+        raise ValueError("the plugin's own bug")
+
+    registry.register("plugin-builder")(broken)
+    return registry
+
+
+@pytest.mark.parametrize("fault, problem", [
+    ("builder", f"the builder of model 'plugin-builder' ({__name__}) raised ValueError: the plugin's own bug"),
+    ("no-loss", f"model 'plugin-no-loss' ({__name__}._Plugin): loss() must return a dict holding 'loss', "
+                "got ['bpr'] (docs/adding_a_model.md gives the interface)"),
+    ("non-scalar", f"model 'plugin-non-scalar' ({__name__}._Plugin): loss() term 'loss' must be a scalar "
+                   "tensor, got (20,) (docs/adding_a_model.md gives the interface)"),
+    ("embeddings", f"model 'plugin-embeddings' ({__name__}._Plugin): embeddings()['id'] must be (40, d) "
+                   "with one d for all, got (39, 4) (docs/adding_a_model.md gives the interface)"),
+])
+def test_26_7_a_plugin_that_breaks_its_contract_is_one_line_before_the_run_starts(workdir, tmp_path, capsys,
+                                                                                  plugin, fault, problem):
+    out = tmp_path / "run"
+    code, _, err = run(train_main, train_args(workdir, out, f"model.name=plugin-{fault}", "train.batch_size=20"),
+                       capsys)
+    assert code == 2 and error_line(err) == f"error: {problem}"
+    assert sorted(p.name for p in out.iterdir()) == []  # no half-started run folder
+
+
+def test_26_7_a_plugin_builder_that_raises_is_one_line_in_eval_too(workdir, tmp_path, capsys, plugin):
+    ckpt = load_checkpoint(workdir / "runs" / "done" / "best.pt")
+    ckpt["config"]["model"]["name"] = "plugin-builder"
+    save_checkpoint(tmp_path / "p.pt", {k: v for k, v in ckpt.items() if k not in ("format", "format_version")})
+    code, _, err = run(eval_main, ["--checkpoint", tmp_path / "p.pt", "--device", "cpu"], capsys)
+    assert code == 2 and error_line(err) == (f"error: the builder of model 'plugin-builder' ({__name__}) "
+                                             "raised ValueError: the plugin's own bug")
+
+
+def test_26_8_an_override_given_twice_on_resume_is_warned(workdir, tmp_path, capsys):
+    out = finished_copy(workdir, tmp_path)
+    code, _, err = run(train_main, ["--resume", out, "train.epochs=5", "train.epochs=4", "--quiet"], capsys)
+    assert code == 0 and "warning: override train.epochs is given twice; the last is used" in err.splitlines()
+    assert json.loads((out / "results.json").read_text())["epochs_run"] == 4
+
+
+@pytest.mark.parametrize("edit", ["change", "delete"])
+def test_26_9_a_hand_edit_to_config_yaml_is_warned_on_resume(workdir, tmp_path, capsys, edit):
+    out = finished_copy(workdir, tmp_path)
+    config = out / "config.yaml"
+    if edit == "delete":
+        config.unlink()
+        warning = f"warning: {config}: missing; the run goes on with last.pt's config and writes it there again"
+    else:
+        config.write_text(config.read_text().replace("lr: 0.001", "lr: 0.5"))
+        warning = (f"warning: {config}: train.lr differ from last.pt's config (edited by hand?); the run goes on "
+                   "with last.pt's, and config.yaml is written from it again: change how long or how often with "
+                   "--resume RUN key=value")
+    code, _, err = run(train_main, ["--resume", out, f"train.epochs={EPOCHS + 1}", "--quiet"], capsys)
+    assert code == 0 and warning in err.splitlines()
+    assert "lr: 0.001" in config.read_text()
+
+
+def test_26_13_a_full_stdout_is_named(workdir, capsys, monkeypatch):
+    from msi.cli import compare_main
+
+    class Full:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+    done = workdir / "runs" / "done"
+    monkeypatch.setattr(sys, "stdout", Full())
+    code = compare_main([str(a) for a in ["--a", done, "--b", done, "--device", "cpu", "--quiet"]])
+    monkeypatch.undo()
+    _, err = capsys.readouterr()
+    assert code == 2 and error_line(err) == "error: stdout: could not write the output (No space left on device)"
+
+
+def test_26_14_the_in_use_refusal_of_a_resume_does_not_suggest_out(workdir, tmp_path, capsys):
+    out = finished_copy(workdir, tmp_path)
+    with msi.rundir.locked(out):
+        code, _, err = run(train_main, ["--resume", out, "train.epochs=4", "--quiet"], capsys)
+    assert code == 2 and error_line(err) == (f"error: {out}: in use by another live msi-train process (pid "
+                                             f"{os.getpid()}); wait for it to end; a run is resumed by one process "
+                                             "at a time")
+
+
+def test_26_15_compare_of_a_plugin_run_without_the_plugin_names_the_run(workdir, tmp_path, capsys):
+    from msi.cli import compare_main
+
+    out = finished_copy(workdir, tmp_path)
+    ckpt = load_checkpoint(out / "best.pt")
+    ckpt["config"]["model"]["name"] = "not-installed"
+    save_checkpoint(out / "best.pt", {k: v for k, v in ckpt.items() if k not in ("format", "format_version")})
+    code, _, err = run(compare_main, ["--a", workdir / "runs" / "done", "--b", out, "--device", "cpu"], capsys)
+    line = error_line(err)
+    assert code == 2 and line.startswith(f"error: {out / 'best.pt'}: its config does not load here (config key "
+                                         "'model.name': no model named 'not-installed'")

@@ -9,7 +9,9 @@ import argparse
 import json
 import re
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +32,30 @@ def _parser(prog: str, description: str, epilog: str | None = None) -> argparse.
     return p
 
 
+def _say(text: str, end: str = "\n") -> None:
+    """Print to stdout; a failed write (a full disk, a closed pipe) is one line that names stdout."""
+    try:
+        sys.stdout.write(text + end)
+        sys.stdout.flush()
+    except OSError as e:
+        raise MSIError(f"stdout: could not write the output ({e.strerror or e})") from None
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM is handled as Ctrl-C: what was kept is said, the lock released
+
+
 def _guard(fn: Callable[[list[str] | None], int | None], argv: list[str] | None) -> int:
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main else None
+    try:
+        return _run_tool(fn, argv)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_tool(fn: Callable[[list[str] | None], int | None], argv: list[str] | None) -> int:
     try:
         return fn(argv) or 0
     except Interrupted as e:
@@ -79,7 +104,7 @@ def _train(argv: list[str] | None) -> int:
         defaults = Config().to_dict()
         for key in valid_keys():
             section, name = key.split(".")
-            print(f"{key} = {defaults[section][name]!r}")
+            _say(f"{key} = {defaults[section][name]!r}")
         return 0
     if args.resume and (args.config or args.out or args.overwrite):
         raise MSIError("--resume continues a run in its own directory with its saved config; drop --config, "
@@ -94,7 +119,7 @@ def _train(argv: list[str] | None) -> int:
     else:
         results = train(load_config(args.config, args.overrides), out=args.out, overwrite=args.overwrite,
                         quiet=args.quiet, device=args.device)
-    print(json.dumps({"run_dir": results["run_dir"], "best_epoch": results["best_epoch"],
+    _say(json.dumps({"run_dir": results["run_dir"], "best_epoch": results["best_epoch"],
                       "valid": results["valid"], "test": results["test"]}))
     return 0
 
@@ -123,7 +148,7 @@ def _eval(argv: list[str] | None) -> int:
         raise MSIError(f"--item-view {args.item_view!r}: this model has {', '.join(model.item_views)}")
     evaluator = Evaluator.from_config(dataset, device, cfg, _parse_ks(args.ks) if args.ks else None, args.mask_valid)
     metrics = evaluator(model, args.split, args.item_view)
-    print(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, "item_view": args.item_view,
+    _say(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, "item_view": args.item_view,
                       **metrics}, indent=2))
     return 0
 
@@ -167,7 +192,7 @@ def _recommend(argv: list[str] | None) -> int:
     n_users, n_rows = write_recommendations(model, dataset, args.out, users=args.users, k=args.k, split=args.split,
                                             mask_valid=args.mask_valid or cfg.eval.mask_valid_at_test,
                                             batch_users=cfg.eval.batch_users)
-    print(f"wrote {n_rows} rows for {n_users} users (at most {args.k} items each) to {args.out}")
+    _say(f"wrote {n_rows} rows for {n_users} users (at most {args.k} items each) to {args.out}")
     return 0
 
 
@@ -200,7 +225,7 @@ def _data(argv: list[str] | None) -> int:
 
         path = generate(args.preset, args.out, seed=args.seed, name=args.name, progress=not args.quiet,
                         signal=args.signal, overwrite=args.overwrite)
-        print(f"wrote {path.parent}")
+        _say(f"wrote {path.parent}")
     else:
         _run_prepare(args)
     return 0
@@ -270,15 +295,15 @@ def _run_prepare(args: argparse.Namespace) -> None:
     )
     counts, core = summary["counts"], summary["counts"]["after_k_core"]
     split = counts["split"]
-    print(f"{summary['name']}: {core['users']:,} users, {core['items']:,} items, {core['rows']:,} interactions "
+    _say(f"{summary['name']}: {core['users']:,} users, {core['items']:,} items, {core['rows']:,} interactions "
           f"(train {split['train']:,} / valid {split['valid']:,} / test {split['test']:,})")
-    print(f"items without text: {counts['items_without_text']:,}; without an image: "
+    _say(f"items without text: {counts['items_without_text']:,}; without an image: "
           f"{counts.get('items_without_image', 'no image file')}; bad lines skipped: "
           f"{counts['review_lines_skipped'] + counts['meta_lines_skipped']:,}")
     for first in (counts["first_skipped_review_line"], counts["first_skipped_meta_line"]):
         if first:
-            print(f"first skipped: {first}")
-    print(f"wrote {summary['folder']}: {', '.join(summary['files'])}")
+            _say(f"first skipped: {first}")
+    _say(f"wrote {summary['folder']}: {', '.join(summary['files'])}")
 
 
 def _sweep(argv: list[str] | None) -> int:
@@ -322,7 +347,7 @@ def _sweep(argv: list[str] | None) -> int:
             from msi.compare import add_baseline
 
             add_baseline(dest, summary, args.baseline)
-        print((dest / "results.md").read_text(), end="")
+        _say((dest / "results.md").read_text(), end="")
         return 0
     if not args.config or not args.out:
         p.error("--config and --out are required (or --report DIR)")
@@ -335,7 +360,7 @@ def _sweep(argv: list[str] | None) -> int:
         command = shlex.join(["msi-sweep", *map(str, sys.argv[1:] if argv is None else argv)])
         raise Interrupted(f"interrupted; finished trials are kept and the others resume from their last.pt: "
                           f"continue with {command}") from None
-    print((args.out / "results.md").read_text(), end="")
+    _say((args.out / "results.md").read_text(), end="")
     return 0
 
 
@@ -351,7 +376,7 @@ def _plot(argv: list[str] | None) -> int:
     from msi.plot import plot
 
     width, height = plot(args.dirs, args.out, args.overwrite)
-    print(f"wrote {args.out} ({width}x{height})")
+    _say(f"wrote {args.out} ({width}x{height})")
     return 0
 
 
@@ -374,6 +399,8 @@ def _compare(argv: list[str] | None) -> int:
     p.add_argument("--out", type=Path, metavar="FILE.md", help="also write the markdown summary here")
     p.add_argument("--json", type=Path, metavar="FILE.json", help="write the statistics as JSON here")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--unfinished", action="store_true",
+                   help="also compare runs that never finished (no results.json) by their best.pt so far")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     from msi.compare import compare, ours_json, ours_markdown, render_markdown
@@ -384,10 +411,11 @@ def _compare(argv: list[str] | None) -> int:
                                                            (args.json, ours_json, "json")) if path]
     for path, ours, _ in outputs:
         check_replace(path, ours, "msi-compare")  # before any run is scored
-    result = compare(args.a, args.b, args.metric, args.split, resolve_device(args.device), not args.quiet)
+    result = compare(args.a, args.b, args.metric, args.split, resolve_device(args.device), not args.quiet,
+                     args.unfinished)
     texts = {"md": render_markdown(result, " ".join(args.a), " ".join(args.b)),
              "json": json.dumps(result.to_json(), indent=2) + "\n"}
-    print(texts["md"], end="")
+    _say(texts["md"], end="")
     for path, ours, kind in outputs:
         write_text(path, texts[kind], ours, "msi-compare")
     return 0

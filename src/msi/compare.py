@@ -32,7 +32,7 @@ from msi.errors import MSIError
 from msi.evaluate import Evaluator
 from msi.run import dataset_for, open_run
 from msi.files import write_text
-from msi.rundir import BEST
+from msi.rundir import BEST, lock_holder, read_results
 from msi.select import load_sweep, summarize
 
 BOOTSTRAP_RESAMPLES = 10_000
@@ -122,8 +122,9 @@ class RunHead:
     cfg: Config
 
 
-def read_runs(specs: list[str | Path]) -> list[RunHead]:
-    """The runs of ``RUN_DIR`` and ``SWEEP_DIR:CONFIG`` specs (the latter: that config's selected point)."""
+def read_runs(specs: list[str | Path], unfinished: bool = False) -> list[RunHead]:
+    """The runs of ``RUN_DIR`` and ``SWEEP_DIR:CONFIG`` specs (the latter: that config's selected point). A run still
+    training (its lock held) is refused; so is one that never finished (no results.json) unless ``unfinished``."""
     dirs: list[Path] = []
     for spec in map(str, specs):
         head, sep, config = spec.rpartition(":")
@@ -133,8 +134,17 @@ def read_runs(specs: list[str | Path]) -> list[RunHead]:
             dirs.append(Path(spec))
     heads = []
     for d in dirs:
+        pid = lock_holder(d)
+        if pid is not None:
+            raise MSIError(f"{d}: still training (msi-train pid {pid} holds it); compare it once it has finished")
+        if not unfinished and read_results(d) is None:
+            raise MSIError(f"{d}: not finished (no results.json): its best.pt is of an interrupted run; finish it "
+                           "with msi-train --resume, or pass --unfinished to compare it as it is")
         ckpt = load_checkpoint(d / BEST)
-        cfg = config_from_dict(ckpt["config"])
+        try:
+            cfg = config_from_dict(ckpt["config"])
+        except MSIError as e:  # e.g. a plugin's model that is not installed here
+            raise MSIError(f"{d / BEST}: its config does not load here ({e})") from None
         heads.append(RunHead(d, cfg.train.seed, ckpt["data"].get("fingerprint", ""), cfg))
     return heads
 
@@ -220,10 +230,11 @@ def check_same_candidates(heads: list[RunHead], split: str) -> None:
 
 
 def compare(a_specs: list[str | Path], b_specs: list[str | Path], metric: str = "recall@20", split: str = "valid",
-            device: torch.device | str = "cpu", progress: bool = True) -> Comparison:
-    """Score A's and B's runs per user and compare them paired by seed (see the module doc)."""
+            device: torch.device | str = "cpu", progress: bool = True, unfinished: bool = False) -> Comparison:
+    """Score A's and B's runs per user and compare them paired by seed (see the module doc); ``unfinished``: also
+    runs without results.json (``read_runs``)."""
     check_metric(metric)
-    a, b = pair_by_seed(read_runs(a_specs), read_runs(b_specs))
+    a, b = pair_by_seed(read_runs(a_specs, unfinished), read_runs(b_specs, unfinished))
     check_same_candidates(a + b, split)
     values = score_runs(a + b, load_data(a + b), metric, split, device, progress)
     return paired_stats(values[: len(a)], values[len(a) :], [h.seed for h in a], metric, split)

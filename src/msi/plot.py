@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from msi.config import Config
-from msi.errors import MSIError, shown
+from msi.errors import MSIError, shown, warn
 from msi.files import check_replace, writing
-from msi.rundir import CONFIG, METRICS, loss_terms, read_config, read_metrics
+from msi.rundir import CONFIG, METRICS, finite, improves, loss_terms, read_config, read_metrics
 from msi.select import load_sweep, summarize
 from msi.sweepdir import SWEEP_FILE, grid_points, split_values
 
@@ -130,7 +130,14 @@ def read_run(run_dir: Path) -> tuple[Config, list[dict[str, Any]]]:
     rows = read_metrics(run_dir)
     if not rows:
         raise MSIError(f"{run_dir / METRICS}: no complete epoch yet; nothing to plot")
-    return read_config(run_dir), rows
+    cfg = read_config(run_dir)
+    metric = cfg.train.metric
+    bad = [r["epoch"] for r in rows if metric in _valid(r) and not finite(_valid(r)[metric])]
+    if bad:
+        shown_epochs = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warn(f"{run_dir / METRICS}: valid {metric} is not a finite number at epoch(s) {shown_epochs}; left out of "
+             "the curve (the trainer never selects such an epoch)")
+    return cfg, rows
 
 
 def _settings(cfg: Config) -> dict[str, str]:
@@ -212,16 +219,26 @@ def _draw(ax: Any, quantity: str, metric: str, colour: str, runs: list[list], ea
 
 
 def best_epoch(rows: list[dict[str, Any]], metric: str) -> int | None:
-    """The first epoch with the best valid ``metric``, as the trainer selects; None before any evaluation."""
-    scored = [(r["valid"][metric], -r["epoch"]) for r in rows if metric in r.get("valid", {})]
-    return -max(scored)[1] if scored else None
+    """The epoch the trainer selects (``msi.rundir.improves``: the first with the best valid ``metric``; NaN never
+    is); None before any evaluation, or when no valid metric was a number."""
+    best, epoch = -math.inf, None
+    for r in rows:
+        value = _valid(r).get(metric)
+        if improves(value, best):
+            best, epoch = value, r["epoch"]
+    return epoch
+
+
+def _valid(row: dict[str, Any]) -> dict[str, Any]:
+    return row["valid"] if isinstance(row.get("valid"), dict) else {}
 
 
 def _curve(rows: list[dict], quantity: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The (epoch, value) points of ``quantity`` that are finite numbers (``read_run`` warned about the others)."""
     if quantity.startswith("valid "):
-        pts = [(r["epoch"], r["valid"][metric]) for r in rows if metric in r.get("valid", {})]
+        pts = [(r["epoch"], _valid(r)[metric]) for r in rows if finite(_valid(r).get(metric))]
     else:
-        pts = [(r["epoch"], r[quantity]) for r in rows if quantity in r]
+        pts = [(r["epoch"], r[quantity]) for r in rows if finite(r.get(quantity))]
     return np.array([p[0] for p in pts], dtype=int), np.array([p[1] for p in pts], dtype=float)
 
 

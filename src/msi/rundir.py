@@ -174,6 +174,17 @@ def truncate_metrics(run_dir: Path, epoch: int) -> int:
     return total - len(kept)
 
 
+def improves(value: Any, best: float) -> bool:
+    """The trainer's rule for a better valid metric: a number strictly above the best so far (NaN, null or a tie
+    never is); the best epoch is the first to reach the best value."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > best
+
+
+def finite(value: Any) -> bool:
+    """Whether a metrics row's value is a finite number (not NaN, inf, null or text)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def loss_terms(row: dict[str, Any]) -> list[str]:
     """The loss terms of a metrics row, as the row names them (``terms``). Rows written before msi named them
     (no ``terms``) held the terms first, before ``epoch``."""

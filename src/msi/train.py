@@ -37,7 +37,7 @@ from msi.models.base import check_contract
 from msi.runinfo import TensorBoardLog, check_tensorboard, write_env
 from msi.run import data_signature, dataset_for, open_run, resolve_device, seed_everything
 from msi.rundir import (BEST, CONFIG, LAST, METRICS, RESULTS, DamagedRunFile, append_log, append_metrics,
-                        changed_keys, check_new_run_dir, locked, read_config, read_results, remove_leftovers, remove_run_files,
+                        changed_keys, check_new_run_dir, improves, locked, read_config, read_results, remove_leftovers, remove_run_files,
                         resume_config, truncate_metrics, write_config, write_results)
 
 Log = Callable[..., None]
@@ -326,7 +326,7 @@ def _validate(run: _Run, row: dict[str, Any], log: Log) -> None:
     t0 = time.time()
     valid = run.evaluator(run.model, "valid")
     row.update(eval_seconds=time.time() - t0, valid=valid)
-    improved = valid[t.metric] > p["best_metric"]
+    improved = improves(valid[t.metric], p["best_metric"])
     if improved:
         p.update(best_metric=valid[t.metric], best_epoch=p["epoch"], bad_evals=0)
         _save(run, "best.pt")
