@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from msi import __version__
-from msi.errors import CheckpointError
+from msi.errors import CheckpointError, shown
 from msi.files import owned, writing
 
 FORMAT = "msi-checkpoint"
@@ -91,7 +91,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: incomplete msi checkpoint, missing {', '.join(missing)}")
     version = obj["format_version"]
     if type(version) is not int or version < 1:
-        raise CheckpointError(f"{path}: not an msi checkpoint: format_version is {version!r}, not a positive integer")
+        raise CheckpointError(f"{path}: not an msi checkpoint: format_version is {shown(version)}, not a positive integer")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {version} is newer than this msi ({__version__}) reads")
     problem = _malformed(obj)
@@ -124,18 +124,18 @@ def _malformed(obj: dict[str, Any]) -> str | None:
         return "model holds no weights"
     for name, value in obj["model"].items():
         if not isinstance(value, torch.Tensor):
-            return f"model weight {name!r} is {_kind(value)}, not a tensor"
+            return f"model weight {shown(name)} is {_kind(value)}, not a tensor"
     if type(obj["epoch"]) is not int or obj["epoch"] < 0:
-        return f"epoch is {obj['epoch']!r}, not a count of epochs"
+        return f"epoch is {shown(obj['epoch'])}, not a count of epochs"
     data = obj["data"]
     for key in ("n_users", "n_items"):
         if key not in data:
             return f"data has no {key}"
         if type(data[key]) is not int or data[key] < 1:
-            return f"data.{key} is {data.get(key)!r}, not a positive integer"
+            return f"data.{key} is {shown(data.get(key))}, not a positive integer"
     features = data.get("features")
     if not isinstance(features, dict) or not all(isinstance(m, str) and type(w) is int for m, w in features.items()):
-        return f"data.features is {features!r}, not a mapping of modality names to widths"
+        return f"data.features is {shown(features)}, not a mapping of modality names to widths"
     if not isinstance(data.get("fingerprint", ""), str):
         return f"data.fingerprint is {_kind(data['fingerprint'])}, not a string"
     return _malformed_resume_state(obj)
@@ -149,7 +149,7 @@ def _malformed_resume_state(obj: dict[str, Any]) -> str | None:
     progress = obj.get("progress", {})
     for key in ("epoch", "best_epoch", "bad_evals"):
         if key in progress and (type(progress[key]) is not int or progress[key] < 0):
-            return f"progress.{key} is {progress[key]!r}, not a count"
+            return f"progress.{key} is {shown(progress[key])}, not a count"
     optimizer = obj.get("optimizer", {"state": {}, "param_groups": []})
     if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
         return "optimizer is not an optimizer's state (a mapping of state and param_groups)"
@@ -171,10 +171,10 @@ def check_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tens
     ``state_dict()``): a weight missing, one too many, or one of another shape."""
     for name, tensor in expected.items():
         if name not in state:
-            raise CheckpointError(f"{path}: not an msi checkpoint: model has no weight {name!r}")
+            raise CheckpointError(f"{path}: not an msi checkpoint: model has no weight {shown(name)}")
         if state[name].shape != tensor.shape or state[name].is_floating_point() != tensor.is_floating_point():
             raise CheckpointError(
-                f"{path}: not an msi checkpoint: model weight {name!r} is {state[name].dtype} of shape "
+                f"{path}: not an msi checkpoint: model weight {shown(name)} is {state[name].dtype} of shape "
                 f"{tuple(state[name].shape)}, its config's model needs {tensor.dtype} of shape {tuple(tensor.shape)}"
             )
     extra = [name for name in state if name not in expected]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from msi import __version__
-from msi.errors import Interrupted, MSIError
+from msi.errors import Interrupted, MSIError, shown
 
 EPILOG_OVERRIDES = (
     "Overrides are dotted key=value pairs applied after the YAML file, e.g. "
@@ -145,7 +145,7 @@ def _eval(argv: list[str] | None) -> int:
     device = resolve_device(args.device)
     model, cfg, dataset, _ = open_run(args.checkpoint, device, allow_other_data=args.allow_other_data)
     if args.item_view not in model.item_views:
-        raise MSIError(f"--item-view {args.item_view!r}: this model has {', '.join(model.item_views)}")
+        raise MSIError(f"--item-view {shown(args.item_view)}: this model has {', '.join(model.item_views)}")
     evaluator = Evaluator.from_config(dataset, device, cfg, _parse_ks(args.ks) if args.ks else None, args.mask_valid)
     metrics = evaluator(model, args.split, args.item_view)
     _say(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, "item_view": args.item_view,
@@ -157,11 +157,11 @@ def _parse_ks(text: str) -> list[int]:
     try:
         ks = [int(k) for k in text.split(",") if k.strip()]
     except ValueError:
-        raise MSIError(f"--ks {text!r}: expected comma-separated positive integers, e.g. 10,20") from None
+        raise MSIError(f"--ks {shown(text)}: expected comma-separated positive integers, e.g. 10,20") from None
     from msi.config import MAX_INT
 
     if not ks or min(ks) <= 0 or max(ks) > MAX_INT:
-        raise MSIError(f"--ks {text!r}: expected comma-separated positive integers below 2**63, e.g. 10,20")
+        raise MSIError(f"--ks {shown(text)}: expected comma-separated positive integers below 2**63, e.g. 10,20")
     return ks
 
 
@@ -175,14 +175,12 @@ def _recommend(argv: list[str] | None) -> int:
     p.add_argument("--users", default="all",
                    help="'all', 'split' (the users with rows in --split), or a file of userIDs (as in .inter), "
                         "one per line")
-    p.add_argument("--k", type=int, default=20, help="items per user")
+    p.add_argument("--k", type=_whole("--k", 1), default=20, help="items per user")
     p.add_argument("--split", choices=("valid", "test"), default="test",
                    help="recommend as for this split: train items are excluded (and valid ones at test with "
                         "--mask-valid)")
     p.add_argument("--out", required=True, help="output TSV file")
     args = p.parse_args(argv)
-    if args.k <= 0:
-        raise MSIError(f"--k must be > 0, got {args.k}")
     from msi.recommend import check_output, write_recommendations
     from msi.run import open_run, resolve_device
 
@@ -206,7 +204,7 @@ def _data(argv: list[str] | None) -> int:
                        description="Generate a data set in the MMRec layout (same seed, same bytes).")
     s.add_argument("--preset", required=True, choices=sorted(PRESETS), help="size preset")
     s.add_argument("--out", required=True, help="data set folder to write (<out>/<name>.inter, *_feat.npy)")
-    s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--seed", type=_whole("--seed"), default=0, help="random seed")
     s.add_argument("--name", default=None, help="data set name (default: the folder's name)")
     s.add_argument("--signal", choices=SIGNALS, default=None,
                    help="where the preference factors live: mixed (both modalities, one shared nuisance), shared "
@@ -231,11 +229,17 @@ def _data(argv: list[str] | None) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _whole(flag: str, low: int = 0) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, 2**63 - 1], else one ``error:`` line naming ``flag``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise MSIError(f"{flag} {shown(text)}: expected a whole number") from None
+        if not low <= value <= 2**63 - 1:
+            raise MSIError(f"{flag} {shown(value)}: must be in [{low}, 2**63 - 1]")
+        return value
+    return parse
 
 
 def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -260,11 +264,11 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     paths.add_argument("--overwrite", action="store_true",
                        help="replace an earlier data set in <out>/<name>/ (default: %(default)s)")
     recipe = parser.add_argument_group("recipe (defaults follow MMRec; docs/prepare.md gives each rule)")
-    recipe.add_argument("--k-core", type=_positive_int, default=5, metavar="K",
+    recipe.add_argument("--k-core", type=_whole("--k-core", 1), default=5, metavar="K",
                         help="iterative k-core: every user and item keeps >= K interactions (default: %(default)s)")
-    recipe.add_argument("--k-core-user", type=_positive_int, metavar="K",
+    recipe.add_argument("--k-core-user", type=_whole("--k-core-user", 1), metavar="K",
                         help="K for users (default: %(default)s, meaning --k-core)")
-    recipe.add_argument("--k-core-item", type=_positive_int, metavar="K",
+    recipe.add_argument("--k-core-item", type=_whole("--k-core-item", 1), metavar="K",
                         help="K for items (default: %(default)s, meaning --k-core)")
     recipe.add_argument("--dedupe", choices=DEDUPE, default="earliest",
                         help="which review of a repeated (user, item) pair to keep, by timestamp; none keeps "
@@ -276,7 +280,7 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-user split, seeded random or chronological (latest rows test, then valid): "
                         "n < 10 rows gives n-2/1/1, else floor(n/5) held out, half valid, the rest test "
                         "(default: %(default)s)")
-    recipe.add_argument("--seed", type=int, default=0, metavar="N",
+    recipe.add_argument("--seed", type=_whole("--seed"), default=0, metavar="N",
                         help="seed of the random split (default: %(default)s)")
     recipe.add_argument("--skip-bad-lines", action="store_true",
                         help="skip and count malformed lines instead of stopping at the first (default: %(default)s)")
@@ -315,13 +319,13 @@ def _sweep(argv: list[str] | None) -> int:
     p.add_argument("--config", nargs="+", type=Path, help="YAML configs (each one a row of the table)")
     p.add_argument("--grid", nargs="*", default=None, action="extend", metavar="key=v1,v2",
                    help="axes searched on valid; commas inside [...] stay in a value: eval.ks=[10,20],[5,10]")
-    p.add_argument("--seeds", nargs="+", type=int, default=[999, 42, 2026], help="train.seed of each trial")
+    p.add_argument("--seeds", nargs="+", type=_whole("--seeds"), default=[999, 42, 2026], help="train.seed of each trial")
     p.add_argument("--out", type=Path, help="sweep folder: run directories, sweep.yaml and the tables")
     p.add_argument("--set", nargs="*", default=None, action="extend", metavar="key=value",
                    help="overrides for every trial (repeatable)")
-    p.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs (and torch threads) per trial")
+    p.add_argument("--cpus-per-trial", type=_whole("--cpus-per-trial", 1), default=1, help="CPUs (and torch threads) per trial")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; 0.25 packs four on one GPU")
-    p.add_argument("--max-concurrent", type=int, default=None, help="trials at a time (default: as resources allow)")
+    p.add_argument("--max-concurrent", type=_whole("--max-concurrent", 1), default=None, help="trials at a time (default: as resources allow)")
     p.add_argument("--address", default=None, help="a running Ray cluster (default: RAY_ADDRESS, else embedded)")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds; then running trials stop (their last.pt stays) and the table covers finished ones")

@@ -26,9 +26,9 @@ import torch
 from tqdm import tqdm
 
 from msi.checkpoint import load_checkpoint
-from msi.config import METRICS, Config, config_from_dict
+from msi.config import MAX_INT, METRICS, Config, config_from_dict
 from msi.data.dataset import Dataset
-from msi.errors import MSIError
+from msi.errors import MSIError, shown
 from msi.evaluate import Evaluator
 from msi.run import dataset_for, open_run
 from msi.files import write_text
@@ -153,7 +153,7 @@ def selected_run_dirs(sweep_dir: Path, config: str) -> list[Path]:
     """The run directories of ``config``'s selected point in the sweep folder ``sweep_dir`` (``msi.select``'s rule)."""
     _, trials, cfgs = load_sweep(sweep_dir)
     if config not in cfgs:
-        raise MSIError(f"{sweep_dir}:{config}: the sweep has no config {config!r}; it has {', '.join(cfgs)}")
+        raise MSIError(f"{sweep_dir}:{config}: the sweep has no config {shown(config)}; it has {', '.join(cfgs)}")
     chosen = summarize([t for t in trials if t.row == config], {config: cfgs[config].train.metric})
     selected = chosen[config]["selected"]
     if selected is None:
@@ -200,8 +200,8 @@ def load_data(heads: list[RunHead], datasets: dict[str, Dataset] | None = None) 
 def check_metric(metric: str) -> int:
     """The cut-off of a metric name such as ``recall@20``."""
     name, _, k = metric.partition("@")
-    if name not in METRICS or not k.isdigit() or int(k) < 1:
-        raise MSIError(f"--metric {metric!r}: expected {'|'.join(METRICS)} and a cut-off, e.g. recall@20")
+    if name not in METRICS or not (k.isascii() and k.isdigit()) or not 1 <= int(k) <= MAX_INT:
+        raise MSIError(f"--metric {shown(metric)}: expected {'|'.join(METRICS)} and a cut-off, e.g. recall@20")
     return int(k)
 
 
@@ -286,7 +286,7 @@ def baseline_section(summary: dict[str, Any], baseline: str, device: torch.devic
     """
     configs = summary["configs"]
     if baseline not in configs:
-        raise MSIError(f"--baseline {baseline!r}: the sweep's configs are {', '.join(configs)}")
+        raise MSIError(f"--baseline {shown(baseline)}: the sweep's configs are {', '.join(configs)}")
     if configs[baseline]["selected"] is None:
         raise MSIError(f"--baseline {baseline}: none of its points is selected (no point has all its seeds finished)")
     metric = configs[baseline]["metric"]

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from msi.data.dataset import Dataset
-from msi.errors import DataError, MSIError, read_utf8
+from msi.data.dataset import Dataset, parse_id
+from msi.errors import DataError, MSIError, read_utf8, shown
 from msi.evaluate import non_finite_users, seen_masks
 from msi.files import check_replace, starts_with, writing
 from msi.models import Recommender
@@ -36,16 +36,14 @@ def read_id_mapping(path: Path, column: str, size: int) -> np.ndarray | None:
         if not line.strip():
             continue
         parts = line.split("\t")
-        try:
-            index = int(parts[col])
-            if not 0 <= index < size:  # numpy would take -1 for the last index
-                raise IndexError
-            raw_id = parts[1 - col]
-        except (ValueError, IndexError):
-            raise DataError(f"{path}:{lineno}: expected '<raw id>\\t<{column} below {size}>', got {line!r}") from None
+        if len(parts) != 2:
+            raise DataError(f"{path}:{lineno}: expected '<raw id>\\t<{column} below {size}>', got {shown(line)}")
+        index, raw_id = parse_id(parts[col], column, f"{path}:{lineno}"), parts[1 - col]
+        if index >= size:
+            raise DataError(f"{path}:{lineno}: {column} {index} is outside 0..{size - 1}")
         if raw[index] is not None:
-            raise DataError(f"{path}:{lineno}: {column} {index} is given a second raw id ({raw_id!r} after "
-                            f"{raw[index]!r})")
+            raise DataError(f"{path}:{lineno}: {column} {index} is given a second raw id ({shown(raw_id)} after "
+                            f"{shown(raw[index])})")
         raw[index] = raw_id
     missing = np.flatnonzero(raw == None)  # noqa: E711 (elementwise on an object array)
     if len(missing):
@@ -61,16 +59,13 @@ def select_users(spec: str, dataset: Dataset, split: str) -> np.ndarray:
         return np.unique(dataset.split(split)[:, 0])
     path = Path(spec)
     if not path.is_file():
-        raise MSIError(f"--users {spec!r}: not 'all', 'split' or an existing file of userIDs")
+        raise MSIError(f"--users {shown(spec)}: not 'all', 'split' or an existing file of userIDs")
     users: dict[int, int] = {}  # userID -> its line, in file order
     for lineno, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            u = int(line.strip())
-        except ValueError:
-            raise DataError(f"{path}:{lineno}: {line.strip()!r} is not an integer userID") from None
-        if not 0 <= u < dataset.n_users:
+        u = parse_id(line, "userID", f"{path}:{lineno}")
+        if u >= dataset.n_users:
             raise DataError(f"{path}:{lineno}: userID {u} is outside 0..{dataset.n_users - 1}")
         if u in users:  # its rows would be written twice
             raise DataError(f"{path}:{lineno}: userID {u} is listed again (first on line {users[u]})")

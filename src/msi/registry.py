@@ -27,7 +27,7 @@ from functools import lru_cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Callable, NamedTuple
 
-from msi.errors import ConfigError, MSIError, raised
+from msi.errors import ConfigError, MSIError, raised, shown
 
 GROUP = "msi.models"  # the entry-point group of model plugins
 
@@ -52,7 +52,7 @@ def register(name: str, *, item_features: bool = True) -> Callable[[Builder], Bu
 
     def decorate(build: Builder) -> Builder:
         if name in _ENTRIES:
-            raise MSIError(f"model {name!r} is registered twice: by {_where(_ENTRIES[name].build)} and by "
+            raise MSIError(f"model {shown(name)} is registered twice: by {_where(_ENTRIES[name].build)} and by "
                            f"{_where(build)}")
         _ENTRIES[name] = ModelEntry(name, build, item_features)
         return build
@@ -72,15 +72,15 @@ def get(name: str) -> ModelEntry:
     _load_builtins()
     points = _plugin_points().get(name, [])
     if len(points) > 1:
-        raise MSIError(f"model {name!r} is declared by {len(points)} plugins: {', '.join(map(_describe, points))}; "
+        raise MSIError(f"model {shown(name)} is declared by {len(points)} plugins: {', '.join(map(_describe, points))}; "
                        "uninstall all but one")
     if points and name not in _LOADED:
         _load_plugin(points[0])
     if name not in _ENTRIES:
         known = {n.lower(): n for n in names()}
         close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.5)
-        hint = f"; did you mean {known[close[0]]!r}?" if close else ""
-        raise ConfigError(f"config key 'model.name': no model named {name!r}{hint} (models: {', '.join(names())}; "
+        hint = f"; did you mean {shown(known[close[0]])}?" if close else ""
+        raise ConfigError(f"config key 'model.name': no model named {shown(name)}{hint} (models: {', '.join(names())}; "
                           f"a plugin adds one through the entry-point group '{GROUP}')")
     return _ENTRIES[name]
 
@@ -108,8 +108,8 @@ def _load_plugin(point: EntryPoint) -> None:
         raise MSIError(f"model plugin {_describe(point)} failed to import ({raised(e)})") from None
     _LOADED.add(point.name)
     if point.name not in _ENTRIES:
-        raise MSIError(f"model plugin {_describe(point)} registered no model named {point.name!r}: decorate its "
-                       f"builder with @msi.models.register({point.name!r})")
+        raise MSIError(f"model plugin {_describe(point)} registered no model named {shown(point.name)}: decorate its "
+                       f"builder with @msi.models.register({shown(point.name)})")
 
 
 def _describe(point: EntryPoint) -> str:

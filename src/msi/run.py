@@ -15,7 +15,7 @@ from msi import registry
 from msi.checkpoint import check_matches_data, check_weights, first_non_finite, load_checkpoint
 from msi.config import Config, config_from_dict
 from msi.data.dataset import Dataset, load_dataset
-from msi.errors import CheckpointError, ConfigError
+from msi.errors import CheckpointError, ConfigError, shown
 from msi.models import Recommender, build_model
 
 
@@ -33,13 +33,13 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"unknown device {shown(name)}; use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):  # torch knows mps, meta, xpu, ...: msi runs on neither
-        raise ConfigError(f"device {name!r}: msi runs on auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"device {shown(name)}: msi runs on auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for, but this torch build sees no CUDA GPU")
+        raise ConfigError(f"device {shown(name)} was asked for, but this torch build sees no CUDA GPU")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+        raise ConfigError(f"device {shown(name)}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
     return device
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from msi.config import Config, config_from_dict, load_config, parse_overrides
-from msi.errors import ConfigError, MSIError, read_utf8, warn
+from msi.errors import ConfigError, MSIError, read_utf8, shown, warn
 from msi.files import is_temporary, write_text
 
 try:
@@ -126,14 +126,14 @@ def _results_problem(results: Any) -> str | None:
         return f"missing {', '.join(missing)}"
     for key in ("best_epoch", "epochs_run"):
         if not isinstance(results[key], int) or isinstance(results[key], bool):
-            return f"{key} is {results[key]!r}, not a whole number"
+            return f"{key} is {shown(results[key])}, not a whole number"
     for split in ("valid", "test"):
         metrics = results[split]
         if not isinstance(metrics, dict):
             return f"{split} is not a mapping of metric to number"
         for name, value in metrics.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                return f"{split} {name} is {value!r}, not a finite number"
+                return f"{split} {name} is {shown(value)}, not a finite number"
     return None
 
 
@@ -153,9 +153,9 @@ def _metric_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
         try:
             row = json.loads(line)
         except ValueError:
-            raise DamagedRunFile(f"{path}:{number}: damaged, not a JSON row ({line[:40]!r})") from None
+            raise DamagedRunFile(f"{path}:{number}: damaged, not a JSON row ({shown(line[:40])})") from None
         if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
-            raise DamagedRunFile(f"{path}:{number}: damaged, a row without its epoch ({line[:40]!r})")
+            raise DamagedRunFile(f"{path}:{number}: damaged, a row without its epoch ({shown(line[:40])})")
         out.append((line, row))
     return out
 
@@ -246,7 +246,7 @@ def resume_config(cfg: Config, overrides: list[str]) -> tuple[Config, list[str]]
         try:
             raw[section][key] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise ConfigError(f"config key '{name}': cannot read {value!r}") from None
+            raise ConfigError(f"config key '{name}': cannot read {shown(value)}") from None
     new = config_from_dict(raw)
     changes = []
     given = [f"{section}.{key}" for section, key, _ in parse_overrides(overrides)]

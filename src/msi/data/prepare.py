@@ -20,7 +20,7 @@ from tqdm import tqdm
 from msi import __version__
 from msi.data.amazon import read_image_features, read_item_texts, read_reviews
 from msi.data.dataset import INTER_HEADER, SPLIT_LABELS, check_data_set_name
-from msi.errors import ConfigError, DataError, MSIError
+from msi.errors import ConfigError, DataError, MSIError, shown
 from msi.files import temporary_path
 
 Encoder = Callable[[list[str]], np.ndarray]
@@ -263,7 +263,7 @@ def _output_folder(out: Path, name: str, overwrite: bool) -> Path:
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{option} must be one of {', '.join(choices)}, got {shown(value)}")
 
 
 def prepare(

@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from msi.data.dataset import INTER_HEADER, check_data_set_name
-from msi.errors import ConfigError, DataError
+from msi.errors import ConfigError, DataError, shown
 from msi.files import temporary_path
 
 # Stream ids: each kind of draw has its own generator, so changing one step leaves the others' bytes alone.
@@ -69,7 +69,7 @@ class SynthPreset:
 
     def __post_init__(self) -> None:
         if self.signal not in SIGNALS:
-            raise ConfigError(f"SynthPreset.signal must be one of {', '.join(SIGNALS)}, got {self.signal!r}")
+            raise ConfigError(f"SynthPreset.signal must be one of {', '.join(SIGNALS)}, got {shown(self.signal)}")
         for key in ("n_users", "n_items", "n_interactions", "image_dim", "text_dim", "n_factors",
                     "n_topics", "nuisance_dim", "min_degree"):
             if getattr(self, key) < 1:
@@ -113,7 +113,7 @@ def resolve_preset(preset: str | SynthPreset) -> SynthPreset:
     if isinstance(preset, SynthPreset):
         return preset
     if preset not in PRESETS:
-        raise DataError(f"unknown synthetic preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+        raise DataError(f"unknown synthetic preset {shown(preset)}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[preset]
 
 
@@ -121,7 +121,7 @@ def latents(preset: str | SynthPreset, seed: int = 0) -> Latents:
     """Draw the latent factors, nuisance and popularity that `generate` uses for this seed."""
     p = resolve_preset(preset)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+        raise ConfigError(f"seed must be a non-negative integer, got {shown(seed)}")
     rng = _rng(seed, _LATENTS)
     centres = _unit(rng.standard_normal((p.n_topics, p.n_factors)))  # (T, k)
     item_topic = rng.integers(p.n_topics, size=p.n_items)
