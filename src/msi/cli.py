@@ -41,6 +41,12 @@ def _say(text: str, end: str = "\n") -> None:
         raise MSIError(f"stdout: could not write the output ({e.strerror or e})") from None
 
 
+def _short(line: str, limit: int = 1000) -> str:
+    """An error line kept short whatever a value in it held (a message quotes values through msi.errors.shown;
+    this is the floor beneath that): its start and its end, which says what to do."""
+    return line if len(line) <= limit else f"{line[:limit - 300]} ... {line[-250:]}"
+
+
 def _terminated(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM is handled as Ctrl-C: what was kept is said, the lock released
 
@@ -57,12 +63,19 @@ def _guard(fn: Callable[[list[str] | None], int | None], argv: list[str] | None)
 
 def _run_tool(fn: Callable[[list[str] | None], int | None], argv: list[str] | None) -> int:
     try:
+        for arg in sys.argv[1:] if argv is None else argv:
+            if "\0" in arg:  # no file name, key or value can hold one (the OS would raise on the path)
+                raise MSIError(f"argument {shown(arg)} holds a NUL byte")
         return fn(argv) or 0
     except Interrupted as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_short(str(e))}", file=sys.stderr)
         return 130
-    except (MSIError, OSError) as e:  # OSError: an unwritable output path, a full disk, a folder given as a file
-        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:  # an unwritable output path, a full disk, a folder given as a file
+        where = f"{shown(e.filename)}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or _short(str(e))}", file=sys.stderr)
+        return 2
+    except MSIError as e:
+        print(f"error: {_short(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

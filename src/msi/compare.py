@@ -200,7 +200,7 @@ def load_data(heads: list[RunHead], datasets: dict[str, Dataset] | None = None) 
 def check_metric(metric: str) -> int:
     """The cut-off of a metric name such as ``recall@20``."""
     name, _, k = metric.partition("@")
-    if name not in METRICS or not (k.isascii() and k.isdigit()) or not 1 <= int(k) <= MAX_INT:
+    if name not in METRICS or not (k.isascii() and k.isdigit() and len(k) < 20) or not 1 <= int(k) <= MAX_INT:
         raise MSIError(f"--metric {shown(metric)}: expected {'|'.join(METRICS)} and a cut-off, e.g. recall@20")
     return int(k)
 

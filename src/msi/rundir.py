@@ -273,8 +273,10 @@ def changed_keys(a: Config, b: Config) -> list[str]:
 def locked(run_dir: Path, tool: str = "msi-train",
            advice: str = "wait for it to end or choose another --out") -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir/.lock`` while the run lives (its pid inside); the OS drops it when the
-    process dies, and the file is removed when the block ends. A second live process is refused (the error says it
+    process dies, and the file is removed when the block ends, with ``run_dir`` itself when this call made it and it is
+    still empty (a refused run leaves no folder behind). A second live process is refused (the error says it
     is another ``tool``, and what to do: ``advice``; msi-sweep locks its sweep folder the same way)."""
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK
     while True:
@@ -302,6 +304,8 @@ def locked(run_dir: Path, tool: str = "msi-train",
     finally:
         path.unlink(missing_ok=True)  # still held: no other process can have locked this file
         f.close()
+        if created and not any(run_dir.iterdir()):
+            run_dir.rmdir()
 
 
 def lock_holder(run_dir: Path) -> str | None:
