@@ -8,11 +8,11 @@ model by name. docs/adding_a_model.md shows how a package of one's own adds a mo
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from msi.config import Config
 from msi.data.dataset import Dataset
 from msi.data.graph import interaction_csr
 from msi.errors import MSIError, raised
@@ -20,7 +20,10 @@ from msi.models.base import Recommender, grad_norms, lightgcn_readout, mask_rows
 from msi.models.lightgcn import LightGCN
 from msi.models.msi import MSI
 from msi.models.popularity import Popularity
-from msi.registry import get, register
+from msi.registry import get, key, register
+
+if TYPE_CHECKING:
+    from msi.config import Config
 
 
 def build_model(cfg: Config, dataset: Dataset, with_features: bool = True) -> Recommender:
@@ -54,4 +57,4 @@ def epoch_diagnostics(model: Recommender) -> dict[str, float]:
 
 
 __all__ = ["MSI", "LightGCN", "Popularity", "Recommender", "build_model", "epoch_diagnostics", "grad_norms",
-           "lightgcn_readout", "mask_rows", "register"]
+           "lightgcn_readout", "key", "mask_rows", "register"]
