@@ -963,8 +963,8 @@ def test_26_3_a_run_name_is_one_path_component(workdir, tmp_path, capsys, name):
     out_dir = tmp_path / "deep" / "runs"
     code, _, err = run(train_main, ["--config", workdir / "tiny.yaml", "--quiet", f"train.out_dir={out_dir}",
                                     f"train.run_name={name}"], capsys)
-    assert code == 2 and error_line(err) == (f"error: train.run_name {name!r} must be a plain folder name (not "
-                                             "empty, '.' or '..', no '/', '\\' or NUL byte)")
+    assert code == 2 and error_line(err) == (f"error: config key 'train.run_name': {name!r} must be a plain folder "
+                                             "name (not empty, '.' or '..', no '/', '\\' or NUL byte)")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1052,9 +1052,10 @@ def plugin(monkeypatch):
 ])
 def test_26_7_a_plugin_that_breaks_its_contract_is_one_line_before_the_run_starts(workdir, tmp_path, capsys,
                                                                                   plugin, fault, problem):
-    out = tmp_path / "run"
-    code, _, err = run(train_main, train_args(workdir, out, f"model.name=plugin-{fault}", "train.batch_size=20"),
-                       capsys)
+    out, config = tmp_path / "run", tmp_path / "plugin.yaml"
+    config.write_text((workdir / "tiny.yaml").read_text().replace("model:\n  embedding_dim: 8\n", ""))
+    code, _, err = run(train_main, ["--config", config, "--quiet", "--out", out, f"model.name=plugin-{fault}",
+                                    "train.batch_size=20"], capsys)
     assert code == 2 and error_line(err) == f"error: {problem}"
     assert not out.exists()  # no half-started run folder
 
@@ -1071,7 +1072,7 @@ def test_26_7_a_plugin_builder_that_raises_is_one_line_in_eval_too(workdir, tmp_
 def test_26_8_an_override_given_twice_on_resume_is_warned(workdir, tmp_path, capsys):
     out = finished_copy(workdir, tmp_path)
     code, _, err = run(train_main, ["--resume", out, "train.epochs=5", "train.epochs=4", "--quiet"], capsys)
-    assert code == 0 and "warning: override train.epochs is given twice; the last is used" in err.splitlines()
+    assert code == 0 and "warning: override train.epochs is given twice ('5', then '4'); the last is used" in err
     assert json.loads((out / "results.json").read_text())["epochs_run"] == 4
 
 
@@ -1090,6 +1091,38 @@ def test_26_9_a_hand_edit_to_config_yaml_is_warned_on_resume(workdir, tmp_path, 
     code, _, err = run(train_main, ["--resume", out, f"train.epochs={EPOCHS + 1}", "--quiet"], capsys)
     assert code == 0 and warning in err.splitlines()
     assert "lr: 0.001" in config.read_text()
+
+
+def test_26_10_a_flat_dotted_key_in_yaml_is_told_that_keys_nest(tmp_path, capsys):
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("train.epochs: 1\n")
+    code, _, err = run(train_main, ["--config", flat, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and error_line(err) == ("error: unknown config section 'train.epochs': keys nest under their "
+                                             "section; write 'train:' and under it '  epochs: ...'")
+
+
+def test_26_11_an_oversized_config_file_or_value_is_refused_at_once(tmp_path, capsys):
+    big = tmp_path / "big.yaml"
+    big.write_text("data:\n  name: tiny\n" + "# padding\n" * 200_000)
+    code, _, err = run(train_main, ["--config", big, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and error_line(err) == (f"error: {big}: {big.stat().st_size:,} bytes is not a config file (msi "
+                                             "reads at most 1,048,576)")
+    small = tmp_path / "small.yaml"
+    small.write_text("data:\n  name: tiny\n")
+    code, _, err = run(train_main, ["--config", small, "data.name=" + "x" * 5000], capsys)
+    assert code == 2 and error_line(err) == ("error: config key 'data.name' holds a text of 5,000 characters; at most "
+                                             "4,096")
+    code, _, err = run(train_main, ["--config", small, f"eval.ks=[{','.join(['5'] * 2000)}]"], capsys)
+    assert code == 2 and error_line(err) == "error: config key 'eval.ks' holds 2,000 entries; at most 1,000"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.yaml", "small.yaml"]
+
+
+def test_26_12_a_yaml_boolean_is_not_text(workdir, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text((workdir / "tiny.yaml").read_text().replace("name: tiny", "name: yes"))
+    code, _, err = run(train_main, ["--config", cfg, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and error_line(err) == ("error: config key 'data.name': YAML reads True as a boolean, not text; "
+                                             "quote it: 'true'")
 
 
 def test_26_13_a_full_stdout_is_named(workdir, capsys, monkeypatch):

@@ -13,7 +13,7 @@ from msi.errors import ConfigError, MSIError
 from msi.files import is_temporary, write_text
 from msi.rundir import (DamagedRunFile, append_log, append_metrics, check_new_run_dir, locked,
                         loss_terms, read_config, read_env, read_log, read_metrics, read_results, record_env,
-                        remove_leftovers, remove_run_files, resume_config, truncate_metrics, write_config,
+                        remove_leftovers, remove_run_files, truncate_metrics, write_config,
                         write_results)
 
 RESULTS = {"best_epoch": 3, "epochs_run": 5, "valid": {"recall@20": 0.5}, "test": {"recall@20": 0.4},
@@ -143,25 +143,6 @@ def test_truncating_metrics_keeps_the_rows_last_pt_holds(tmp_path):
     mtime = path.stat().st_mtime_ns
     assert truncate_metrics(tmp_path, 2) == 0 and path.stat().st_mtime_ns == mtime  # nothing to drop: not rewritten
     assert truncate_metrics(tmp_path / "none", 2) == 0
-
-
-# ---------------------------------------------------------------- resume overrides
-
-
-def test_resume_config_changes_only_how_long_and_how_often(tmp_path):
-    cfg = load_config(None, ["train.epochs=4"])
-    new, changes = resume_config(cfg, ["train.epochs=8", "train.patience=3", "train.tensorboard=true"])
-    assert (new.train.epochs, new.train.patience, new.train.tensorboard) == (8, 3, True)
-    assert new.model == cfg.model and new.train.lr == cfg.train.lr
-    assert changes == ["train.epochs=8 (was 4)", "train.patience=3 (was 20)", "train.tensorboard=True (was False)"]
-    assert resume_config(cfg, []) == (cfg, [])
-    for bad in ("train.lr=0.1", "model.dropout=0.1", "data.name=x"):
-        with pytest.raises(ConfigError, match=f"--resume cannot change '{bad.partition('=')[0]}'"):
-            resume_config(cfg, [bad])
-    with pytest.raises(ConfigError, match="train.epochs"):
-        resume_config(cfg, ["train.epochs=0"])
-    with pytest.raises(ConfigError, match="train.patience"):
-        resume_config(cfg, ["train.patience=many"])
 
 
 # ---------------------------------------------------------------- the directory

@@ -91,7 +91,7 @@ def _run_tool(fn: Callable[[list[str] | None], int | None], argv: list[str] | No
 
 
 def _train(argv: list[str] | None) -> int:
-    from msi.rundir import RESUME_KEYS
+    from msi.config import RESUME_KEYS
 
     p = _parser("msi-train", "Train a model; select it on the valid split; score test once.", EPILOG_OVERRIDES)
     p.add_argument("--config", help="YAML config (relative paths inside resolve against its folder)")

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from msi.config import Config
+from msi.config import NOT_A_SETTING, Config
 from msi.errors import MSIError, shown, warn
 from msi.files import check_replace, writing
 from msi.rundir import CONFIG, METRICS, finite, improves, loss_terms, read_config, read_metrics
@@ -46,9 +46,6 @@ TITLES = {
     "nce": "nce: InfoNCE estimate of I(z^a; z^b)\n(higher = more shared)",
     "jsd": "jsd: JSD estimate of I(z^a; z^b)\n(higher = more shared)",
 }
-# keys that say where or how a run ran, not what it trained: runs differing only here are seeds of one group
-NOT_A_SETTING = {"train.seed", "train.run_name", "train.out_dir", "data.root", "train.device",
-                 "train.checkpoint_every", "train.tensorboard"}
 
 
 def plot(dirs: list[Path], out: Path, overwrite: bool = False) -> tuple[int, int]:

@@ -20,11 +20,9 @@ the builder. A third-party package adds a model by declaring an entry point in t
 is the model's name and whose value is the module that registers it (``mf = "msi_mf.model"``); once it is
 installed, ``model.name=mf`` works in every tool. docs/adding_a_model.md walks through it.
 
-Layering. This module sits on the bottom layer beside ``msi.errors`` and imports no other msi module at module
-level, so ``msi.config`` may import it without a cycle. The builders live above it and are found on the first
-lookup (``get``, ``names``), never at import:
-- the built-in models register when ``msi.models`` is imported; ``_load_builtins`` does that import late, inside
-  the function, the one place where this module reaches up a layer;
+Layering. This module sits on the bottom layer beside ``msi.errors`` and imports no other msi module, so the
+models may import it (to register) and ``msi.config`` may import both without a cycle:
+- the built-in models register when ``msi.models`` is imported, which ``msi.config`` does;
 - a plugin's entry point is loaded (imported) once, when its name is first looked up: a plugin that is never asked
   for is never imported, and one that fails to import breaks only its own name, with a one-line ``MSIError``
   naming the entry point.
@@ -35,7 +33,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import importlib
 import typing
 from functools import lru_cache
 from importlib.metadata import EntryPoint, entry_points
@@ -130,14 +127,12 @@ def register(
 
 def names() -> list[str]:
     """Every model name: the registered ones and those that installed plugins declare (not imported here)."""
-    _load_builtins()
     return sorted(set(_ENTRIES) | set(_plugin_points()))
 
 
 def get(name: str) -> ModelEntry:
     """The model registered as ``name``, importing its plugin on first use; an unknown name is a ConfigError about
     ``model.name`` with the closest registered name."""
-    _load_builtins()
     points = _plugin_points().get(name, [])
     if len(points) > 1:
         raise MSIError(f"model {shown(name)} is declared by {len(points)} plugins: {', '.join(map(_describe, points))}; "
@@ -151,11 +146,6 @@ def get(name: str) -> ModelEntry:
         raise ConfigError(f"config key 'model.name': no model named {shown(name)}{hint} (models: {', '.join(names())}; "
                           f"a plugin adds one through the entry-point group '{GROUP}')")
     return _ENTRIES[name]
-
-
-def _load_builtins() -> None:
-    # late import: msi.models is a layer above and registers the built-in models as it is imported
-    importlib.import_module("msi.models")
 
 
 @lru_cache(maxsize=None)

@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
-from msi.config import Config, config_from_dict, load_config, parse_overrides
-from msi.errors import ConfigError, MSIError, read_utf8, shown, warn
+from msi.config import Config, load_config
+from msi.errors import ConfigError, MSIError, read_utf8, shown
 from msi.files import is_temporary, write_text
 
 try:
@@ -37,8 +37,6 @@ CONFIG, METRICS, RESULTS, ENV, LOG = "config.yaml", "metrics.jsonl", "results.js
 BEST, LAST, TENSORBOARD, STOPPED, LOCK = "best.pt", "last.pt", "tensorboard", "stopped.json", ".lock"
 RUN_FILES = (CONFIG, METRICS, BEST, LAST, RESULTS, ENV, LOG, TENSORBOARD, STOPPED)
 RESULT_KEYS = ("best_epoch", "epochs_run", "valid", "test", "train_seconds", "selected_by", "run_dir")
-# what a resume may change: how long and how often, never the model or the data
-RESUME_KEYS = ("train.epochs", "train.patience", "train.eval_every", "train.checkpoint_every", "train.tensorboard")
 
 
 class DamagedRunFile(MSIError):
@@ -229,41 +227,6 @@ def read_log(run_dir: Path, start: int = 0) -> tuple[str, int]:
         data = f.read()
     data = data[: data.rfind(b"\n") + 1]
     return data.decode("utf-8", errors="replace"), start + len(data)
-
-
-# ---------------------------------------------------------------- resume
-
-
-def resume_config(cfg: Config, overrides: list[str]) -> tuple[Config, list[str]]:
-    """``cfg`` with the overrides a resume allows (``RESUME_KEYS``), validated; and the changes, as
-    ``train.epochs=8 (was 4)``. Any other key is a ConfigError naming it."""
-    raw = cfg.to_dict()
-    for section, key, value in parse_overrides(overrides):
-        name = f"{section}.{key}"
-        if name not in RESUME_KEYS:
-            raise ConfigError(f"--resume cannot change '{name}' (only {', '.join(RESUME_KEYS)}: how long and how "
-                              "often, never the model or the data); start a new run for it")
-        try:
-            raw[section][key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"config key '{name}': cannot read {shown(value)}") from None
-    new = config_from_dict(raw)
-    changes = []
-    given = [f"{section}.{key}" for section, key, _ in parse_overrides(overrides)]
-    for name in sorted({n for n in given if given.count(n) > 1}):
-        warn(f"override {name} is given twice; the last is used")
-    for name in RESUME_KEYS:
-        key = name.partition(".")[2]
-        before, after = getattr(cfg.train, key), getattr(new.train, key)
-        if before != after:
-            changes.append(f"{name}={after} (was {before})")
-    return new, changes
-
-
-def changed_keys(a: Config, b: Config) -> list[str]:
-    """The dotted keys whose values differ between two configs."""
-    da, db = a.to_dict(), b.to_dict()
-    return [f"{s}.{k}" for s in da for k in da[s] if da[s][k] != db[s].get(k)]
 
 
 # ---------------------------------------------------------------- the directory

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from msi.config import Config
+from msi.config import NOT_A_SETTING, Config
 from msi.errors import MSIError, read_utf8
 from msi.files import check_replace, write_text
 from msi.rundir import DamagedRunFile, read_results
@@ -172,21 +172,16 @@ def _write_tables(dest: Path, head: dict[str, Any], trials: list[Trial], cfgs: d
     return summary
 
 
-# --set keys that say where or how a trial ran, not what it trained: a union of sweeps ignores them
-RUN_ONLY_KEYS = frozenset({"data.root", "train.out_dir", "train.checkpoint_every",
-                           "train.tensorboard"})
-
-
 def union_trials(outs: list[Path]) -> tuple[list[Trial], dict[str, Config], list[int]]:
     """The trials of several sweep folders as one grid, for a grid run in parts (on several machines, or a part
     re-run later): each trial's point becomes its folder's ``--set`` overrides that not every folder shares (less
-    ``RUN_ONLY_KEYS``) plus its grid point, sorted by key. A trial found in several folders counts once: its
+    ``NOT_A_SETTING``) plus its grid point, sorted by key. A trial found in several folders counts once: its
     finished copy, else any copy; two finished copies are refused unless their results.json are the same (a copied
     run directory). The seeds must be the same everywhere. Folders of different data sets are selected apart, one
     row per config and data set (``split_rows``)."""
     loaded = [(Path(o), *_load(Path(o))) for o in outs]
     seeds = loaded[0][1]["seeds"]
-    sets = [[o for o in rec["set"] if o.partition("=")[0] not in RUN_ONLY_KEYS] for _, rec, _, _ in loaded]
+    sets = [[o for o in rec["set"] if o.partition("=")[0] not in NOT_A_SETTING] for _, rec, _, _ in loaded]
     shared = set.intersection(*(set(x) for x in sets))
     trials: dict[tuple[str, str, tuple[str, ...], int], Trial] = {}
     configs: dict[Path, Config] = {}

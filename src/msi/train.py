@@ -27,18 +27,18 @@ import torch
 from tqdm import tqdm
 
 from msi.checkpoint import first_non_finite, rng_state, save_checkpoint, set_rng_state
-from msi.config import Config
+from msi.config import Config, changed_keys, resume_config
 from msi.data.dataset import Dataset
 from msi.errors import CheckpointError, ConfigError, DataError, Interrupted, MSIError, warn
 from msi.evaluate import Evaluator
-from msi.files import check_file_name, check_name, write_text
+from msi.files import check_file_name, write_text
 from msi.models import Recommender, build_model, epoch_diagnostics
 from msi.models.base import check_contract
 from msi.runinfo import TensorBoardLog, check_tensorboard, write_env
 from msi.run import data_signature, dataset_for, open_run, resolve_device, seed_everything
 from msi.rundir import (BEST, CONFIG, LAST, METRICS, RESULTS, DamagedRunFile, append_log, append_metrics,
-                        changed_keys, check_new_run_dir, improves, locked, read_config, read_results, remove_leftovers, remove_run_files,
-                        resume_config, truncate_metrics, write_config, write_results)
+                        check_new_run_dir, improves, locked, read_config, read_results, remove_leftovers, remove_run_files,
+                        truncate_metrics, write_config, write_results)
 
 Log = Callable[..., None]
 
@@ -162,9 +162,8 @@ def _run_dir(cfg: Config, out: str | Path | None) -> Path:
     """``out``, or ``<train.out_dir>/<train.run_name>`` (empty name: ``<data>-<model>-<time>``)."""
     if out is not None:
         return check_file_name(out, "run directory")
-    if cfg.train.run_name:
-        return Path(cfg.train.out_dir) / check_name(cfg.train.run_name, "train.run_name", ConfigError)
-    return Path(cfg.train.out_dir) / f"{cfg.data.name}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = cfg.train.run_name or f"{cfg.data.name}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.train.out_dir) / name  # train.run_name is one folder name (msi.config.validate)
 
 
 def _finished(run_dir: Path, log: Log) -> dict[str, Any] | None:
