@@ -39,7 +39,7 @@ from bench_mmrec import mmrec_bm3, mmrec_ratios
 from msi.config import load_config
 from msi.data.dataset import Dataset
 from msi.evaluate import Evaluator
-from msi.run import resolve_device, seed_everything
+from msi.runtime import resolve_device, seed_everything
 
 
 # ----------------------------------------------------------------------------------------------- one data set

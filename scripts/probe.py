@@ -19,7 +19,7 @@ from pathlib import Path
 def probe(run_dirs: list[Path], device: str) -> dict[str, dict[str, list[float]]]:
     """Valid and test Recall@20 with items represented by each view, per seed."""
     from msi.evaluate import Evaluator
-    from msi.run import open_run, resolve_device
+    from msi.runtime import open_run, resolve_device
     from msi.rundir import BEST
 
     out: dict[str, dict[str, list[float]]] = {}

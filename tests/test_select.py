@@ -212,7 +212,7 @@ def test_a_results_json_without_the_selection_metric_is_one_line_naming_it(sweep
 def other_data_set(sweep: Path, name: str) -> None:
     """A copy of the tiny data set under another name beside ``sweep``'s configs (their data.root)."""
     from msi.config import load_config
-    from msi.run import dataset_for
+    from msi.runtime import dataset_for
 
     dataset_for(load_config(sweep.parent / "recall.yaml"), progress=False)  # generates data/tiny
     root = sweep.parent / "data"

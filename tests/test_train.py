@@ -260,7 +260,7 @@ def test_a_run_failing_before_its_config_is_written_leaves_the_directory_empty(d
 
 def test_train_trains_the_very_model_and_data_passed(data_root, tmp_path):
     from msi.models import build_model
-    from msi.run import dataset_for
+    from msi.runtime import dataset_for
 
     cfg = config(data_root, "train.epochs=2")
     data = dataset_for(cfg)

@@ -1,7 +1,9 @@
-"""Checkpoints: plain versioned dicts, written atomically, read with ``weights_only=True`` (never run code)."""
+"""Checkpoints: plain versioned dicts, written atomically, read with ``weights_only=True`` (never run code); the
+signature of the data set a checkpoint was trained on, made (``data_signature``) and checked (``check_matches_data``)."""
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import random
 import re
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 
 from msi import __version__
+from msi.data.dataset import Dataset
 from msi.errors import CheckpointError, shown
 from msi.files import owned, writing
 
@@ -183,12 +186,32 @@ def check_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tens
                               f"have ({', '.join(extra)})")
 
 
+def data_signature(dataset: Dataset) -> dict[str, Any]:
+    """Sizes, feature widths and a fingerprint of a data set, stored in every checkpoint.
+
+    The fingerprint is a SHA-256 over the train/valid/test rows and the feature shapes (not the feature values:
+    hashing Elec's 1 GB of image features would cost seconds at every open).
+    """
+    h = hashlib.sha256()
+    for split in (dataset.train, dataset.valid, dataset.test):
+        h.update(np.ascontiguousarray(split, dtype=np.int64).tobytes())
+        h.update(b"|")
+    h.update(repr(sorted((m, f.shape) for m, f in dataset.features.items())).encode())
+    return {
+        "name": dataset.name,
+        "n_users": dataset.n_users,
+        "n_items": dataset.n_items,
+        "features": {m: int(f.shape[1]) for m, f in dataset.features.items()},
+        "fingerprint": h.hexdigest(),
+    }
+
+
 def check_matches_data(
     ckpt: dict[str, Any], path: str | Path, signature: dict[str, Any], allow_other_data: bool = False
 ) -> None:
     """Refuse a checkpoint trained on another data set.
 
-    ``signature`` is the data set's (``msi.run.data_signature``). Other sizes or feature widths are always an
+    ``signature`` is the data set's (``data_signature``). Other sizes or feature widths are always an
     error (the weights cannot fit); another fingerprint (the same shapes, other rows) is one unless
     ``allow_other_data``. Checkpoints written before fingerprints existed are compared by shape only.
     """

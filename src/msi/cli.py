@@ -152,7 +152,7 @@ def _eval(argv: list[str] | None) -> int:
     p.add_argument("--ks", default=None, help="comma-separated cut-offs (default: the run's eval.ks)")
     args = p.parse_args(argv)
     from msi.evaluate import Evaluator
-    from msi.run import open_run, resolve_device
+    from msi.runtime import open_run, resolve_device
 
     device = resolve_device(args.device)
     model, cfg, dataset, _ = open_run(args.checkpoint, device, allow_other_data=args.allow_other_data)
@@ -194,7 +194,7 @@ def _recommend(argv: list[str] | None) -> int:
     p.add_argument("--out", required=True, help="output TSV file")
     args = p.parse_args(argv)
     from msi.recommend import check_output, write_recommendations
-    from msi.run import open_run, resolve_device
+    from msi.runtime import open_run, resolve_device
 
     check_output(args.out)  # before the checkpoint and data are read
     device = resolve_device(args.device)
@@ -421,7 +421,7 @@ def _compare(argv: list[str] | None) -> int:
     args = p.parse_args(argv)
     from msi.compare import compare, ours_json, ours_markdown, render_markdown
     from msi.files import check_replace, write_text
-    from msi.run import resolve_device
+    from msi.runtime import resolve_device
 
     outputs = [(path, ours, kind) for path, ours, kind in ((args.out, ours_markdown, "md"),
                                                            (args.json, ours_json, "json")) if path]

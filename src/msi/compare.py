@@ -30,7 +30,7 @@ from msi.config import MAX_INT, METRICS, Config, config_from_dict
 from msi.data.dataset import Dataset
 from msi.errors import MSIError, shown
 from msi.evaluate import Evaluator
-from msi.run import dataset_for, open_run
+from msi.runtime import dataset_for, open_run
 from msi.files import write_text
 from msi.rundir import BEST, lock_holder, read_results
 from msi.select import load_sweep, summarize

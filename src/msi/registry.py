@@ -15,7 +15,7 @@ checks every key by these declarations (``key``'s ``check`` and ``choices``, the
 ``msi-train --list-keys model.name=NAME`` and written to a run's config.yaml like the built-in ones.
 
 The rest of the library asks only this module: ``msi.config.validate`` checks ``model.name`` here (with a
-did-you-mean), ``msi.run.dataset_for`` asks whether the model reads item features, ``msi.models.build_model`` calls
+did-you-mean), ``msi.runtime.dataset_for`` asks whether the model reads item features, ``msi.models.build_model`` calls
 the builder. A third-party package adds a model by declaring an entry point in the group ``msi.models`` whose name
 is the model's name and whose value is the module that registers it (``mf = "msi_mf.model"``); once it is
 installed, ``model.name=mf`` works in every tool. docs/adding_a_model.md walks through it.

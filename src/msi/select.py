@@ -96,7 +96,7 @@ def popularity_floor(cfg: Config, device: str = "cpu") -> dict[str, dict[str, fl
     """Valid and test metrics of the popularity baseline (items ranked by train count) on ``cfg``'s data."""
     from msi.evaluate import Evaluator
     from msi.models import Popularity
-    from msi.run import dataset_for, resolve_device
+    from msi.runtime import dataset_for, resolve_device
 
     data = dataset_for(cfg, progress=False)
     dev = resolve_device(device)

@@ -180,7 +180,7 @@ def check_sweep(configs: list[Path], grid: list[str], seeds: list[int], out: Pat
         if same is not t:
             raise MSIError(f"--grid: {' '.join(same.point)} and {' '.join(t.point)} give {t.config.name} the same "
                            "config; give each value once")
-    from msi.run import dataset_for
+    from msi.runtime import dataset_for
 
     for cfg in {(c.data.root, c.data.name, c.model.name): c for c in cfgs.values()}.values():
         dataset_for(cfg, progress=False)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from msi.checkpoint import first_non_finite, rng_state, save_checkpoint, set_rng_state
+from msi.checkpoint import data_signature, first_non_finite, rng_state, save_checkpoint, set_rng_state
 from msi.config import Config, changed_keys, resume_config
 from msi.data.dataset import Dataset
 from msi.errors import CheckpointError, ConfigError, DataError, Interrupted, MSIError, warn
@@ -34,10 +34,10 @@ from msi.evaluate import Evaluator
 from msi.files import check_file_name, write_text
 from msi.models import Recommender, build_model, epoch_diagnostics
 from msi.models.base import check_contract
-from msi.runinfo import TensorBoardLog, check_tensorboard, write_env
-from msi.run import data_signature, dataset_for, open_run, resolve_device, seed_everything
+from msi.records import TensorBoardLog, check_tensorboard, environment
+from msi.runtime import dataset_for, open_run, resolve_device, seed_everything
 from msi.rundir import (BEST, CONFIG, LAST, METRICS, RESULTS, DamagedRunFile, append_log, append_metrics,
-                        check_new_run_dir, improves, locked, read_config, read_results, remove_leftovers, remove_run_files,
+                        check_new_run_dir, improves, locked, record_env, read_config, read_results, remove_leftovers, remove_run_files,
                         truncate_metrics, write_config, write_results)
 
 Log = Callable[..., None]
@@ -57,7 +57,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     evaluator: Evaluator
     pairs: torch.Tensor  # (n, 2) train (user, item) rows on the device
-    signature: dict[str, Any]  # msi.run.data_signature, saved in every checkpoint
+    signature: dict[str, Any]  # msi.checkpoint.data_signature, saved in every checkpoint
     progress: dict[str, Any]  # epoch, best_metric, best_epoch, bad_evals, stopped, train_seconds (in last.pt)
     saved_epoch: int  # the epoch last.pt holds
 
@@ -126,7 +126,7 @@ def _run(run: _Run, resumed: bool, quiet: bool, log: _TrainLog) -> dict[str, Any
     """What a new run and a resume share once their files are in place: env.json, the epochs, the finish."""
     log(run.evaluator.dataset.summary())
     log.release()
-    write_env(run.dir, run.evaluator.device, resumed=resumed)
+    record_env(run.dir, environment(run.evaluator.device), resumed)
     try:
         _loop(run, quiet, log)
         return _finish(run, log)

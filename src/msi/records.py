@@ -1,4 +1,5 @@
-"""Records of a run beside its metrics: ``env.json`` (where and with what it ran), optional TensorBoard events."""
+"""Records of a run beside its metrics: ``environment`` (where and with what it ran: the record msi.rundir keeps in
+env.json) and the optional TensorBoard events."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from msi.errors import MSIError
-from msi.rundir import ENV, loss_terms, record_env
+from msi.rundir import loss_terms
 
 
 def git_commit(folder: Path) -> str | None:
@@ -46,15 +47,6 @@ def environment(device: torch.device | None = None, argv: list[str] | None = Non
         "command": list(sys.argv if argv is None else argv),
         "git_commit": git_commit(Path(__file__).resolve().parent),
     }
-
-
-def write_env(
-    run_dir: str | Path, device: torch.device | None = None, argv: list[str] | None = None, resumed: bool = False,
-) -> Path:
-    """Record ``environment`` in ``<run_dir>/env.json``: a new run's as ``first``, a resume's appended to
-    ``resumes`` (``msi.rundir.record_env``); returns its path."""
-    record_env(Path(run_dir), environment(device, argv), resumed)
-    return Path(run_dir) / ENV
 
 
 def check_tensorboard(enabled: bool) -> None:
