@@ -1,4 +1,5 @@
-"""Command-line tools: thin argparse wrappers, and the only place that reads argv.
+"""Command-line tools: thin argparse wrappers, and the only place that reads argv (with ``msi.tools``, what they
+share).
 
 Every tool exits with status 2 and a one-line ``error: ...`` (no traceback) on a problem the user can fix.
 """
@@ -7,16 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
-import signal
 import sys
-import threading
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-from msi import __version__
 from msi.errors import Interrupted, MSIError, shown
+from msi.tools import guard, parser, say, whole
 
 EPILOG_OVERRIDES = (
     "Overrides are dotted key=value pairs applied after the YAML file, e.g. "
@@ -24,76 +22,10 @@ EPILOG_OVERRIDES = (
 )
 
 
-def _parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog, description=description, epilog=epilog, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return p
-
-
-def _say(text: str, end: str = "\n") -> None:
-    """Print to stdout; a failed write (a full disk, a closed pipe) is one line that names stdout."""
-    try:
-        sys.stdout.write(text + end)
-        sys.stdout.flush()
-    except OSError as e:
-        raise MSIError(f"stdout: could not write the output ({e.strerror or e})") from None
-
-
-def _short(line: str, limit: int = 1000) -> str:
-    """An error line kept short whatever a value in it held (a message quotes values through msi.errors.shown;
-    this is the floor beneath that): its start and its end, which says what to do."""
-    return line if len(line) <= limit else f"{line[:limit - 300]} ... {line[-250:]}"
-
-
-def _terminated(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM is handled as Ctrl-C: what was kept is said, the lock released
-
-
-def _guard(fn: Callable[[list[str] | None], int | None], argv: list[str] | None) -> int:
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if main else None
-    try:
-        return _run_tool(fn, argv)
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _run_tool(fn: Callable[[list[str] | None], int | None], argv: list[str] | None) -> int:
-    try:
-        for arg in sys.argv[1:] if argv is None else argv:
-            if "\0" in arg:  # no file name, key or value can hold one (the OS would raise on the path)
-                raise MSIError(f"argument {shown(arg)} holds a NUL byte")
-        return fn(argv) or 0
-    except Interrupted as e:
-        print(f"error: {_short(str(e))}", file=sys.stderr)
-        return 130
-    except OSError as e:  # an unwritable output path, a full disk, a folder given as a file
-        where = f"{shown(e.filename)}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or _short(str(e))}", file=sys.stderr)
-        return 2
-    except MSIError as e:
-        print(f"error: {_short(str(e))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except (MemoryError, RuntimeError) as e:  # torch: CUDA's OutOfMemoryError, the CPU allocator's RuntimeError
-        text = str(e).split("\n")[0]
-        if not isinstance(e, MemoryError) and type(e).__name__ != "OutOfMemoryError" and "allocate memory" not in text:
-            raise
-        size = re.search(r"[Tt]ried to allocate ([\d.]+ \w+)", text)
-        print(f"error: out of memory{f' (tried to allocate {size.group(1)})' if size else ''}: lower "
-              "train.batch_size, eval.batch_users or model.embedding_dim", file=sys.stderr)
-        return 2
-
-
 def _train(argv: list[str] | None) -> int:
     from msi.config import RESUME_KEYS
 
-    p = _parser("msi-train", "Train a model; select it on the valid split; score test once.", EPILOG_OVERRIDES)
+    p = parser("msi-train", "Train a model; select it on the valid split; score test once.", EPILOG_OVERRIDES)
     p.add_argument("--config", help="YAML config (relative paths inside resolve against its folder)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--resume", metavar="RUN_DIR",
@@ -116,7 +48,7 @@ def _train(argv: list[str] | None) -> int:
     from msi.config import describe_keys, load_config
 
     if args.list_keys:
-        _say(describe_keys(args.overrides))
+        say(describe_keys(args.overrides))
         return 0
     if args.resume and (args.config or args.out or args.overwrite):
         raise MSIError("--resume continues a run in its own directory with its saved config; drop --config, "
@@ -131,7 +63,7 @@ def _train(argv: list[str] | None) -> int:
     else:
         results = train(load_config(args.config, args.overrides), out=args.out, overwrite=args.overwrite,
                         quiet=args.quiet, device=args.device)
-    _say(json.dumps({"run_dir": results["run_dir"], "best_epoch": results["best_epoch"],
+    say(json.dumps({"run_dir": results["run_dir"], "best_epoch": results["best_epoch"],
                       "valid": results["valid"], "test": results["test"]}))
     return 0
 
@@ -145,7 +77,7 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval(argv: list[str] | None) -> int:
-    p = _parser("msi-eval", "Full-ranking evaluation of a checkpoint; prints JSON metrics.")
+    p = parser("msi-eval", "Full-ranking evaluation of a checkpoint; prints JSON metrics.")
     _checkpoint_args(p)
     p.add_argument("--split", choices=("valid", "test"), default="test", help="which split to score")
     p.add_argument("--item-view", default="id", help="represent items by 'id' or a modality name (the probe)")
@@ -160,7 +92,7 @@ def _eval(argv: list[str] | None) -> int:
         raise MSIError(f"--item-view {shown(args.item_view)}: this model has {', '.join(model.item_views)}")
     evaluator = Evaluator.from_config(dataset, device, cfg, _parse_ks(args.ks) if args.ks else None, args.mask_valid)
     metrics = evaluator(model, args.split, args.item_view)
-    _say(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, "item_view": args.item_view,
+    say(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, "item_view": args.item_view,
                       **metrics}, indent=2))
     return 0
 
@@ -178,7 +110,7 @@ def _parse_ks(text: str) -> list[int]:
 
 
 def _recommend(argv: list[str] | None) -> int:
-    p = _parser(
+    p = parser(
         "msi-recommend",
         "Write the top-k items of each user to a TSV (userID, rank, itemID, score); seen items are excluded.",
         "Ids are written as raw ids when the data folder has MMRec's u_id_mapping.csv / i_id_mapping.csv.",
@@ -187,7 +119,7 @@ def _recommend(argv: list[str] | None) -> int:
     p.add_argument("--users", default="all",
                    help="'all', 'split' (the users with rows in --split), or a file of userIDs (as in .inter), "
                         "one per line")
-    p.add_argument("--k", type=_whole("--k", 1), default=20, help="items per user")
+    p.add_argument("--k", type=whole("--k", 1), default=20, help="items per user")
     p.add_argument("--split", choices=("valid", "test"), default="test",
                    help="recommend as for this split: train items are excluded (and valid ones at test with "
                         "--mask-valid)")
@@ -202,12 +134,12 @@ def _recommend(argv: list[str] | None) -> int:
     n_users, n_rows = write_recommendations(model, dataset, args.out, users=args.users, k=args.k, split=args.split,
                                             mask_valid=args.mask_valid or cfg.eval.mask_valid_at_test,
                                             batch_users=cfg.eval.batch_users)
-    _say(f"wrote {n_rows} rows for {n_users} users (at most {args.k} items each) to {args.out}")
+    say(f"wrote {n_rows} rows for {n_users} users (at most {args.k} items each) to {args.out}")
     return 0
 
 
 def _data(argv: list[str] | None) -> int:
-    p = _parser("msi-data", "Make data sets in the MMRec layout: generated ones, or from raw Amazon files.")
+    p = parser("msi-data", "Make data sets in the MMRec layout: generated ones, or from raw Amazon files.")
     sub = p.add_subparsers(dest="command", required=True)
     from msi.data.synth import PRESETS, SIGNALS
 
@@ -216,7 +148,7 @@ def _data(argv: list[str] | None) -> int:
                        description="Generate a data set in the MMRec layout (same seed, same bytes).")
     s.add_argument("--preset", required=True, choices=sorted(PRESETS), help="size preset")
     s.add_argument("--out", required=True, help="data set folder to write (<out>/<name>.inter, *_feat.npy)")
-    s.add_argument("--seed", type=_whole("--seed"), default=0, help="random seed")
+    s.add_argument("--seed", type=whole("--seed"), default=0, help="random seed")
     s.add_argument("--name", default=None, help="data set name (default: the folder's name)")
     s.add_argument("--signal", choices=SIGNALS, default=None,
                    help="where the preference factors live: mixed (both modalities, one shared nuisance), shared "
@@ -235,23 +167,10 @@ def _data(argv: list[str] | None) -> int:
 
         path = generate(args.preset, args.out, seed=args.seed, name=args.name, progress=not args.quiet,
                         signal=args.signal, overwrite=args.overwrite)
-        _say(f"wrote {path.parent}")
+        say(f"wrote {path.parent}")
     else:
         _run_prepare(args)
     return 0
-
-
-def _whole(flag: str, low: int = 0) -> Callable[[str], int]:
-    """An argparse type: a whole number in [low, 2**63 - 1], else one ``error:`` line naming ``flag``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise MSIError(f"{flag} {shown(text)}: expected a whole number") from None
-        if not low <= value <= 2**63 - 1:
-            raise MSIError(f"{flag} {shown(value)}: must be in [{low}, 2**63 - 1]")
-        return value
-    return parse
 
 
 def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -276,11 +195,11 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     paths.add_argument("--overwrite", action="store_true",
                        help="replace an earlier data set in <out>/<name>/ (default: %(default)s)")
     recipe = parser.add_argument_group("recipe (defaults follow MMRec; docs/prepare.md gives each rule)")
-    recipe.add_argument("--k-core", type=_whole("--k-core", 1), default=5, metavar="K",
+    recipe.add_argument("--k-core", type=whole("--k-core", 1), default=5, metavar="K",
                         help="iterative k-core: every user and item keeps >= K interactions (default: %(default)s)")
-    recipe.add_argument("--k-core-user", type=_whole("--k-core-user", 1), metavar="K",
+    recipe.add_argument("--k-core-user", type=whole("--k-core-user", 1), metavar="K",
                         help="K for users (default: %(default)s, meaning --k-core)")
-    recipe.add_argument("--k-core-item", type=_whole("--k-core-item", 1), metavar="K",
+    recipe.add_argument("--k-core-item", type=whole("--k-core-item", 1), metavar="K",
                         help="K for items (default: %(default)s, meaning --k-core)")
     recipe.add_argument("--dedupe", choices=DEDUPE, default="earliest",
                         help="which review of a repeated (user, item) pair to keep, by timestamp; none keeps "
@@ -292,7 +211,7 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-user split, seeded random or chronological (latest rows test, then valid): "
                         "n < 10 rows gives n-2/1/1, else floor(n/5) held out, half valid, the rest test "
                         "(default: %(default)s)")
-    recipe.add_argument("--seed", type=_whole("--seed"), default=0, metavar="N",
+    recipe.add_argument("--seed", type=whole("--seed"), default=0, metavar="N",
                         help="seed of the random split (default: %(default)s)")
     recipe.add_argument("--skip-bad-lines", action="store_true",
                         help="skip and count malformed lines instead of stopping at the first (default: %(default)s)")
@@ -301,7 +220,7 @@ def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_prepare(args: argparse.Namespace) -> None:
     """Run `prepare` from parsed arguments and print a short summary."""
-    from msi.data.prepare import prepare
+    from msi.data.prepare import prepare, summary_text
 
     summary = prepare(
         args.reviews, args.meta, args.image_features, args.name, args.out, k_core=args.k_core,
@@ -309,21 +228,11 @@ def _run_prepare(args: argparse.Namespace) -> None:
         split=args.split, seed=args.seed, skip_bad_lines=args.skip_bad_lines, progress=not args.no_progress,
         overwrite=args.overwrite,
     )
-    counts, core = summary["counts"], summary["counts"]["after_k_core"]
-    split = counts["split"]
-    _say(f"{summary['name']}: {core['users']:,} users, {core['items']:,} items, {core['rows']:,} interactions "
-          f"(train {split['train']:,} / valid {split['valid']:,} / test {split['test']:,})")
-    _say(f"items without text: {counts['items_without_text']:,}; without an image: "
-          f"{counts.get('items_without_image', 'no image file')}; bad lines skipped: "
-          f"{counts['review_lines_skipped'] + counts['meta_lines_skipped']:,}")
-    for first in (counts["first_skipped_review_line"], counts["first_skipped_meta_line"]):
-        if first:
-            _say(f"first skipped: {first}")
-    _say(f"wrote {summary['folder']}: {', '.join(summary['files'])}")
+    say(summary_text(summary))
 
 
 def _sweep(argv: list[str] | None) -> int:
-    p = _parser(
+    p = parser(
         "msi-sweep", "Configs x grid x seeds on Ray Tune; the grid point with the best mean valid train.metric "
         "wins (test is read for it only); re-running the same command finishes an interrupted sweep.",
         "Locally Ray starts embedded; with --address (or RAY_ADDRESS) the trials run on that Ray cluster, and --out "
@@ -331,13 +240,13 @@ def _sweep(argv: list[str] | None) -> int:
     p.add_argument("--config", nargs="+", type=Path, help="YAML configs (each one a row of the table)")
     p.add_argument("--grid", nargs="*", default=None, action="extend", metavar="key=v1,v2",
                    help="axes searched on valid; commas inside [...] stay in a value: eval.ks=[10,20],[5,10]")
-    p.add_argument("--seeds", nargs="+", type=_whole("--seeds"), default=[999, 42, 2026], help="train.seed of each trial")
+    p.add_argument("--seeds", nargs="+", type=whole("--seeds"), default=[999, 42, 2026], help="train.seed of each trial")
     p.add_argument("--out", type=Path, help="sweep folder: run directories, sweep.yaml and the tables")
     p.add_argument("--set", nargs="*", default=None, action="extend", metavar="key=value",
                    help="overrides for every trial (repeatable)")
-    p.add_argument("--cpus-per-trial", type=_whole("--cpus-per-trial", 1), default=1, help="CPUs (and torch threads) per trial")
+    p.add_argument("--cpus-per-trial", type=whole("--cpus-per-trial", 1), default=1, help="CPUs (and torch threads) per trial")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; 0.25 packs four on one GPU")
-    p.add_argument("--max-concurrent", type=_whole("--max-concurrent", 1), default=None, help="trials at a time (default: as resources allow)")
+    p.add_argument("--max-concurrent", type=whole("--max-concurrent", 1), default=None, help="trials at a time (default: as resources allow)")
     p.add_argument("--address", default=None, help="a running Ray cluster (default: RAY_ADDRESS, else embedded)")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds; then running trials stop (their last.pt stays) and the table covers finished ones")
@@ -352,36 +261,27 @@ def _sweep(argv: list[str] | None) -> int:
     args = p.parse_args(argv)
     if args.baseline and not args.report:
         p.error("--baseline goes with --report DIR")
+    from msi.sweep import report_sweeps, run_sweep
+
     if args.report:
-        from msi.select import report, union_report
-
-        if len(args.report) > 1 and not args.out:
-            p.error("--report with several folders writes the union's tables to --out DIR")
-        dest = args.out or args.report[0]
-        summary = union_report(args.report, dest) if args.out else report(dest)
-        if args.baseline:
-            from msi.compare import add_baseline
-
-            add_baseline(dest, summary, args.baseline)
-        _say((dest / "results.md").read_text(), end="")
+        say((report_sweeps(args.report, args.out, args.baseline) / "results.md").read_text(), end="")
         return 0
     if not args.config or not args.out:
         p.error("--config and --out are required (or --report DIR)")
-    from msi.sweep import run_sweep
-
     try:
-        run_sweep(args.config, args.grid or [], args.seeds, args.out, args.set or [], args.cpus_per_trial,
-                  args.gpus_per_trial, args.max_concurrent, args.address, args.deadline, args.asha)
+        run_sweep(args.config, args.grid or [], args.seeds, args.out, overrides=args.set or [],
+                  cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                  max_concurrent=args.max_concurrent, address=args.address, deadline=args.deadline, asha=args.asha)
     except KeyboardInterrupt:
         command = shlex.join(["msi-sweep", *map(str, sys.argv[1:] if argv is None else argv)])
         raise Interrupted(f"interrupted; finished trials are kept and the others resume from their last.pt: "
                           f"continue with {command}") from None
-    _say((args.out / "results.md").read_text(), end="")
+    say((args.out / "results.md").read_text(), end="")
     return 0
 
 
 def _plot(argv: list[str] | None) -> int:
-    p = _parser("msi-plot", "Learning curves of run directories (seeds overlaid with their mean, each run's best "
+    p = parser("msi-plot", "Learning curves of run directories (seeds overlaid with their mean, each run's best "
                 "epoch marked), or a sweep's grid of valid metrics (mean ± std over seeds) with the selected point "
                 "starred, as a picture. Needs: pip install -e '.[plot]'.")
     p.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run directories, or one msi-sweep folder")
@@ -392,14 +292,14 @@ def _plot(argv: list[str] | None) -> int:
     from msi.plot import plot
 
     width, height = plot(args.dirs, args.out, args.overwrite)
-    _say(f"wrote {args.out} ({width}x{height})")
+    say(f"wrote {args.out} ({width}x{height})")
     return 0
 
 
 def _compare(argv: list[str] | None) -> int:
     from msi.compare import BOOTSTRAP_RESAMPLES
 
-    p = _parser(
+    p = parser(
         "msi-compare", "Paired comparison of two sets of runs on one data set, paired by seed: each side's per-seed "
         f"and mean metric, the mean difference B - A, a 95% CI by paired bootstrap over users ({BOOTSTRAP_RESAMPLES:,} "
         "resamples of the per-user metric averaged over seeds, fixed seed), the Wilcoxon signed-rank p over users "
@@ -431,39 +331,19 @@ def _compare(argv: list[str] | None) -> int:
                      args.unfinished)
     texts = {"md": render_markdown(result, " ".join(args.a), " ".join(args.b)),
              "json": json.dumps(result.to_json(), indent=2) + "\n"}
-    _say(texts["md"], end="")
+    say(texts["md"], end="")
     for path, ours, kind in outputs:
         write_text(path, texts[kind], ours, "msi-compare")
     return 0
 
 
-def compare_main(argv: list[str] | None = None) -> int:
-    return _guard(_compare, argv)
-
-
-def sweep_main(argv: list[str] | None = None) -> int:
-    return _guard(_sweep, argv)
-
-
-def plot_main(argv: list[str] | None = None) -> int:
-    return _guard(_plot, argv)
-
-
-def train_main(argv: list[str] | None = None) -> int:
-    return _guard(_train, argv)
-
-
-def eval_main(argv: list[str] | None = None) -> int:
-    return _guard(_eval, argv)
-
-
-def recommend_main(argv: list[str] | None = None) -> int:
-    return _guard(_recommend, argv)
-
-
-def data_main(argv: list[str] | None = None) -> int:
-    return _guard(_data, argv)
-
+compare_main = partial(guard, _compare)
+sweep_main = partial(guard, _sweep)
+plot_main = partial(guard, _plot)
+train_main = partial(guard, _train)
+eval_main = partial(guard, _eval)
+recommend_main = partial(guard, _recommend)
+data_main = partial(guard, _data)
 
 TOOLS = {"train": train_main, "eval": eval_main, "recommend": recommend_main, "data": data_main,
          "sweep": sweep_main, "plot": plot_main, "compare": compare_main}
@@ -474,7 +354,7 @@ def msi_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in TOOLS:
         return TOOLS[argv[0]](argv[1:])
-    p = _parser("msi", "MSI multi-modal recommendation. Tools: " + ", ".join(f"msi {t}" for t in TOOLS)
+    p = parser("msi", "MSI multi-modal recommendation. Tools: " + ", ".join(f"msi {t}" for t in TOOLS)
                 + " (the same as msi-train, msi-eval, ...).")
     p.add_argument("tool", choices=sorted(TOOLS), help="the tool to run")
     p.parse_args(argv)

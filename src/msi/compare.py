@@ -31,7 +31,6 @@ from msi.data.dataset import Dataset
 from msi.errors import MSIError, shown
 from msi.evaluate import Evaluator
 from msi.runtime import dataset_for, open_run
-from msi.files import write_text
 from msi.rundir import BEST, lock_holder, read_results
 from msi.select import load_sweep, summarize
 
@@ -319,10 +318,3 @@ def baseline_section(summary: dict[str, Any], baseline: str, device: torch.devic
         lines.append(f"| {name} | {cmp.n_users} | {len(cmp.seeds)} | {cmp.a_mean:.4f} | {cmp.b_mean:.4f} | "
                      f"{cmp.delta:+.4f} | [{cmp.ci95[0]:+.4f}, {cmp.ci95[1]:+.4f}] | {cmp.p_wilcoxon:.3g} | {p_t} |")
     return "\n".join(lines) + "\n"
-
-
-def add_baseline(dest: Path, summary: dict[str, Any], baseline: str, device: torch.device | str = "cpu",
-                 progress: bool = True) -> None:
-    """Append ``baseline_section`` to ``dest``/results.md, just written by ``msi.select``'s report."""
-    path = Path(dest) / "results.md"
-    write_text(path, path.read_text() + "\n" + baseline_section(summary, baseline, device, progress))

@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -145,20 +146,26 @@ def load_sweep(out: Path, unstarted: bool = False) -> tuple[dict[str, Any], list
     return record, trials, row_configs(trials, configs)
 
 
-def report(out: Path, unstarted: bool = False) -> dict[str, Any]:
+Extra = Callable[[dict[str, Any]], str]  # a summary -> markdown that results.md ends with
+
+
+def report(out: Path, unstarted: bool = False, extra: Extra | None = None) -> dict[str, Any]:
     """Re-read ``<out>``'s run directories, select, and write results.md, results.csv and summary.json;
-    ``unstarted``: also when no trial has started (the end of a sweep stopped before any did)."""
+    ``unstarted``: also when no trial has started (the end of a sweep stopped before any did); ``extra``: a section
+    results.md ends with (msi.compare.baseline_section), made before any table is written."""
     out = Path(out)
     record, trials, cfgs = load_sweep(out, unstarted)
     head = {"out": str(out.resolve()), "seeds": record["seeds"], "grid": record["grid"], "set": record["set"]}
-    return _write_tables(out, head, trials, cfgs)
+    return _write_tables(out, head, trials, cfgs, extra)
 
 
 TABLES = ("summary.json", "results.md", "results.csv")
 
 
-def _write_tables(dest: Path, head: dict[str, Any], trials: list[Trial], cfgs: dict[str, Config]) -> dict[str, Any]:
-    """Select over ``trials``, add the popularity floor of each data set, and write the three tables to ``dest``."""
+def _write_tables(dest: Path, head: dict[str, Any], trials: list[Trial], cfgs: dict[str, Config],
+                  extra: Extra | None = None) -> dict[str, Any]:
+    """Select over ``trials``, add the popularity floor of each data set, and write the three tables to ``dest``
+    (the one writer of a sweep's tables; ``extra``'s section ends results.md)."""
     floors = {}
     for cfg in cfgs.values():
         if cfg.data.name not in floors:
@@ -166,7 +173,8 @@ def _write_tables(dest: Path, head: dict[str, Any], trials: list[Trial], cfgs: d
     metrics = {name: cfg.train.metric for name, cfg in cfgs.items()}
     summary = {**head, "configs": summarize(trials, metrics), "popularity": floors, "damaged": damaged_results(trials)}
     dest.mkdir(parents=True, exist_ok=True)
-    texts = (json.dumps(summary, indent=2) + "\n", render_markdown(summary), render_csv(summary))
+    markdown = render_markdown(summary) + ("\n" + extra(summary) if extra else "")
+    texts = (json.dumps(summary, indent=2) + "\n", markdown, render_csv(summary))
     for name, text in zip(TABLES, texts):
         write_text(dest / name, text)
     return summary
@@ -204,7 +212,7 @@ def union_trials(outs: list[Path]) -> tuple[list[Trial], dict[str, Config], list
     return merged, row_configs(merged, configs), seeds
 
 
-def union_report(outs: list[Path], dest: Path) -> dict[str, Any]:
+def union_report(outs: list[Path], dest: Path, extra: Extra | None = None) -> dict[str, Any]:
     """``report`` over the union of several sweep folders (``union_trials``), written to ``dest``: one selection,
     by the same rule, over every point of every folder; test is read for the selected point only. ``dest`` must be
     new, or hold no tables but an earlier union's."""
@@ -216,7 +224,7 @@ def union_report(outs: list[Path], dest: Path) -> dict[str, Any]:
         check_replace(dest / name, lambda _: ours, "msi-sweep --report (a union)")
     trials, cfgs, seeds = union_trials(outs)
     head = {"out": [str(Path(o).resolve()) for o in outs], "seeds": seeds, "grid": [], "set": []}
-    return _write_tables(dest, head, trials, cfgs)
+    return _write_tables(dest, head, trials, cfgs, extra)
 
 
 def _union_tables(dest: Path) -> bool:

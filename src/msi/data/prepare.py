@@ -323,6 +323,21 @@ def prepare(
     return summary
 
 
+def summary_text(summary: dict[str, Any]) -> str:
+    """What `msi-data prepare` prints of a summary: sizes and the split, what was missing or skipped, what was
+    written."""
+    counts, core = summary["counts"], summary["counts"]["after_k_core"]
+    split = counts["split"]
+    lines = [f"{summary['name']}: {core['users']:,} users, {core['items']:,} items, {core['rows']:,} interactions "
+             f"(train {split['train']:,} / valid {split['valid']:,} / test {split['test']:,})",
+             f"items without text: {counts['items_without_text']:,}; without an image: "
+             f"{counts.get('items_without_image', 'no image file')}; bad lines skipped: "
+             f"{counts['review_lines_skipped'] + counts['meta_lines_skipped']:,}"]
+    lines += [f"first skipped: {first}" for first in (counts["first_skipped_review_line"],
+                                                      counts["first_skipped_meta_line"]) if first]
+    return "\n".join([*lines, f"wrote {summary['folder']}: {', '.join(summary['files'])}"])
+
+
 def _swap_in(staging: Path, folder: Path, outputs: list[str]) -> None:
     """Replace ``folder`` by the complete ``staging`` folder; files of ``folder`` that prepare does not write
     (an extra modality, notes) move over. A crash between the two renames leaves the old folder whole under a
