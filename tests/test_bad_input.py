@@ -891,7 +891,8 @@ def test_i19_x_sweep_folders_that_are_not_what_they_should_be(workdir, tmp_path,
     assert code == 2 and error_line(err) == "error: --baseline 'lightgcn': the sweep's configs are recall"
     (notes / "results.md").write_text("mine")  # a union's --out holding someone's results.md
     code, _, err = run(sweep_main, ["--report", sweep, sweep, "--out", notes], capsys)
-    assert code == 2 and error_line(err).startswith(f"error: {notes / 'results.md'}: exists and was not written by msi-sweep --report (a union)")
+    assert code == 2 and error_line(err).startswith(f"error: {notes / 'results.md'}: exists and was not written by "
+                                                    "msi-sweep --report (a union)")
     assert (notes / "results.md").read_text() == "mine"
     moved = tmp_path / "moved"
     moved.mkdir()
@@ -1207,8 +1208,8 @@ def test_26_classes_any_hostile_value_is_one_short_line_and_nothing_is_written(w
 def test_26_classes_ids_in_text_files_follow_the_inter_readers_rules(workdir, tmp_path, capsys):
     best = workdir / "runs" / "done" / "best.pt"
     users = tmp_path / "users.txt"
-    for text, problem in (("1_0", "is not an integer"), ("\u0661", "is not an integer"), ("1e30", "is far out of range"),
-                          ("-1", "is negative"), ("2.5", "is not an integer")):
+    for text, problem in (("1_0", "is not an integer"), ("\u0661", "is not an integer"), ("-1", "is negative"),
+                          ("1e30", "is far out of range"), ("2.5", "is not an integer")):
         users.write_text(f"0\n{text}\n")
         code, _, err = run(recommend_main, recommend_args(best, tmp_path / "r.tsv", "--users", users), capsys)
         assert code == 2 and error_line(err).startswith(f"error: {users}:2: userID {text!r} {problem}")

@@ -1,4 +1,5 @@
-"""msi/checkpoint.py and msi.runtime.open_run: weights-only loading, clear errors, atomic saves, RNG state, foreign data."""
+"""msi/checkpoint.py and msi.runtime.open_run: weights-only loading, clear errors, atomic saves, RNG state, foreign
+data."""
 
 from __future__ import annotations
 

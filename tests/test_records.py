@@ -1,4 +1,5 @@
-"""msi/records.py: the environment record kept in env.json and the TensorBoard log (a no-op when off, an error naming the extra when missing)."""
+"""msi/records.py: the environment record kept in env.json and the TensorBoard log (a no-op when off, an error naming
+the extra when missing)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Checkpoints: plain versioned dicts, written atomically, read with ``weights_only=True`` (never run code); the
-signature of the data set a checkpoint was trained on, made (``data_signature``) and checked (``check_matches_data``)."""
+signature of the data set a checkpoint was trained on, made (``data_signature``) and checked
+(``check_matches_data``)."""
 
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: incomplete msi checkpoint, missing {', '.join(missing)}")
     version = obj["format_version"]
     if type(version) is not int or version < 1:
-        raise CheckpointError(f"{path}: not an msi checkpoint: format_version is {shown(version)}, not a positive integer")
+        raise CheckpointError(f"{path}: not an msi checkpoint: format_version is {shown(version)}, not a positive "
+                              "integer")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {version} is newer than this msi ({__version__}) reads")
     problem = _malformed(obj)

@@ -240,13 +240,16 @@ def _sweep(argv: list[str] | None) -> int:
     p.add_argument("--config", nargs="+", type=Path, help="YAML configs (each one a row of the table)")
     p.add_argument("--grid", nargs="*", default=None, action="extend", metavar="key=v1,v2",
                    help="axes searched on valid; commas inside [...] stay in a value: eval.ks=[10,20],[5,10]")
-    p.add_argument("--seeds", nargs="+", type=whole("--seeds"), default=[999, 42, 2026], help="train.seed of each trial")
+    p.add_argument("--seeds", nargs="+", type=whole("--seeds"), default=[999, 42, 2026],
+                   help="train.seed of each trial")
     p.add_argument("--out", type=Path, help="sweep folder: run directories, sweep.yaml and the tables")
     p.add_argument("--set", nargs="*", default=None, action="extend", metavar="key=value",
                    help="overrides for every trial (repeatable)")
-    p.add_argument("--cpus-per-trial", type=whole("--cpus-per-trial", 1), default=1, help="CPUs (and torch threads) per trial")
+    p.add_argument("--cpus-per-trial", type=whole("--cpus-per-trial", 1), default=1,
+                   help="CPUs (and torch threads) per trial")
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial; 0.25 packs four on one GPU")
-    p.add_argument("--max-concurrent", type=whole("--max-concurrent", 1), default=None, help="trials at a time (default: as resources allow)")
+    p.add_argument("--max-concurrent", type=whole("--max-concurrent", 1), default=None,
+                   help="trials at a time (default: as resources allow)")
     p.add_argument("--address", default=None, help="a running Ray cluster (default: RAY_ADDRESS, else embedded)")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds; then running trials stop (their last.pt stays) and the table covers finished ones")

@@ -135,8 +135,8 @@ def get(name: str) -> ModelEntry:
     ``model.name`` with the closest registered name."""
     points = _plugin_points().get(name, [])
     if len(points) > 1:
-        raise MSIError(f"model {shown(name)} is declared by {len(points)} plugins: {', '.join(map(_describe, points))}; "
-                       "uninstall all but one")
+        raise MSIError(f"model {shown(name)} is declared by {len(points)} plugins: "
+                       f"{', '.join(map(_describe, points))}; uninstall all but one")
     if points and name not in _LOADED:
         _load_plugin(points[0])
     if name not in _ENTRIES:

@@ -38,7 +38,8 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {shown(name)} was asked for, but this torch build sees no CUDA GPU")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"device {shown(name)}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+        raise ConfigError(f"device {shown(name)}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered "
+                          "from 0")
     return device
 
 

@@ -37,8 +37,8 @@ from msi.models.base import check_contract
 from msi.records import TensorBoardLog, check_tensorboard, environment
 from msi.runtime import dataset_for, open_run, resolve_device, seed_everything
 from msi.rundir import (BEST, CONFIG, LAST, METRICS, RESULTS, DamagedRunFile, append_log, append_metrics,
-                        check_new_run_dir, improves, locked, record_env, read_config, read_results, remove_leftovers, remove_run_files,
-                        truncate_metrics, write_config, write_results)
+                        check_new_run_dir, improves, locked, read_config, read_results, record_env, remove_leftovers,
+                        remove_run_files, truncate_metrics, write_config, write_results)
 
 Log = Callable[..., None]
 
