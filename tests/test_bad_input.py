@@ -6,6 +6,7 @@ was saved before is lost or misreported. The numbers are those of the catalogue 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -1005,6 +1006,29 @@ def test_26_5_sigterm_is_handled_as_ctrl_c(workdir, tmp_path):
     assert not (out / ".lock").exists()
 
 
+@pytest.mark.parametrize("valid, best", [([0.1, 0.3, float("nan"), 0.2], 2), ([float("nan")] * 3, None),
+                                         ([0.1, None, 0.3, 0.3], 3), ([0.2, 0.1, 0.2], 1)])
+def test_26_6_plot_marks_the_epoch_the_trainer_chose(tmp_path, capsys, valid, best):
+    """The trainer's rule (msi.rundir.improves): strictly better than the best so far; NaN and null never are."""
+    from msi.plot import best_epoch, read_run
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("train: {seed: 1}\n")
+    rows = [{"loss": 1.0, "epoch": e, "valid": {"recall@20": v}, "terms": ["loss"]} for e, v in enumerate(valid, 1)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert best_epoch(rows, "recall@20") == best
+    read_run(run_dir)
+    bad = [str(e) for e, v in enumerate(valid, 1) if not isinstance(v, float) or v != v]
+    warning = (f"warning: {run_dir / 'metrics.jsonl'}: valid recall@20 is not a finite number at epoch(s) "
+               f"{', '.join(bad)}; left out of the curve (the trainer never selects such an epoch)")
+    assert capsys.readouterr().err.splitlines() == ([warning] if bad else [])
+    if importlib.util.find_spec("matplotlib") is not None:
+        from msi.cli import plot_main
+
+        assert run(plot_main, [run_dir, "--out", tmp_path / "c.png"], capsys)[0] == 0
+
+
 class _Plugin(msi.models.Recommender):
     """A plugin's model whose faults a test chooses: ``fault`` in "no loss", "non-scalar", "embeddings"."""
 
@@ -1086,7 +1110,7 @@ def test_26_9_a_hand_edit_to_config_yaml_is_warned_on_resume(workdir, tmp_path, 
         warning = f"warning: {config}: missing; the run goes on with last.pt's config and writes it there again"
     else:
         config.write_text(config.read_text().replace("lr: 0.001", "lr: 0.5"))
-        warning = (f"warning: {config}: train.lr differ from last.pt's config (edited by hand?); the run goes on "
+        warning = (f"warning: {config}: train.lr differs from last.pt's config (edited by hand?); the run goes on "
                    "with last.pt's, and config.yaml is written from it again: change how long or how often with "
                    "--resume RUN key=value")
     code, _, err = run(train_main, ["--resume", out, f"train.epochs={EPOCHS + 1}", "--quiet"], capsys)

@@ -242,7 +242,8 @@ def _warn_hand_edits(run_dir: Path, saved: Config) -> None:
         warn(f"{e}; the run goes on with last.pt's config and writes config.yaml again")
         return
     if differ:
-        warn(f"{path}: {', '.join(differ)} differ from last.pt's config (edited by hand?); the run goes on with "
+        verb = "differs" if len(differ) == 1 else "differ"
+        warn(f"{path}: {', '.join(differ)} {verb} from last.pt's config (edited by hand?); the run goes on with "
              "last.pt's, and config.yaml is written from it again: change how long or how often with --resume "
              "RUN key=value")
 
