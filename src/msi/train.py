@@ -1,4 +1,4 @@
-"""The training loop (SPEC §3): Adam over shuffled positive pairs, validation, early stopping, checkpoints.
+"""The training run (SPEC §3): epochs (``msi.epoch.run_epoch``), validation, early stopping, checkpoints.
 
 A run directory holds ``config.yaml``, ``metrics.jsonl`` (one line per epoch), ``best.pt`` (the best valid
 metric so far), ``last.pt`` (the end of the last finished epoch, for ``--resume``), ``results.json`` (the test
@@ -8,6 +8,7 @@ shows, also when quiet). Nothing is ever chosen by a test score. Its files are r
 A run directory is never clobbered: one that holds files is refused unless the run resumes it or is told to
 overwrite it, and ``.lock`` (an exclusive ``flock`` held while the run lives, removed at its end) refuses a second
 live process.
+
 Two entry points: ``train`` (a new run) and ``resume`` (a run continued from its last.pt). Each reads and checks
 everything (``_new_run``, ``_resumed_run``: the directory, the device, the extras, the data, the model) before it
 changes the first file; both then share ``_run``: ``_loop`` (epochs) and ``_finish`` (test).
@@ -30,6 +31,7 @@ from msi.checkpoint import data_signature, first_non_finite, rng_state, save_che
 from msi.config import Config, changed_keys, resume_config
 from msi.data.dataset import Dataset
 from msi.errors import CheckpointError, ConfigError, DataError, Interrupted, MSIError, warn
+from msi.epoch import TrainingDiverged, make_optimizer, run_epoch
 from msi.evaluate import Evaluator
 from msi.files import check_file_name, write_text
 from msi.models import Recommender, build_model, epoch_diagnostics
@@ -41,10 +43,6 @@ from msi.rundir import (BEST, CONFIG, LAST, METRICS, RESULTS, DamagedRunFile, ap
                         remove_run_files, truncate_metrics, write_config, write_results)
 
 Log = Callable[..., None]
-
-
-class TrainingDiverged(MSIError):
-    """The loss or the weights became NaN or inf; the checkpoints written before stay as they were."""
 
 
 @dataclass
@@ -345,50 +343,6 @@ def _save(run: _Run, name: str) -> None:
     save_checkpoint(run.dir / name, payload)
     if name == "last.pt":
         run.saved_epoch = run.progress["epoch"]
-
-
-def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """Adam, no weight decay; fused=True: one pass over each parameter, the per-tensor loop's numbers up to
-    rounding (tests/test_train.py's pinned trajectory), 5x faster on the CPU over the raw features."""
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-
-
-def run_epoch(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, pairs: torch.Tensor, batch_size: int,
-    epoch: int, quiet: bool = True, bf16: bool = False,
-) -> dict[str, Any]:
-    """One pass over the shuffled train pairs (n, 2); returns the mean of every loss term and the time.
-
-    Each batch: zero_grad, the loss (under bfloat16 autocast with ``bf16``: the forward pass and the loss only,
-    as nanoGPT does), backward, the Adam step. zero_grad comes first so the last step's gradients are still there
-    for ``epoch_diagnostics``.
-    """
-    model.train()
-    t0 = time.time()
-    perm = torch.randperm(len(pairs)).to(pairs.device)
-    sums: dict[str, torch.Tensor] = {}
-    n_batches = math.ceil(len(pairs) / batch_size)
-    losses = torch.empty(n_batches, device=pairs.device)  # checked once per epoch: no GPU sync per step
-    for b in tqdm(range(n_batches), desc=f"epoch {epoch + 1}", leave=False, disable=quiet):
-        batch = pairs[perm[b * batch_size : (b + 1) * batch_size]]
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(pairs.device.type, dtype=torch.bfloat16, enabled=bf16):
-            terms = model.loss(batch[:, 0], batch[:, 1])
-        terms["loss"].backward()
-        optimizer.step()
-        losses[b] = terms["loss"].detach()
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.detach()
-    bad = torch.nonzero(~torch.isfinite(losses))
-    if len(bad):
-        b = int(bad[0])
-        raise TrainingDiverged(
-            f"loss is {losses[b].item()} at epoch {epoch + 1}, batch {b + 1}; the run stops here, and the "
-            "checkpoints written before this epoch are kept"
-        )
-    row = {k: float(v) / n_batches for k, v in sums.items()}
-    row.update(epoch=epoch + 1, epoch_seconds=time.time() - t0)
-    return row
 
 
 def _fmt(metrics: dict[str, float], keys: tuple[str, ...] = ("recall", "ndcg")) -> str:
