@@ -1094,6 +1094,23 @@ def test_26_7_a_plugin_builder_that_raises_is_one_line_in_eval_too(workdir, tmp_
                                              "raised ValueError: the plugin's own bug")
 
 
+def test_26_7_a_plugin_rule_across_keys_that_raises_is_one_line(workdir, tmp_path, capsys, plugin):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Keys:
+        def validate(self, cfg):
+            return cfg.model.missing  # the plugin's own bug
+
+    plugin.register("plugin-rule", item_features=False, model=Keys)(lambda cfg, data: None)
+    config = tmp_path / "plugin.yaml"
+    config.write_text((workdir / "tiny.yaml").read_text().replace("model:\n  embedding_dim: 8\n", ""))
+    code, _, err = run(train_main, ["--config", config, "--out", tmp_path / "run", "model.name=plugin-rule"], capsys)
+    assert code == 2 and error_line(err).startswith("error: model 'plugin-rule': ")
+    assert "Keys.validate raised AttributeError: " in error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
 def test_26_8_an_override_given_twice_on_resume_is_warned(workdir, tmp_path, capsys):
     out = finished_copy(workdir, tmp_path)
     code, _, err = run(train_main, ["--resume", out, "train.epochs=5", "train.epochs=4", "--quiet"], capsys)

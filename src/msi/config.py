@@ -26,7 +26,7 @@ import yaml
 
 import msi.models  # noqa: F401  (registers the built-in models)
 from msi import registry
-from msi.errors import ConfigError, read_utf8, shown, warn
+from msi.errors import ConfigError, raised, read_utf8, shown, warn
 from msi.files import check_name
 from msi.registry import key
 
@@ -410,7 +410,13 @@ def validate(cfg: Config) -> None:
         check_name(t.run_name, "config key 'train.run_name':", ConfigError)
     for section in (cfg.model, cfg.loss):
         if hasattr(section, "validate"):
-            section.validate(cfg)
+            try:
+                section.validate(cfg)
+            except ConfigError:
+                raise
+            except Exception as e:  # a plugin's own rule that fails otherwise: one line naming it
+                raise ConfigError(f"model {shown(cfg.model.name)}: {type(section).__qualname__}.validate raised "
+                                  f"{raised(e)}") from None
 
 
 def _check_value(key: str, value: Any, meta: Any) -> None:
