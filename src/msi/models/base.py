@@ -213,15 +213,15 @@ def grad_norms(model: Recommender) -> dict[str, float]:
 
 def check_contract(model: Recommender, pairs: torch.Tensor, n_users: int, n_items: int, name: str) -> None:
     """Before a run starts: one ``loss`` on a batch of train ``pairs`` (B, 2) and one ``embeddings()``, in train mode
-    without gradients, checked against the interface (a dict of scalar terms holding ``loss``; ``user`` (U, d) and
-    each of ``item_views`` (I, d)). Whatever fails, or raises, is one MSIError naming the model and its class. The
-    random state is left as it was: the run draws the same numbers as without the check."""
+    as the trainer calls them (no backward), checked against the interface (a dict of scalar terms holding ``loss``;
+    ``user`` (U, d) and each of ``item_views`` (I, d)). Whatever fails, or raises, is one MSIError naming the model
+    and its class. The random state is left as it was: the run draws the same numbers as without the check."""
     where = f"model {name!r} ({type(model).__module__}.{type(model).__qualname__})"
     devices = [pairs.device] if pairs.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=devices):
             model.train()
-            terms = model.loss(pairs[:, 0], pairs[:, 1])
+            terms = model.loss(pairs[:, 0], pairs[:, 1])  # as the trainer calls it; no backward, so no gradient
             emb = model.embeddings()
     except (MSIError, MemoryError, torch.OutOfMemoryError):
         raise
