@@ -1,7 +1,9 @@
 """The hostile-user catalogue, case by case, through the command-line functions on generated ``tiny`` data.
 
 Each case: the exit status, a one-line ``error: ...`` that names the file or key (no traceback), and nothing that
-was saved before is lost or misreported. The numbers are those of the catalogue in the README's "Bad input".
+was saved before is lost or misreported. The numbers are those of the catalogue in the README's "Bad input";
+``test_26_N`` are the defects of issue 26 (a refused resume changes nothing, a file a tool did not write is never
+replaced, ...), and ``test_26_classes_*`` keep its promises for whole classes of input.
 """
 
 from __future__ import annotations
