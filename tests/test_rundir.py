@@ -1,4 +1,4 @@
-"""msi/rundir.py: atomic writes, the lock, and one rule for partial and damaged run-directory files."""
+"""msi/rundir.py: the run files, the lock, and one rule for partial and damaged run-directory files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 import msi.rundir
 from msi.config import load_config
 from msi.errors import ConfigError, MSIError
-from msi.files import is_temporary, write_text
 from msi.rundir import (DamagedRunFile, append_log, append_metrics, check_new_run_dir, locked,
                         loss_terms, read_config, read_env, read_log, read_metrics, read_results, record_env,
                         remove_leftovers, remove_run_files, truncate_metrics, write_config,
@@ -23,30 +22,6 @@ ROWS = '{"loss": 1.0, "rec": 0.5, "epoch": 1, "terms": ["loss", "rec"]}\n{"loss"
 
 def only_file(folder):
     return sorted(p.name for p in folder.iterdir())
-
-
-# ---------------------------------------------------------------- writing
-
-
-def test_write_text_replaces_the_file_and_leaves_no_temporary(tmp_path):
-    path = tmp_path / "results.json"
-    write_text(path, "one")
-    write_text(path, "two")
-    assert path.read_text() == "two" and only_file(tmp_path) == ["results.json"]
-
-
-@pytest.mark.parametrize("fails", ["fsync", "replace"])
-def test_a_failed_write_names_the_file_keeps_the_old_one_and_removes_its_temporary(tmp_path, monkeypatch, fails):
-    path = tmp_path / "results.json"
-    path.write_text("old")
-
-    def disk_full(*args):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, fails, disk_full)
-    with pytest.raises(MSIError, match=f"^{path}: could not write \\(No space left on device\\)"):
-        write_text(path, "new")
-    assert path.read_text() == "old" and only_file(tmp_path) == ["results.json"]
 
 
 def test_metrics_rows_name_their_loss_terms(tmp_path):
@@ -207,7 +182,6 @@ def test_a_new_run_refuses_files_unless_overwrite_and_never_removes_foreign_ones
 def test_leftovers_of_interrupted_writes_are_removed(tmp_path):
     for name in (".best.pt.tmp-12", ".results.json.tmp-12-ab12cd34", "best.pt", ".lock"):
         (tmp_path / name).write_text("x")
-    assert is_temporary(".last.pt.tmp-1") and not is_temporary("last.pt") and not is_temporary(".lock")
     assert sorted(p.name for p in remove_leftovers(tmp_path)) == [".best.pt.tmp-12", ".results.json.tmp-12-ab12cd34"]
     assert only_file(tmp_path) == [".lock", "best.pt"]
 
