@@ -56,7 +56,9 @@ def test_run_directory_holds_config_metrics_checkpoints_and_results(run_a):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "results.json").read_text()) == results
     assert results["epochs_run"] == EPOCHS
-    assert set(results["test"]) == {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map") for k in (5, 20)}
+    assert set(results["test"]) == {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map", "hit", "mrr")
+                                    for k in (5, 20)}
+    assert set(results["popularity"]["test"]) == set(results["test"])  # the floor, scored alike
     assert load_config(run_dir / "config.yaml").train.epochs == EPOCHS
     rs = rows(run_dir)
     assert [r["epoch"] for r in rs] == list(range(1, EPOCHS + 1))

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from functools import partial
 from pathlib import Path
 
 from msi.errors import Interrupted, MSIError, shown
-from msi.tools import guard, parser, say, whole
+from msi.tools import HelpFormatter, guard, parser, say, whole
 
 EPILOG_OVERRIDES = (
     "Overrides are dotted key=value pairs applied after the YAML file, e.g. "
     "model.n_layers=2 loss.alpha=0.01 train.epochs=5 eval.ks=[10,20,50]. Run 'msi-train --list-keys' for all keys."
 )
+
 
 
 def _train(argv: list[str] | None) -> int:
@@ -63,9 +65,21 @@ def _train(argv: list[str] | None) -> int:
     else:
         results = train(load_config(args.config, args.overrides), out=args.out, overwrite=args.overwrite,
                         quiet=args.quiet, device=args.device)
-    say(json.dumps({"run_dir": results["run_dir"], "best_epoch": results["best_epoch"],
-                      "valid": results["valid"], "test": results["test"]}))
+    say(_result_line(results))
     return 0
+
+
+def _result_line(results: dict) -> str:
+    """msi-train's last line: the run directory, its best epoch, the selection metric on valid and test, and the
+    popularity floor (a results.json written before msi recorded it has none)."""
+    metric = results["selected_by"].removeprefix("valid ")
+    where = os.path.relpath(results["run_dir"])
+    where = results["run_dir"] if where.startswith("..") else where
+    floor = results.get("popularity")
+    beside = f" (popularity: valid {floor['valid'][metric]:.4f} test {floor['test'][metric]:.4f})" if floor else ""
+    return (f"{where}: best epoch {results['best_epoch']} of {results['epochs_run']}, {metric} valid "
+            f"{results['valid'][metric]:.4f} test {results['test'][metric]:.4f}{beside}; every metric in its "
+            "results.json")
 
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -77,9 +91,12 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval(argv: list[str] | None) -> int:
-    p = parser("msi-eval", "Full-ranking evaluation of a checkpoint; prints JSON metrics.")
+    p = parser("msi-eval", "Full-ranking evaluation of a checkpoint on the valid split (or --split test); prints "
+               "JSON metrics.")
     _checkpoint_args(p)
-    p.add_argument("--split", choices=("valid", "test"), default="test", help="which split to score")
+    p.add_argument("--split", choices=("valid", "test"), default="valid",
+                   help="which split to score (the output's 'split' says which); test only for a checkpoint "
+                        "already selected on valid")
     p.add_argument("--item-view", default="id", help="represent items by 'id' or a modality name (the probe)")
     p.add_argument("--ks", default=None, help="comma-separated cut-offs (default: the run's eval.ks)")
     args = p.parse_args(argv)
@@ -144,12 +161,13 @@ def _data(argv: list[str] | None) -> int:
     from msi.data.synth import PRESETS, SIGNALS
 
     s = sub.add_parser("synth", help="generate a data set with planted structure",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=HelpFormatter,
                        description="Generate a data set in the MMRec layout (same seed, same bytes).")
     s.add_argument("--preset", required=True, choices=sorted(PRESETS), help="size preset")
     s.add_argument("--out", required=True, help="data set folder to write (<out>/<name>.inter, *_feat.npy)")
     s.add_argument("--seed", type=whole("--seed"), default=0, help="random seed")
-    s.add_argument("--name", default=None, help="data set name (default: the folder's name)")
+    s.add_argument("--name", default=None,
+                   help="data set name, the <name> of <name>.inter and of data.name (default: the folder's name)")
     s.add_argument("--signal", choices=SIGNALS, default=None,
                    help="where the preference factors live: mixed (both modalities, one shared nuisance), shared "
                         "(both, each with a nuisance of its own), specific (half the factors each, a shared "
@@ -159,7 +177,7 @@ def _data(argv: list[str] | None) -> int:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     _prepare_arguments(sub.add_parser(
         "prepare", help="build a data set from raw Amazon review files (2014 or 2018 release)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Build a data set in the MMRec layout from raw Amazon review/metadata/image files."))
     args = p.parse_args(argv)
     if args.command == "synth":
@@ -167,7 +185,9 @@ def _data(argv: list[str] | None) -> int:
 
         path = generate(args.preset, args.out, seed=args.seed, name=args.name, progress=not args.quiet,
                         signal=args.signal, overwrite=args.overwrite)
-        say(f"wrote {path.parent}")
+        name = path.stem  # <name>.inter: the folder's name unless --name
+        say(f"wrote {path.parent}: data set '{name}' (train on it with data.root={path.parent.parent} "
+            f"data.name={name})")
     else:
         _run_prepare(args)
     return 0
@@ -176,8 +196,7 @@ def _data(argv: list[str] | None) -> int:
 def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of `msi-data prepare` to `parser`.
 
-    Each help text shows its default itself (required options have none), so the text reads the same with or
-    without `argparse.ArgumentDefaultsHelpFormatter`.
+    Each help text shows its default itself (required options have none), so `HelpFormatter` adds none.
     """
     from msi.data.prepare import DEDUPE, ID_ORDERS, SPLIT_METHODS
 
@@ -314,7 +333,7 @@ def _compare(argv: list[str] | None) -> int:
     p.add_argument("--split", choices=("valid", "test"), default="valid",
                    help="test is for points already selected on valid only (e.g. SWEEP_DIR:CONFIG), never for "
                         "choosing between settings")
-    p.add_argument("--metric", default="recall@20", help="recall, ndcg, precision or map @ a cut-off")
+    p.add_argument("--metric", default="recall@20", help="recall, ndcg, precision, map, hit or mrr @ a cut-off")
     p.add_argument("--out", type=Path, metavar="FILE.md", help="also write the markdown summary here")
     p.add_argument("--json", type=Path, metavar="FILE.json", help="write the statistics as JSON here")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -337,6 +356,7 @@ def _compare(argv: list[str] | None) -> int:
     say(texts["md"], end="")
     for path, ours, kind in outputs:
         write_text(path, texts[kind], ours, "msi-compare")
+        say(f"wrote {path}")
     return 0
 
 

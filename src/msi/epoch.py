@@ -8,8 +8,8 @@ import time
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from msi.console import progress_bar
 from msi.errors import MSIError
 
 
@@ -39,7 +39,7 @@ def run_epoch(
     sums: dict[str, torch.Tensor] = {}
     n_batches = math.ceil(len(pairs) / batch_size)
     losses = torch.empty(n_batches, device=pairs.device)  # checked once per epoch: no GPU sync per step
-    for b in tqdm(range(n_batches), desc=f"epoch {epoch + 1}", leave=False, disable=quiet):
+    for b in progress_bar(range(n_batches), desc=f"epoch {epoch + 1}", leave=False, show=not quiet):
         batch = pairs[perm[b * batch_size : (b + 1) * batch_size]]
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(pairs.device.type, dtype=torch.bfloat16, enabled=bf16):

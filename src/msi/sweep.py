@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import msi
 from msi.config import config_from_dict
+from msi.console import progress_bar
 from msi.errors import MSIError
 from msi.rundir import STOPPED, DamagedRunFile, locked, read_log, read_metrics, read_results, write_json
 from msi.select import report
@@ -134,29 +135,34 @@ def run_sweep(
     log: Callable[[str], None] = tqdm.write,
 ) -> dict[str, Any]:
     """Run every unfinished trial of the sweep on Ray Tune, then select on valid and write the tables; returns the
-    summary. Everything is checked before a file is written (``check_limits``, then ``drive``'s checks)."""
+    summary. Everything is checked before a file is written (``check_limits``, then ``drive``'s checks, then Ray
+    Tune installed: without the extra, a refusal that leaves --out as it was)."""
     check_limits(cpus_per_trial, gpus_per_trial, max_concurrent, deadline)
 
     def run(todo: list[Trial], cfgs: dict[str, Any], out: Path) -> None:
         _tune(todo, cfgs, out, cpus_per_trial, gpus_per_trial, max_concurrent, address, deadline, asha, log)
 
-    return drive(configs, grid, seeds, out, list(overrides or []), run, log)
+    return drive(configs, grid, seeds, out, list(overrides or []), run, log, needs=import_ray)
 
 
 def drive(configs: list[Path], grid: list[str], seeds: list[int], out: Path, overrides: list[str],
-          run: Callable[[list[Trial], dict[str, Any], Path], None], log: Callable[[str], None]) -> dict[str, Any]:
+          run: Callable[[list[Trial], dict[str, Any], Path], None], log: Callable[[str], None],
+          needs: Callable[[], object] | None = None) -> dict[str, Any]:
     """The skeleton every sweep driver shares (msi-sweep on Ray, scripts/sweep_fallback.py without): check the sweep
-    (``msi.sweepdir.check_sweep``) before a file is written, hold ``<out>/.lock`` (one live sweep per folder), record
-    sweep.yaml, refuse a trial directory a live process holds, ``run(todo, configs, out)`` the unfinished trials,
-    say which are left, and write the tables (``msi.select.report``); returns the summary."""
+    (``msi.sweepdir.check_sweep``) and what the driver ``needs`` (Ray Tune) before a file is written, hold
+    ``<out>/.lock`` (one live sweep per folder), record sweep.yaml, refuse a trial directory a live process holds,
+    ``run(todo, configs, out)`` the unfinished trials, say which are left, and write the tables
+    (``msi.select.report``); returns the summary."""
     out = Path(out).resolve()
     trials, cfgs = check_sweep(configs, grid, seeds, out, overrides)
+    if needs is not None:
+        needs()  # a refusal that leaves --out as it was: the corrected command can start there
     with locked(out, "msi-sweep"):
         record_sweep(out, configs, grid, seeds, overrides)
         todo = [t for t in trials if trial_state(t.run_dir) in ("new", "resumable")]
         for t in todo:
             check_free(t.run_dir)
-        log(f"{len(trials)} trials: {len(trials) - len(todo)} already finished or stopped, {len(todo)} to run")
+        log(f"{trials_word(len(trials))}: {len(trials) - len(todo)} already finished or stopped, {len(todo)} to run")
         if todo:
             run(todo, cfgs, out)
         left = [t for t in trials if trial_state(t.run_dir) in ("new", "resumable")]
@@ -166,7 +172,8 @@ def drive(configs: list[Path], grid: list[str], seeds: list[int], out: Path, ove
             except DamagedRunFile as e:
                 log(f"{t.name}: unfinished; {e}")
         if left:
-            log(f"{len(left)} trials unfinished; run the same command again to continue them")
+            log(f"{trials_word(len(left))} unfinished; run the same command again to continue "
+                f"{'it' if len(left) == 1 else 'them'}")
         return report(out, unstarted=True)
 
 
@@ -184,6 +191,11 @@ def report_sweeps(folders: list[Path], out: Path | None = None, baseline: str | 
     dest = Path(out or folders[0])
     union_report(folders, dest, extra) if out else report(dest, extra=extra)
     return dest
+
+
+def trials_word(n: int) -> str:
+    """``1 trial``, ``2 trials``."""
+    return f"{n} trial{'' if n == 1 else 's'}"
 
 
 def check_limits(cpus_per_trial: int, gpus_per_trial: float, max_concurrent: int | None,
@@ -229,7 +241,7 @@ def _tune(
     started = start_ray(address)
     try:
         check_cluster(cpus, gpus, ray.nodes())
-        with tqdm(total=len(todo), desc="trials", unit="trial", leave=False) as bar:
+        with progress_bar(total=len(todo), desc="trials", unit="trial", leave=False) as bar:
             tuner = tune.Tuner(
                 tune.with_resources(run_trial, {"cpu": cpus, "gpu": gpus}),
                 param_space={"trial": tune.grid_search(specs)},

@@ -29,18 +29,19 @@ from tqdm import tqdm
 
 from msi.checkpoint import data_signature, first_non_finite, rng_state, save_checkpoint, set_rng_state
 from msi.config import Config, changed_keys, resume_config
+from msi.console import progress_bar
 from msi.data.dataset import Dataset
 from msi.errors import CheckpointError, ConfigError, DataError, Interrupted, MSIError, warn
 from msi.epoch import TrainingDiverged, make_optimizer, run_epoch
-from msi.evaluate import Evaluator
+from msi.evaluate import Evaluator, popularity_metrics
 from msi.files import check_file_name, write_text
 from msi.models import Recommender, build_model, epoch_diagnostics
 from msi.models.base import check_contract
 from msi.records import TensorBoardLog, check_tensorboard, environment
 from msi.runtime import dataset_for, open_run, resolve_device, seed_everything
 from msi.rundir import (BEST, CONFIG, LAST, METRICS, RESULTS, DamagedRunFile, append_log, append_metrics,
-                        check_new_run_dir, improves, locked, read_config, read_results, record_env, remove_leftovers,
-                        remove_run_files, truncate_metrics, write_config, write_results)
+                        check_new_run_dir, improves, locked, read_config, read_results, record_env, remove_files,
+                        remove_leftovers, truncate_metrics, unstarted_run, write_config, write_results)
 
 Log = Callable[..., None]
 
@@ -78,11 +79,16 @@ def train(
         present = check_new_run_dir(run_dir, overwrite)
         run = _new_run(cfg, run_dir, device, quiet, model, data)
         if present:  # everything checked: the first change
-            remove_run_files(run_dir, present)
-            log(f"--overwrite: removed {', '.join(present)} from {run_dir}")
+            remove_files(run_dir, present)
+            log(f"removed {', '.join(present)} from {run_dir}{' (--overwrite)' if overwrite else ''}")
         write_config(run_dir, cfg)
         write_text(run_dir / METRICS, "")
-        return _run(run, False, quiet, log)
+        try:
+            return _run(run, False, quiet, log)
+        except BaseException:
+            if (names := unstarted_run(run_dir)) is not None:  # no epoch row yet: the run leaves nothing behind
+                remove_files(run_dir, names)  # (and locked() removes the folder when it made it)
+            raise
 
 
 def resume(
@@ -279,14 +285,18 @@ def _check_model_fits(model: Recommender, cfg: Config, dataset: Dataset) -> None
                        f"{dataset.name} (parameters differ: {diff}); build it with build_model(cfg, data)")
 
 
+
 def _loop(run: _Run, quiet: bool, log: Log) -> None:
     """Epochs until train.epochs or early stopping; valid every train.eval_every; best.pt and last.pt."""
     t, p = run.cfg.train, run.progress
     start, seconds_before = time.time(), p["train_seconds"]
     epochs = range(p["epoch"], t.epochs) if not p["stopped"] else range(0)
     tensorboard = TensorBoardLog(run.dir, t.tensorboard)
+    if epochs:
+        log(f"one line per evaluated epoch: mean train loss, valid metrics, and * when valid {t.metric} is the "
+            "best so far (saved as best.pt)")
     try:
-        for epoch in tqdm(epochs, desc="epochs", disable=quiet, initial=p["epoch"], total=t.epochs):
+        for epoch in progress_bar(epochs, desc="epochs", show=not quiet, initial=p["epoch"], total=t.epochs):
             run.model.start_epoch(epoch)
             row = run_epoch(run.model, run.optimizer, run.pairs, t.batch_size, epoch, quiet, t.autocast == "bf16")
             terms = [k for k in row if k not in ("epoch", "epoch_seconds")]  # run_epoch's mean loss terms
@@ -310,6 +320,9 @@ def _loop(run: _Run, quiet: bool, log: Log) -> None:
                 log(f"early stop: no better valid {t.metric} for {t.patience} evaluations")
                 break
     except KeyboardInterrupt:
+        if run.saved_epoch == 0:  # no epoch row: the run's files go (train); rows without last.pt stay
+            raise Interrupted(f"interrupted before {run.dir / 'last.pt'} was first written, so there is nothing to "
+                              f"resume: start the run again{' with --overwrite' if p['epoch'] else ''}") from None
         raise Interrupted(
             f"interrupted; {run.dir / 'last.pt'} holds epoch {run.saved_epoch}: continue with "
             f"msi-train --resume {run.dir}"
@@ -345,6 +358,7 @@ def _save(run: _Run, name: str) -> None:
         run.saved_epoch = run.progress["epoch"]
 
 
+
 def _fmt(metrics: dict[str, float], keys: tuple[str, ...] = ("recall", "ndcg")) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.split("@")[0] in keys)
 
@@ -368,6 +382,7 @@ def _finish(run: _Run, log: Log) -> dict[str, Any]:
         "train_seconds": p["train_seconds"],
         "selected_by": f"valid {run.cfg.train.metric}",
         "run_dir": str(run.dir),  # absolute (train makes it so)
+        "popularity": popularity_metrics(run.evaluator),  # the floor: items ranked by their train count
     }
     write_results(run.dir, results)
     log(f"best epoch {results['best_epoch']}: valid {_fmt(results['valid'])} | test {_fmt(results['test'])}")
