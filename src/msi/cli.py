@@ -99,6 +99,7 @@ def _eval(argv: list[str] | None) -> int:
                         "already selected on valid")
     p.add_argument("--item-view", default="id", help="represent items by 'id' or a modality name (the probe)")
     p.add_argument("--ks", default=None, help="comma-separated cut-offs (default: the run's eval.ks)")
+    _items_arg(p)
     args = p.parse_args(argv)
     from msi.evaluate import Evaluator
     from msi.runtime import open_run, resolve_device
@@ -107,11 +108,19 @@ def _eval(argv: list[str] | None) -> int:
     model, cfg, dataset, _ = open_run(args.checkpoint, device, allow_other_data=args.allow_other_data)
     if args.item_view not in model.item_views:
         raise MSIError(f"--item-view {shown(args.item_view)}: this model has {', '.join(model.item_views)}")
-    evaluator = Evaluator.from_config(dataset, device, cfg, _parse_ks(args.ks) if args.ks else None, args.mask_valid)
+    evaluator = Evaluator.from_config(dataset, device, cfg, _parse_ks(args.ks) if args.ks else None, args.mask_valid,
+                                      args.items)
     metrics = evaluator(model, args.split, args.item_view)
-    say(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, "item_view": args.item_view,
-                      **metrics}, indent=2))
+    say(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, "items": args.items,
+                    "item_view": args.item_view, **metrics}, indent=2))
     return 0
+
+
+def _items_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--items", choices=("all", "warm", "cold"), default="all",
+                   help="score the split's rows of every item, only of warm items (with a train row) or only of "
+                        "cold ones (none: only a model that reads item features can rank them); every item stays "
+                        "a candidate")
 
 
 def _parse_ks(text: str) -> list[int]:
@@ -334,6 +343,7 @@ def _compare(argv: list[str] | None) -> int:
                    help="test is for points already selected on valid only (e.g. SWEEP_DIR:CONFIG), never for "
                         "choosing between settings")
     p.add_argument("--metric", default="recall@20", help="recall, ndcg, precision, map, hit or mrr @ a cut-off")
+    _items_arg(p)
     p.add_argument("--out", type=Path, metavar="FILE.md", help="also write the markdown summary here")
     p.add_argument("--json", type=Path, metavar="FILE.json", help="write the statistics as JSON here")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -350,7 +360,7 @@ def _compare(argv: list[str] | None) -> int:
     for path, ours, _ in outputs:
         check_replace(path, ours, "msi-compare")  # before any run is scored
     result = compare(args.a, args.b, args.metric, args.split, resolve_device(args.device), not args.quiet,
-                     args.unfinished)
+                     args.unfinished, args.items)
     texts = {"md": render_markdown(result, " ".join(args.a), " ".join(args.b)),
              "json": json.dumps(result.to_json(), indent=2) + "\n"}
     say(texts["md"], end="")

@@ -36,7 +36,7 @@ from msi.select import load_sweep, summarize
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
-JSON_KEYS = ("metric", "split", "n_users", "n_seeds", "a_mean", "b_mean", "delta", "ci95", "p_wilcoxon",
+JSON_KEYS = ("metric", "split", "items", "n_users", "n_seeds", "a_mean", "b_mean", "delta", "ci95", "p_wilcoxon",
              "p_ttest_seeds")
 
 
@@ -58,9 +58,10 @@ class Comparison:
     p_ttest_seeds: float | None
     ttest_note: str = ""  # why p_ttest_seeds is None
     differ: tuple[str, ...] = ()  # the settings A and B differ in: "key: A's value(s) -> B's"
+    items: str = "all"  # the split's rows scored: all, warm or cold items (msi.evaluate.ITEM_SETS)
 
     def to_json(self) -> dict[str, Any]:
-        return {"metric": self.metric, "split": self.split, "n_users": self.n_users, "n_seeds": len(self.seeds),
+        return {"metric": self.metric, "split": self.split, "items": self.items, "n_users": self.n_users, "n_seeds": len(self.seeds),
                 "a_mean": self.a_mean, "b_mean": self.b_mean, "delta": self.delta, "ci95": list(self.ci95),
                 "p_wilcoxon": self.p_wilcoxon, "p_ttest_seeds": self.p_ttest_seeds}
 
@@ -206,8 +207,9 @@ def check_metric(metric: str) -> int:
 
 
 def score_runs(heads: list[RunHead], datasets: dict[str, Dataset], metric: str, split: str,
-               device: torch.device | str = "cpu", progress: bool = True) -> np.ndarray:
-    """The per-user ``metric`` on ``split`` of each run's best.pt: (runs, users), users ascending."""
+               device: torch.device | str = "cpu", progress: bool = True, items: str = "all") -> np.ndarray:
+    """The per-user ``metric`` on ``split`` (its rows of ``items``: all, warm or cold) of each run's best.pt:
+    (runs, users), users ascending."""
     k = check_metric(metric)
     evaluators: dict[tuple[str, bool], Evaluator] = {}
     rows = []
@@ -215,7 +217,7 @@ def score_runs(heads: list[RunHead], datasets: dict[str, Dataset], metric: str, 
         model, cfg, dataset, _ = open_run(h.run_dir / BEST, device, dataset=datasets[h.fingerprint])
         key = (h.fingerprint, cfg.eval.mask_valid_at_test)
         if key not in evaluators:
-            evaluators[key] = Evaluator.from_config(dataset, device, cfg, [k])
+            evaluators[key] = Evaluator.from_config(dataset, device, cfg, [k], items=items)
         _, values = evaluators[key].per_user(model, split)
         rows.append(values[metric].cpu().numpy())
     return np.stack(rows)
@@ -230,15 +232,17 @@ def check_same_candidates(heads: list[RunHead], split: str) -> None:
 
 
 def compare(a_specs: list[str | Path], b_specs: list[str | Path], metric: str = "recall@20", split: str = "valid",
-            device: torch.device | str = "cpu", progress: bool = True, unfinished: bool = False) -> Comparison:
+            device: torch.device | str = "cpu", progress: bool = True, unfinished: bool = False,
+            items: str = "all") -> Comparison:
     """Score A's and B's runs per user and compare them paired by seed (see the module doc); ``unfinished``: also
-    runs without results.json (``read_runs``)."""
+    runs without results.json (``read_runs``); ``items``: only the split's rows of warm or cold items
+    (msi.evaluate's module doc)."""
     check_metric(metric)
     a, b = pair_by_seed(read_runs(a_specs, unfinished), read_runs(b_specs, unfinished))
     check_same_candidates(a + b, split)
-    values = score_runs(a + b, load_data(a + b), metric, split, device, progress)
+    values = score_runs(a + b, load_data(a + b), metric, split, device, progress, items)
     c = paired_stats(values[: len(a)], values[len(a) :], [h.seed for h in a], metric, split)
-    return replace(c, differ=setting_differences([h.cfg for h in a], [h.cfg for h in b]))
+    return replace(c, differ=setting_differences([h.cfg for h in a], [h.cfg for h in b]), items=items)
 
 
 def setting_differences(a: list[Config], b: list[Config]) -> tuple[str, ...]:
@@ -283,7 +287,8 @@ def _differ_lines(differ: tuple[str, ...]) -> list[str]:
 
 def render_markdown(c: Comparison, a_label: str = "A", b_label: str = "B") -> str:
     """A per-seed table and the statistics, for a terminal or a .md file."""
-    lines = [f"{c.metric} on {c.split}: {c.n_users} users, {len(c.seeds)} seeds (paired by seed)", "",
+    which = "" if c.items == "all" else f" ({c.items} items only)"
+    lines = [f"{c.metric} on {c.split}{which}: {c.n_users} users, {len(c.seeds)} seeds (paired by seed)", "",
              f"A: {a_label}", f"B: {b_label}", *_differ_lines(c.differ), "", "| seed | A | B | B - A |",
              "|---:|---:|---:|---:|"]
     lines += [f"| {s} | {x:.4f} | {y:.4f} | {y - x:+.4f} |" for s, x, y in zip(c.seeds, c.a_seeds, c.b_seeds)]
