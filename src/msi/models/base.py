@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +22,30 @@ class _BlockSpMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:  # type: ignore[override]
         return None, None, torch.sparse.mm(ctx.a_t, grad)
+
+
+def sparse_product(a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """a @ x for a fixed sparse CSR ``a`` (n, m) with its transpose ``a_t`` (m, n) given: a dense (n, k) result
+    whose gradient with respect to ``x`` (m, k) is ``a_t @ grad``, built once instead of on every step."""
+    return _BlockSpMM.apply(a, a_t, x)
+
+
+def pair_keys(train: np.ndarray | torch.Tensor, n_items: int) -> torch.Tensor:
+    """The sorted unique keys user * n_items + item of the (n, 2) train pairs, for ``draw_negatives``."""
+    train = torch.as_tensor(np.asarray(train), dtype=torch.long).reshape(-1, 2)
+    return torch.unique(train[:, 0] * n_items + train[:, 1])
+
+
+def draw_negatives(keys: torch.Tensor, users: torch.Tensor, n_items: int) -> torch.Tensor:
+    """One uniformly drawn item per user (B,), redrawn while (user, item) is one of ``keys`` (``pair_keys``)."""
+    neg = torch.randint(0, n_items, users.shape, device=users.device)
+    while True:
+        k = users * n_items + neg
+        pos = torch.searchsorted(keys, k).clamp(max=len(keys) - 1)
+        todo = keys[pos] == k
+        if not bool(todo.any()):
+            return neg
+        neg = torch.where(todo, torch.randint(0, n_items, users.shape, device=users.device), neg)
 
 
 def bipartite_blocks(adj: torch.Tensor, n_users: int) -> tuple[torch.Tensor, torch.Tensor] | None:

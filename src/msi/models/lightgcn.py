@@ -14,7 +14,7 @@ from msi.config import Config
 from msi.data.dataset import Dataset
 from msi.data.graph import normalized_adjacency
 from msi.losses import bpr_loss
-from msi.models.base import Recommender, lightgcn_readout
+from msi.models.base import Recommender, draw_negatives, lightgcn_readout, pair_keys
 from msi.registry import register
 
 
@@ -36,9 +36,7 @@ class LightGCN(Recommender):
         super().__init__()
         self.n_users, self.n_items, self.n_layers, self.gamma = n_users, n_items, n_layers, gamma
         self.register_buffer("adj", adj, persistent=False)
-        train = torch.as_tensor(np.asarray(train), dtype=torch.long).reshape(-1, 2)
-        keys = torch.unique(train[:, 0] * n_items + train[:, 1])  # sorted, for membership by searchsorted
-        self.register_buffer("train_keys", keys, persistent=False)
+        self.register_buffer("train_keys", pair_keys(train, n_items), persistent=False)
         self.emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users + n_items, embedding_dim)))
 
     def _propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,14 +50,7 @@ class LightGCN(Recommender):
 
     def sample_negatives(self, users: torch.Tensor) -> torch.Tensor:
         """One uniformly drawn item per user (B,), redrawn while it is one of the user's train items."""
-        neg = torch.randint(0, self.n_items, users.shape, device=users.device)
-        while True:
-            keys = users * self.n_items + neg
-            pos = torch.searchsorted(self.train_keys, keys).clamp(max=len(self.train_keys) - 1)
-            todo = self.train_keys[pos] == keys
-            if not bool(todo.any()):
-                return neg
-            neg = torch.where(todo, torch.randint(0, self.n_items, users.shape, device=users.device), neg)
+        return draw_negatives(self.train_keys, users, self.n_items)
 
     def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
         neg = self.sample_negatives(users)
