@@ -162,10 +162,12 @@ def step_flops(model: Recommender, batch: int, n_unique: int) -> dict[str, float
 
 # ----------------------------------------------------------------------------------------------- one model
 def model_config(name: str, freeze: bool, batch_size: int) -> Config:
-    """The Config of a bench model: the defaults with its MODELS overrides, frozen raw features (not LightGCN's,
-    which has none) and the batch size."""
-    frozen = "true" if freeze and name != "lightgcn" else "false"
-    return load_config(overrides=[*MODELS[name], f"model.freeze_features={frozen}", f"train.batch_size={batch_size}"])
+    """The Config of a bench model: the defaults with its MODELS overrides, frozen raw features (for the models that
+    have the key model.freeze_features: not LightGCN, which has no features) and the batch size."""
+    cfg = load_config(overrides=[*MODELS[name], f"train.batch_size={batch_size}"])
+    if hasattr(cfg.model, "freeze_features"):
+        cfg.model.freeze_features = freeze
+    return cfg
 
 
 def phase_ms(
@@ -248,7 +250,7 @@ def bench_model(
         "mem_before_mb": base, "mem_kind": "cuda_allocated" if device.type == "cuda" else "rss",
         "mem_peak_per_phase": per_phase, "gflop_per_step": {k: v / 1e9 for k, v in flops.items()},
         "gflop_per_epoch": sum(flops.values()) * n_batches / 1e9, "gflops": gflops, "matmul_fraction": gflops / matmul,
-        "freeze_features": cfg.model.freeze_features,
+        "freeze_features": getattr(cfg.model, "freeze_features", False),
     }
     if name == "msi":
         row["profile"] = profile_step(step, device, args.profile_top)

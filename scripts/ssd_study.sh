@@ -12,13 +12,17 @@
 #                (READING="key=value ..." names it; default none, the faithful model); CONCURRENT=1 runs one
 #                trial at a time (default 2)
 #   PART baselines  the BM3 variant and LightGCN at their configs' settings, for the final table
+#   PART e       the Gaussian encoder's initialisation at the selected point (issue 25, part 6): the default,
+#                model.sigma_init=0.01, model.head_init=identity, and the selected w/o S (dropout 0.5, gamma 0.1,
+#                2 layers), two queues side by side; then msi-compare of each reading against the default and
+#                against w/o S on valid (STUDY_DIR/encoder_*.md)
 #   PART report  one valid-only selection over every folder of (a) (and (b), (c) where present) per config,
 #                then msi-compare of the selected MSI against each baseline on test
 #   STUDY_DIR    where the run folders go (default runs/ssd_study); SHARED_DATA holds tiktok/ (default
 #                ../shared/data beside the repository)
 # Threads: one per trial (OMP_NUM_THREADS=1); a TikTok MSI trial is 150-300 epochs of about 2.5 s on a quiet core.
 set -u
-PART=${1:?usage: bash scripts/ssd_study.sh a|b|c|baselines|report [STUDY_DIR] [SHARED_DATA]}
+PART=${1:?usage: bash scripts/ssd_study.sh a|b|c|baselines|e|report [STUDY_DIR] [SHARED_DATA]}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 S=$(realpath -m "${2:-runs/ssd_study}")
 SHARED=$(realpath "${3:-$HERE/../shared/data}")
@@ -65,12 +69,22 @@ case $PART in
     python3 "$HERE/scripts/sweep_fallback.py" --config "$HERE/configs/tiktok_bm3.yaml" \
       "$HERE/configs/tiktok_lightgcn.yaml" "${COMMON[@]}" --max-concurrent 2 --out "$S/baselines"
     ;;
+  e)
+    queue "e_base tiktok.yaml" "e_sigma0.01 tiktok.yaml model.sigma_init=0.01" > "$S/logs/queue_e1.log" 2>&1 &
+    queue "e_wos tiktok_wo_s.yaml model.dropout=0.5 loss.gamma=0.1 model.n_layers=2" \
+      "e_head_identity tiktok.yaml model.head_init=identity" > "$S/logs/queue_e2.log" 2>&1 &
+    wait
+    for reading in e_sigma0.01 e_head_identity; do
+      msi-compare --a "$S/e_base" --b "$S/$reading" --split valid --out "$S/encoder_${reading}_vs_base.md"
+      msi-compare --a "$S/e_wos" --b "$S/$reading" --split valid --out "$S/encoder_${reading}_vs_wos.md"
+    done
+    ;;
   report)
     mapfile -t FOLDERS < <(find "$S" -mindepth 2 -maxdepth 2 -name sweep.yaml -printf '%h\n' | sort)
     msi-sweep --report "${FOLDERS[@]}" --out "$S/union"
     ;;
   *)
-    echo "unknown part $PART: a, b, c, baselines or report" >&2
+    echo "unknown part $PART: a, b, c, baselines, e or report" >&2
     exit 2
     ;;
 esac

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -40,6 +41,18 @@ def one_torch_thread():
 def write_dataset():
     """``write_dataset(root, name, inter_text, {file: array})`` -> the .inter path (see ``_write_dataset``)."""
     return _write_dataset
+
+
+def recommended_train_pairs(recs: Path, inter: Path) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
+    """The rows of msi-recommend's TSV ``recs``, and those of its (userID, itemID) pairs that are train rows of the
+    .inter file ``inter`` (read straight from the file, not through the library)."""
+    with open(recs, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    lines = inter.read_text().splitlines()
+    header = lines[0].split("\t")
+    u, i, x = (header.index(c) for c in ("userID", "itemID", "x_label"))
+    train = {(r[u], r[i]) for r in (line.split("\t") for line in lines[1:] if line.strip()) if r[x] == "0"}
+    return rows, [(r["userID"], r["itemID"]) for r in rows if (r["userID"], r["itemID"]) in train]
 
 
 def load_script(name: str):

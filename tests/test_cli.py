@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -240,8 +241,12 @@ def test_help_exits_0_and_mentions_the_key_options(main, options, capsys):
 def test_list_keys(capsys):
     code, out, _ = run(train_main, ["--list-keys"], capsys)
     assert code == 0
-    assert "loss.alpha = 0.1" in out.splitlines()
-    assert any(line.startswith("train.epochs = ") for line in out.splitlines())
+    lines = out.splitlines()
+    assert any(re.fullmatch(r"loss\.alpha: 0\.1 +# weight of L_ssd", line) for line in lines)  # YAML, described
+    assert any(re.fullmatch(r"train\.autocast: 'off' +# off \| bf16: .*", line) for line in lines)
+    code, out, _ = run(train_main, ["--list-keys", "model.name=lightgcn"], capsys)
+    assert code == 0 and "loss.gamma: 0.0001" in out and "loss.alpha" not in out  # that model's own keys
+    assert run(train_main, ["--list-keys", "train.epochs=3"], capsys)[0] == 2  # only model.name picks the keys
 
 
 def test_msi_train_version_in_a_subprocess():

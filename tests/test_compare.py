@@ -23,7 +23,7 @@ from msi.sweepdir import plan_trials, record_sweep, trial_config
 from msi.train import train
 
 SEEDS = [1, 2]
-GRID = ["loss.alpha=0.1,0.01"]
+GRID = ["loss.gamma=0.1,0.01"]
 BASE = {"data": {"name": "tiny"}, "model": {"embedding_dim": 16},
         "train": {"epochs": 2, "device": "cpu"}, "eval": {"ks": [5, 20]}}
 
@@ -103,7 +103,7 @@ def sweep(tmp_path_factory) -> Path:
 
 
 def point_dirs(sweep: Path, config: str, alpha: str) -> list[Path]:
-    return sorted(sweep.glob(f"{config}_loss.alpha-{alpha}_s*"))
+    return sorted(sweep.glob(f"{config}_loss.gamma-{alpha}_s*"))
 
 
 @pytest.fixture(scope="module")

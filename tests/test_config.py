@@ -36,13 +36,13 @@ def test_defaults_are_the_paper_settings():
 
 def test_unknown_key_in_yaml_names_it_and_suggests_the_closest(tmp_path):
     path = _yaml(tmp_path, "model:\n  dropuot: 0.5\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'model\.dropuot'; did you mean 'model\.dropout'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.dropuot' for model\.name=msi; did you mean 'model\.dropout'"):
         load_config(path)
 
 
 def test_unknown_section_in_yaml(tmp_path):
     path = _yaml(tmp_path, "modle:\n  dropout: 0.5\n")
-    with pytest.raises(ConfigError, match=r"'modle'.*did you mean 'model\."):
+    with pytest.raises(ConfigError, match=r"unknown config section 'modle'; did you mean 'model'\?"):
         load_config(path)
 
 
@@ -117,7 +117,7 @@ def test_overrides_win_over_yaml(tmp_path):
     [("model.dropout=-0.1", "model.dropout"), ("model.dropout=1.0", "model.dropout"),
      ("eval.ks=[10,0]", "eval.ks"), ("eval.ks=[-5]", "eval.ks"), ("eval.ks=[]", "eval.ks"),
      ("data.modalities={}", "data.modalities"), ("model.embedding_dim=0", "model.embedding_dim"),
-     ("model.tau=0", "model.tau"), ("loss.alpha=-1", "loss"), ("train.lr=0", "train.lr"),
+     ("model.tau=0", "model.tau"), ("loss.alpha=-1", "loss.alpha"), ("train.lr=0", "train.lr"),
      ("model.name=bm4", "model.name"), ("train.metric=recall", "train.metric"),
      ("train.metric=auc@20", "train.metric")],
 )
@@ -187,3 +187,45 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
     empty = np.zeros((0, 2), dtype=np.int64)
     model = build_model(cfg, Dataset("stand-in", Path("."), 5, 4, train, empty, empty, features))
     assert isinstance(model, {"msi": MSI, "lightgcn": LightGCN}[cfg.model.name])
+
+
+# ---- per-model keys: model.name decides which model.* and loss.* keys exist
+
+
+def test_each_model_has_its_own_keys_and_defaults():
+    lgcn = load_config(None, ["model.name=lightgcn"])
+    assert lgcn.to_dict()["model"] == {"name": "lightgcn", "embedding_dim": 64, "n_layers": 1}
+    assert lgcn.to_dict()["loss"] == {"gamma": 1e-4}
+    assert load_config().to_dict()["loss"]["gamma"] == 0.1  # MSI's own default of its own key
+    assert "model.tau" in valid_keys("msi") and "model.tau" not in valid_keys("lightgcn")
+
+
+def test_the_last_model_name_decides_and_a_key_of_another_model_is_named(tmp_path):
+    path = _yaml(tmp_path, "model:\n  name: msi\n  n_layers: 2\n")
+    assert load_config(path, ["model.name=lightgcn"]).model.n_layers == 2  # a key both declare carries over
+    path = _yaml(tmp_path, "model:\n  name: msi\n  tau: 0.5\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.tau' for model\.name=lightgcn.*"
+                                          r"it is a key of msi \(msi-train --list-keys model\.name=lightgcn"):
+        load_config(path, ["model.name=lightgcn"])
+
+
+def test_a_saved_config_of_an_older_msi_with_every_models_keys_still_opens():
+    old = Config().to_dict()  # before per-model keys, a LightGCN run saved MSI's model and loss keys too
+    old["model"]["name"] = "lightgcn"
+    cfg = config_from_dict(old)
+    assert cfg.to_dict()["model"] == {"name": "lightgcn", "embedding_dim": 64, "n_layers": 1}
+    assert cfg.loss.gamma == 0.1  # the saved value of a key lightgcn declares is kept
+
+
+def test_a_flat_dotted_key_at_the_top_level_says_that_keys_nest(tmp_path):
+    path = _yaml(tmp_path, "train.epochs: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config section 'train\.epochs': keys nest under their section; "
+                                          r"write 'train:' and under it '  epochs: \.\.\.'"):
+        load_config(path)
+
+
+def test_a_declared_check_and_choices_are_enforced():
+    with pytest.raises(ConfigError, match=r"config key 'model\.code_placement' must be one of sample, mean"):
+        load_config(None, ["model.code_placement=both"])
+    with pytest.raises(ConfigError, match=r"config key 'loss\.gamma' must be >= 0 \(got -0\.5\)"):
+        load_config(None, ["model.name=lightgcn", "loss.gamma=-0.5"])

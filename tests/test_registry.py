@@ -4,7 +4,6 @@ msi-recommend drive end to end."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from msi import registry
 from msi.cli import train_main
@@ -24,6 +24,7 @@ from msi.data.dataset import Dataset
 from msi.errors import ConfigError, MSIError
 from msi.models import LightGCN, build_model, register
 from msi.run import dataset_for
+from tests.conftest import recommended_train_pairs
 
 TRAIN = np.array([[0, 0], [0, 1], [1, 1], [2, 2]])  # 3 users, 3 items
 EMPTY = np.zeros((0, 2), dtype=np.int64)
@@ -197,39 +198,57 @@ py-modules = ["msi_mf_example"]
 """
 
 PLUGIN_MODULE = '''\
-"""Matrix factorisation with BPR: s(u, i) = <p_u, q_i>, one uniformly drawn negative per positive."""
+"""Matrix factorisation with BPR: s(u, i) = <p_u, q_i>, n uniformly drawn negatives per positive."""
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from msi.losses import bpr_loss
-from msi.models import Recommender, register
+from msi.models import Recommender, key, register
 
 
 class MF(Recommender):
     param_groups = {"user": "embeddings", "item": "embeddings"}
 
-    def __init__(self, n_users: int, n_items: int, embedding_dim: int = 64, gamma: float = 1e-4) -> None:
+    def __init__(self, n_users: int, n_items: int, embedding_dim: int = 64, n_negatives: int = 1,
+                 init_std: float = 0.1, gamma: float = 1e-4) -> None:
         super().__init__()
-        self.n_items, self.gamma = n_items, gamma
-        self.user = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, embedding_dim)))
-        self.item = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, embedding_dim)))
+        self.n_items, self.n_negatives, self.gamma = n_items, n_negatives, gamma
+        self.user = nn.Parameter(nn.init.normal_(torch.empty(n_users, embedding_dim), std=init_std))
+        self.item = nn.Parameter(nn.init.normal_(torch.empty(n_items, embedding_dim), std=init_std))
 
     @torch.no_grad()
     def embeddings(self) -> dict[str, torch.Tensor]:
         return {"user": self.user.detach(), "id": self.item.detach()}
 
     def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
-        neg = torch.randint(0, self.n_items, items.shape, device=items.device)
-        u, i, j = self.user[users], self.item[items], self.item[neg]
-        bpr = bpr_loss((u * i).sum(-1), (u * j).sum(-1))
-        reg = (u.pow(2).sum() + i.pow(2).sum() + j.pow(2).sum()) / (2 * len(users))
+        neg = torch.randint(0, self.n_items, (len(items), self.n_negatives), device=items.device)  # (B, n)
+        u, i, j = self.user[users], self.item[items], self.item[neg]  # (B, d), (B, d), (B, n, d)
+        pos = (u * i).sum(-1, keepdim=True).expand(-1, self.n_negatives)  # (B, n)
+        bpr = bpr_loss(pos, (u.unsqueeze(1) * j).sum(-1))
+        reg = (u.pow(2).sum() + i.pow(2).sum() + j.pow(2).sum() / self.n_negatives) / (2 * len(users))
         return {"bpr": bpr, "reg": reg, "loss": bpr + self.gamma * reg}
 
 
-@register("mf", item_features=False)
+@dataclass
+class MFModel:
+    embedding_dim: int = key(64, "d: size of the user and item embeddings", check=">0")
+    n_negatives: int = key(1, "negatives drawn per positive pair", check=">0")
+    init_std: float = key(0.1, "standard deviation of the normal initialisation", check=">0")
+
+
+@dataclass
+class MFLoss:
+    gamma: float = key(1e-4, "L2 weight of the batch's embeddings", check=">=0")
+
+
+@register("mf", item_features=False, model=MFModel, loss=MFLoss)
 def build(cfg, data) -> MF:
-    return MF(data.n_users, data.n_items, embedding_dim=cfg.model.embedding_dim, gamma=cfg.loss.gamma)
+    m = cfg.model
+    return MF(data.n_users, data.n_items, embedding_dim=m.embedding_dim, n_negatives=m.n_negatives,
+              init_std=m.init_std, gamma=cfg.loss.gamma)
 '''
 
 
@@ -263,7 +282,7 @@ def plugin_run(plugin_site, tmp_path_factory) -> tuple[Path, Path]:
     work = tmp_path_factory.mktemp("plugin-run")
     (work / "tiny.yaml").write_text(
         "data:\n  root: data\n  name: tiny\n  synth_preset: tiny\n  modalities: {}\n"
-        "model:\n  name: mf\n  embedding_dim: 16\n"
+        "model:\n  name: mf\n  embedding_dim: 16\n  n_negatives: 2\n"
         "loss:\n  gamma: 0.001\n"
         "train:\n  epochs: 3\n  lr: 0.01\n  device: cpu\n  out_dir: runs\n  run_name: mf\n"
         "eval:\n  ks: [10, 20]\n"
@@ -291,6 +310,22 @@ def test_msi_train_trains_the_plugin_model(plugin_run):
     assert 0 < results["test"]["recall@20"] <= 1  # better than nothing on tiny after 3 epochs
 
 
+def test_the_plugin_declares_its_own_keys(plugin_run, plugin_site):
+    work, run_dir = plugin_run
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"] == {"name": "mf", "embedding_dim": 16, "n_negatives": 2, "init_std": 0.1}
+    assert saved["loss"] == {"gamma": 0.001}
+    listed = cli(work, plugin_site, "train", "--list-keys", "model.name=mf")
+    assert listed.returncode == 0, listed.stderr
+    assert "model.n_negatives: 1" in listed.stdout and "negatives drawn per positive pair" in listed.stdout
+    assert "model.dropout" not in listed.stdout and "loss.alpha" not in listed.stdout  # MSI's keys are MSI's
+    bad = cli(work, plugin_site, "train", "--config", "tiny.yaml", "--out", "bad", "model.n_negatives=0")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: config key 'model.n_negatives' must be > 0 (got 0)"
+    other = cli(work, plugin_site, "train", "--config", "tiny.yaml", "--out", "bad", "model.tau=0.5")
+    assert other.returncode == 2 and "unknown config key 'model.tau' for model.name=mf" in other.stderr
+    assert "it is a key of msi" in other.stderr and not (work / "bad").exists()
+
+
 def test_msi_eval_scores_the_plugin_checkpoint(plugin_run, plugin_site):
     work, run_dir = plugin_run
     done = cli(work, plugin_site, "eval", "--checkpoint", str(run_dir / "best.pt"), "--device", "cpu")
@@ -306,11 +341,6 @@ def test_msi_recommend_lists_unseen_items_of_the_plugin_model(plugin_run, plugin
     done = cli(work, plugin_site, "recommend", "--checkpoint", str(run_dir / "best.pt"), "--device", "cpu",
                "--k", "5", "--out", str(out))
     assert done.returncode == 0, done.stderr
-    with open(out, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    lines = (work / "data" / "tiny" / "tiny.inter").read_text().splitlines()
-    header = lines[0].split("\t")
-    u, i, x = (header.index(c) for c in ("userID", "itemID", "x_label"))
-    train = {(r[u], r[i]) for r in (line.split("\t") for line in lines[1:] if line.strip()) if r[x] == "0"}
+    rows, seen = recommended_train_pairs(out, work / "data" / "tiny" / "tiny.inter")
     assert rows and {r["rank"] for r in rows} <= {"1", "2", "3", "4", "5"}
-    assert not any((r["userID"], r["itemID"]) in train for r in rows)
+    assert not seen

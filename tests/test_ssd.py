@@ -35,6 +35,39 @@ def test_scale_rows_start_at_zero_so_sigma_starts_at_softplus_zero(tiny):
         assert stats[f"sigma_{m}"] == pytest.approx(np.log(2.0) + 1e-6, rel=1e-6)
 
 
+def test_sigma_init_sets_every_starting_sigma(tiny):
+    model = tiny_msi(tiny, sigma_init=0.01)
+    d = model.user_emb.shape[1]
+    model.eval()
+    _, gauss = model._modality_codes()
+    for m in model.modalities:
+        torch.testing.assert_close(gauss[m][1], torch.full_like(gauss[m][1], 0.01 + 1e-6))  # every item, every dim
+        assert torch.count_nonzero(model.head[m].weight[d:]) == 0
+        assert torch.count_nonzero(model.head[m].bias[:d]) == 0  # the mean rows' bias stays at zero
+    default, same = tiny_msi(tiny), tiny_msi(tiny, sigma_init=float(np.log(2.0)))  # ln 2 is the default, exactly
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), same.state_dict().values()))
+
+
+def test_identity_head_starts_with_mu_equal_to_the_projection(tiny):
+    model = tiny_msi(tiny, head_init="identity").eval()
+    base = tiny_msi(tiny).eval()
+    _, gauss = model._modality_codes()
+    for m in model.modalities:
+        h = model.proj[m](model.raw[m])
+        torch.testing.assert_close(gauss[m][0], h, rtol=0, atol=0)  # mu = I h + 0
+        torch.testing.assert_close(model.proj[m].weight, base.proj[m].weight)  # the same draws everywhere else
+    assert model.code_stats()["sigma_image"] == pytest.approx(np.log(2.0) + 1e-6, rel=1e-6)
+
+
+def test_sigma_init_and_head_init_are_checked_keys():
+    with pytest.raises(ConfigError, match=r"'model\.sigma_init' must be > 0 \(got 0\.0\)"):
+        load_config(overrides=["model.sigma_init=0"])
+    with pytest.raises(ConfigError, match=r"'model\.head_init' must be one of xavier, identity"):
+        load_config(overrides=["model.head_init=eye"])
+    cfg = load_config(overrides=["model.sigma_init=0.01", "model.head_init=identity"])
+    assert (cfg.model.sigma_init, cfg.model.head_init) == (0.01, "identity")
+
+
 def test_akl_at_initialisation_is_no_larger_than_the_other_terms_on_loud_features(tiny):
     """Row norms of 33: the AKL term must not dominate the first steps (it was ~35x the rest with a Xavier scale
     head, which froze the projections' Adam state)."""

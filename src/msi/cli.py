@@ -71,15 +71,14 @@ def _train(argv: list[str] | None) -> int:
                    help="with --resume: accept data of the same shape but another fingerprint")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars or per-epoch lines (the run's train.log keeps them)")
-    p.add_argument("--list-keys", action="store_true", help="print every config key with its default, then exit")
+    p.add_argument("--list-keys", action="store_true",
+                   help="print every config key with its default and what it does, then exit; the model and loss "
+                   "keys are those of model.name (default msi): --list-keys model.name=lightgcn")
     args = p.parse_intermixed_args(argv)  # key=value anywhere: after --quiet as well as before it
-    from msi.config import Config, load_config, valid_keys
+    from msi.config import describe_keys, load_config
 
     if args.list_keys:
-        defaults = Config().to_dict()
-        for key in valid_keys():
-            section, name = key.split(".")
-            print(f"{key} = {defaults[section][name]!r}")
+        print(describe_keys(args.overrides))
         return 0
     if args.resume and (args.config or args.out or args.overwrite):
         raise MSIError("--resume continues a run in its own directory with its saved config; drop --config, "

@@ -1,8 +1,11 @@
 """Every setting of a run, as typed dataclasses loaded from YAML with dotted ``key=value`` overrides.
 
-This module imports no other msi module except the bottom layer: the error type and the model registry (which
-itself imports only the error type at module level; ``validate`` asks it about ``model.name``). Rules:
-- an unknown key (in YAML or an override) is an error that names it and suggests the closest valid key;
+The ``data``, ``train`` and ``eval`` sections are declared here; the ``model`` and ``loss`` sections are the ones
+the chosen model declares in the registry (``msi.registry.register(name, model=..., loss=...)``), so this module
+names no model: ``model.name`` is read first and decides which keys exist. It imports only the bottom layer: the
+error type and the registry (which finds the models' declarations on first lookup). Rules:
+- an unknown key (in YAML or an override) is an error that names it and suggests the closest valid key (for a
+  model key, also the models that do declare it);
 - values are converted by the field's declared type (PyYAML reads ``1e-4`` as a string);
 - impossible values (negative dropout, K <= 0, an empty modality list) are errors;
 - relative paths in a YAML file are resolved against the directory of that file; relative paths given as
@@ -22,107 +25,131 @@ import yaml
 
 from msi import registry
 from msi.errors import ConfigError, read_utf8, warn
+from msi.registry import key
 
 METRICS = ("recall", "ndcg", "precision", "map")
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 MAX_INT = 2**63 - 1  # torch's int64: an integer setting above it (train.batch_size=1e30) never reaches a tensor
 MAX_LR = 1.0  # Adam moves every weight by about lr per step: above 1 the weights overflow within a few steps
-CODE_PLACEMENTS = ("sample", "mean")  # model.code_placement
-MI_ESTIMATORS = ("infonce", "jsd")  # model.mi_estimator
-SCORE_VIEWS = ("id", "all")  # model.score_views
 
 
 @dataclass
 class DataConfig:
-    root: str = "data"  # folder holding one sub-folder per data set (relative: to the YAML file)
-    name: str = "quickstart"  # data set folder <root>/<name>/ with <name>.inter
-    # ordered modality name -> feature file inside the data set folder; MSI's SSD needs exactly two
-    modalities: dict[str, str] = field(
-        default_factory=lambda: {"image": "image_feat.npy", "text": "text_feat.npy"}
-    )
-    synth_preset: str = ""  # if set and the data set is missing, generate it with this preset first
-    synth_seed: int = 0  # seed of that generation
-
-
-@dataclass
-class ModelConfig:
-    name: str = "msi"  # a registered model: msi | lightgcn | a plugin's (docs/adding_a_model.md)
-    embedding_dim: int = 64  # d
-    n_layers: int = 1  # L, LightGCN layers of every graph
-    dropout: float = 0.3  # p of the target-view dropout (contrastive view generator)
-    tau: float = 0.2  # InfoNCE temperature of the SSD module
-    use_ssd: bool = True  # superfluous semantics discarding (Gaussian encoders, InfoNCE + AKL)
-    use_ip: bool = True  # interaction preserving (modality LightGCN graphs)
-    freeze_features: bool = False  # keep raw item features fixed (BM3 trains them)
-    code_placement: str = "sample"  # sample: SSD samples feed graphs and losses | mean: means downstream, samples in L_ssd
-    mi_estimator: str = "infonce"  # infonce: cosine InfoNCE (SPEC) | jsd: MLP critic with the Jensen-Shannon bound (MIB)
-    score_views: str = "id"  # id: score items with P z_s^i (SPEC) | all: P z_s^i + sum_m P z_s^m
-
-
-@dataclass
-class LossConfig:
-    alpha: float = 0.1  # weight of L_ssd
-    beta: float = 1e-4  # weight of the average KL inside L_ssd
-    beta_warmup: int = 0  # epochs over which beta rises linearly from 0 to its value (0: off)
-    gamma: float = 0.1  # weight of L_reg (BM3's reg_weight)
-    w_align: float = 1.0  # weight of L_align (BM3: cl_weight 2.0)
-    w_mask: float = 1.0  # weight of L_mask (BM3: cl_weight 2.0)
+    root: str = key("data", "folder holding one sub-folder per data set (relative: to the YAML file)")
+    name: str = key("quickstart", "data set folder <root>/<name>/ holding <name>.inter")
+    modalities: dict[str, str] = key({"image": "image_feat.npy", "text": "text_feat.npy"},
+                                     "ordered modality name -> feature file (.npy) inside the data set folder")
+    synth_preset: str = key("", "if set and the data set is missing, generate it with this msi-data synth preset")
+    synth_seed: int = key(0, "seed of that generation", check=">=0")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1000  # at most this many epochs
-    batch_size: int = 2048  # positive (user, item) pairs per step
-    lr: float = 1e-3  # Adam learning rate, no weight decay
-    seed: int = 2026  # seeds every RNG (python, numpy, torch)
-    eval_every: int = 1  # evaluate on valid every this many epochs
-    patience: int = 20  # stop after this many evaluations without a better valid metric
-    checkpoint_every: int = 1  # write last.pt every this many epochs (and at the end); --resume starts there
-    metric: str = "recall@20"  # valid metric for early stopping and the best checkpoint
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    autocast: str = "off"  # off | bf16: bfloat16 autocast of the dense layers (a GPU speed option; changes numbers)
-    out_dir: str = "runs"  # runs are written to <out_dir>/<run name>/ (relative: to the YAML file)
-    run_name: str = ""  # empty: <data name>-<model name>-<timestamp>
-    tensorboard: bool = False  # also write TensorBoard event files to <run dir>/tensorboard/ (extra: tensorboard)
+    epochs: int = key(1000, "at most this many epochs", check=">0")
+    batch_size: int = key(2048, "positive (user, item) pairs per step", check=">0")
+    lr: float = key(1e-3, "Adam learning rate, no weight decay")
+    seed: int = key(2026, "seeds every RNG (python, numpy, torch)")
+    eval_every: int = key(1, "evaluate on valid every this many epochs", check=">0")
+    patience: int = key(20, "stop after this many evaluations without a better valid metric", check=">0")
+    checkpoint_every: int = key(1, "write last.pt every this many epochs (and at the end); --resume starts there",
+                                check=">0")
+    metric: str = key("recall@20", "valid metric for early stopping and the best checkpoint")
+    device: str = key("auto", "auto | cpu | cuda | cuda:N")
+    autocast: str = key("off", "off | bf16: bfloat16 autocast of the dense layers (a GPU speed option; changes "
+                        "numbers)", choices=("off", "bf16"))
+    out_dir: str = key("runs", "runs are written to <out_dir>/<run name>/ (relative: to the YAML file)")
+    run_name: str = key("", "empty: <data name>-<model name>-<timestamp>")
+    tensorboard: bool = key(False, "also write TensorBoard event files to <run dir>/tensorboard/ (extra: tensorboard)")
 
 
 @dataclass
 class EvalConfig:
-    ks: list[int] = field(default_factory=lambda: [10, 20])  # cut-offs for every metric
-    batch_users: int = 4096  # users scored per batch on the device
-    mask_valid_at_test: bool = False  # MMRec keeps valid items as test candidates; true masks them
+    ks: list[int] = key([10, 20], "cut-offs for every metric")
+    batch_users: int = key(4096, "users scored per batch on the device", check=">0")
+    mask_valid_at_test: bool = key(False, "MMRec keeps valid items as test candidates; true masks them")
+
+
+def _model_section(name: str = registry.DEFAULT) -> Any:
+    return registry.get(name).model()
+
+
+def _loss_section(name: str = registry.DEFAULT) -> Any:
+    return registry.get(name).loss()
 
 
 @dataclass
 class Config:
+    """A run's settings. ``model`` and ``loss`` are the sections the chosen model declares (msi.registry): their
+    classes change with ``model.name``; ``Config.for_model(name)`` gives the defaults of one model."""
+
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    model: Any = field(default_factory=_model_section)
+    loss: Any = field(default_factory=_loss_section)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def for_model(cls, name: str) -> "Config":
+        """The defaults, with ``name``'s model and loss sections (an unknown name: a ConfigError, did-you-mean)."""
+        return cls(model=_model_section(name), loss=_loss_section(name))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "train": TrainConfig, "eval": EvalConfig}
+SECTIONS = ("data", "model", "loss", "train", "eval")
 _PATH_KEYS = (("data", "root"), ("train", "out_dir"))
 
 
-def _section_types(section: str) -> dict[str, Any]:
-    cls = SECTIONS[section]
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in fields(cls)}
+def section_fields(cfg: Config, section: str) -> dict[str, Any]:
+    """A section's key -> its dataclass Field (type, default, and the help/check metadata of ``registry.key``)."""
+    return {f.name: f for f in fields(getattr(cfg, section))}
 
 
-def valid_keys() -> list[str]:
-    return [f"{s}.{k}" for s in SECTIONS for k in _section_types(s)]
+def _section_types(cfg: Config, section: str) -> dict[str, Any]:
+    """A section's key -> its declared type (annotations resolved)."""
+    return registry.key_types(type(getattr(cfg, section)))
 
 
-def _unknown(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+def valid_keys(model: str = registry.DEFAULT) -> list[str]:
+    """Every key of a config whose model.name is ``model``, as ``section.key``."""
+    cfg = Config.for_model(model)
+    return [f"{s}.{k}" for s in SECTIONS for k in _section_types(cfg, s)]
+
+
+def _unknown_section(section: str) -> ConfigError:
+    """A top-level YAML key that is no section: a misspelt one, or 'train.epochs: 1' written flat."""
+    outer, _, inner = section.partition(".")
+    if outer in SECTIONS and inner:
+        return ConfigError(f"unknown config section '{section}': keys nest under their section; write "
+                           f"'{outer}:' and under it '  {inner}: ...'")
+    close = difflib.get_close_matches(section, SECTIONS, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}")
+    return ConfigError(f"unknown config section '{section}'{hint} (sections: {', '.join(SECTIONS)})")
+
+
+def _unknown(key: str, model: str = registry.DEFAULT) -> ConfigError:
+    section, _, name = key.partition(".")
+    if not name:
+        return _unknown_section(section)
+    keys = valid_keys(model)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    if section not in ("model", "loss"):
+        return ConfigError(f"unknown config key '{key}'{hint}")
+    owners = [n for n in registry.names() if n != model and _declares(n, section, name)]
+    if owners:
+        hint += f"; it is a key of {', '.join(owners[:5])}{', ...' if len(owners) > 5 else ''}"
+    return ConfigError(f"unknown config key '{key}' for model.name={model}{hint} "
+                       f"(msi-train --list-keys model.name={model} lists its keys)")
+
+
+def _declares(model: str, section: str, name: str) -> bool:
+    try:
+        entry = registry.get(model)
+    except Exception:  # a broken plugin is not the subject of this message
+        return False
+    return name in {f.name for f in fields(getattr(entry, section))}
 
 
 def _convert(key: str, value: Any, tp: Any) -> Any:
@@ -171,22 +198,44 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
 
 
 def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
-    types = _section_types(section) if section in SECTIONS else {}
+    types = _section_types(cfg, section) if section in SECTIONS else {}
     if key not in types:
-        raise _unknown(f"{section}.{key}")
-    setattr(getattr(cfg, section), key, _convert(f"{section}.{key}", value, types[key]))
+        raise _unknown(f"{section}.{key}", cfg.model.name)
+    converted = _convert(f"{section}.{key}", value, types[key])
+    if (section, key) == ("model", "name"):  # chosen before the sections were made (_model_name); kept as is
+        return
+    setattr(getattr(cfg, section), key, converted)
 
 
-def _apply_mapping(cfg: Config, raw: dict[str, Any], where: str) -> None:
+def _apply_mapping(cfg: Config, raw: dict[str, Any], where: str, lenient: bool = False) -> None:
+    """Apply a YAML mapping of sections. ``lenient``: a model/loss key the model does not declare is dropped (a
+    saved config of an older msi, which wrote every model's keys into every run)."""
     for section, values in raw.items():
         if section not in SECTIONS:
-            raise _unknown(str(section))
+            raise _unknown_section(str(section))
         if values is None:
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section '{section}' must be a mapping of keys to values")
+        types = _section_types(cfg, section)
         for key, value in values.items():
+            if lenient and section in ("model", "loss") and str(key) not in types:
+                continue
             _apply(cfg, section, str(key), value)
+
+
+def _model_name(raw: dict[str, Any], overrides: list[tuple[str, str, str]], where: str) -> str:
+    """model.name as the YAML mapping and the overrides give it (the last override wins), else the default."""
+    name: Any = registry.DEFAULT
+    model = raw.get("model")
+    if isinstance(model, dict) and "name" in model:
+        name = model["name"]
+    for section, key, value in overrides:
+        if (section, key) == ("model", "name"):
+            name = value
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"config key 'model.name' must be a registered model's name (got {name!r}; {where})")
+    return name
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, str, str]]:
@@ -236,25 +285,29 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file (or the defaults when ``path`` is None), apply overrides, resolve paths, validate.
 
-    An override's text is converted by the key's declared type: raw text for a string key (``data.name=007``
-    stays ``007``), YAML for the others (``eval.ks=[10,20]``, ``loss.beta=1e-4``).
+    ``model.name`` (the YAML's, or the last override's) is read first: it decides which ``model.*`` and ``loss.*``
+    keys exist. An override's text is converted by the key's declared type: raw text for a string key
+    (``data.name=007`` stays ``007``), YAML for the others (``eval.ks=[10,20]``, ``loss.beta=1e-4``).
     """
-    cfg = Config()
+    raw: dict[str, Any] = {}
     base = Path.cwd()
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        _apply_mapping(cfg, _read_yaml(path), str(path))
+        raw = _read_yaml(path)
         base = path.resolve().parent
+    parsed = parse_overrides(overrides or [])
+    cfg = Config.for_model(_model_name(raw, parsed, str(path) if path is not None else "overrides"))
+    _apply_mapping(cfg, raw, str(path))
     from_cli: dict[tuple[str, str], str] = {}
-    for section, key, value in parse_overrides(overrides or []):
+    for section, key, value in parsed:
         if section not in SECTIONS:
-            raise _unknown(f"{section}.{key}")
+            raise _unknown(f"{section}.{key}", cfg.model.name)
         if (section, key) in from_cli:
             warn(f"override {section}.{key} is given twice ({from_cli[section, key]!r}, then {value!r}); "
                   "the last is used")
-        declared = _section_types(section).get(key)
+        declared = _section_types(cfg, section).get(key)
         _apply(cfg, section, key, value if declared is str or not value else _yaml_value(section, key, value))
         from_cli[section, key] = value
     for section, key in _PATH_KEYS:  # a path from the command line is relative to the working directory
@@ -273,49 +326,31 @@ def _yaml_value(section: str, key: str, text: str) -> Any:
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Rebuild a Config saved with ``to_dict`` (paths are already absolute)."""
-    cfg = Config()
-    _apply_mapping(cfg, raw, "saved config")
+    """Rebuild a Config saved with ``to_dict`` (paths are already absolute). A model/loss key its model does not
+    declare is dropped: msi before per-model keys saved MSI's keys in every run's config, whatever the model."""
+    cfg = Config.for_model(_model_name(raw, [], "saved config"))
+    _apply_mapping(cfg, raw, "saved config", lenient=True)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: Config) -> None:
-    """Reject impossible values with a message that names the key."""
-    m, lo, t, e, d = cfg.model, cfg.loss, cfg.train, cfg.eval, cfg.data
-    model = registry.get(m.name)  # an unknown name: a ConfigError about model.name with a did-you-mean
+    """Reject impossible values with a message that names the key: each key's declared ``check`` / ``choices``
+    (msi.registry.key), the rules across keys below, then the model's and loss's own ``validate(cfg)``."""
+    t, e, d = cfg.train, cfg.eval, cfg.data
+    entry = registry.get(cfg.model.name)  # an unknown name: a ConfigError about model.name with a did-you-mean
+    for section in SECTIONS:
+        for name, f in section_fields(cfg, section).items():
+            _check_value(f"{section}.{name}", getattr(getattr(cfg, section), name), f.metadata)
     checks = [
-        (m.embedding_dim > 0, "model.embedding_dim", "must be > 0"),
-        (m.n_layers >= 0, "model.n_layers", "must be >= 0"),
-        (0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
-        (m.tau > 0, "model.tau", "must be > 0"),
-        (m.code_placement in CODE_PLACEMENTS, "model.code_placement", f"must be one of {', '.join(CODE_PLACEMENTS)}"),
-        (m.mi_estimator in MI_ESTIMATORS, "model.mi_estimator", f"must be one of {', '.join(MI_ESTIMATORS)}"),
-        (m.score_views in SCORE_VIEWS, "model.score_views", f"must be one of {', '.join(SCORE_VIEWS)}"),
-        (all(v >= 0 for v in asdict(lo).values()), "loss", "weights must be >= 0"),
-        (t.epochs > 0, "train.epochs", "must be > 0"),
-        (t.batch_size > 0, "train.batch_size", "must be > 0"),
         (0 < t.lr <= MAX_LR, "train.lr", f"must be in (0, {MAX_LR}]"),
         (0 <= t.seed <= MAX_SEED, "train.seed", "must be in [0, 2**63 - 1]"),
-        (t.eval_every > 0, "train.eval_every", "must be > 0"),
         (t.eval_every <= t.epochs, "train.eval_every", f"must be <= train.epochs ({t.epochs}), or valid is never "
          "scored and no best checkpoint is kept"),
-        (t.patience > 0, "train.patience", "must be > 0"),
-        (t.checkpoint_every > 0, "train.checkpoint_every", "must be > 0"),
-        (t.autocast in ("off", "bf16"), "train.autocast", "must be off or bf16"),
         (len(e.ks) > 0 and all(k > 0 for k in e.ks), "eval.ks", "must be a non-empty list of K > 0"),
-        (e.batch_users > 0, "eval.batch_users", "must be > 0"),
         (bool(d.name), "data.name", "must not be empty"),
-        (not model.item_features or len(d.modalities) > 0, "data.modalities", "must name at least one modality"),
+        (not entry.item_features or len(d.modalities) > 0, "data.modalities", "must name at least one modality"),
     ]
-    for section in ("model", "loss", "train"):  # inf or nan in any float key (train.lr=.inf, model.tau=nan)
-        for key, value in asdict(getattr(cfg, section)).items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"config key '{section}.{key}' must be a finite number (got {value!r})")
-    for section in SECTIONS:  # every integer, eval.ks' included
-        for key, value in asdict(getattr(cfg, section)).items():
-            if any(type(v) is int and abs(v) > MAX_INT for v in (value if isinstance(value, list) else [value])):
-                raise ConfigError(f"config key '{section}.{key}' must lie within ±(2**63 - 1) (got {value!r})")
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' {msg} (got {_get(cfg, key)!r})")
@@ -324,11 +359,41 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.metric' must look like recall@20 ({'|'.join(METRICS)}), got {t.metric!r}")
     if int(k) not in e.ks:
         raise ConfigError(f"config key 'train.metric' is {t.metric!r} but eval.ks is {e.ks}: add {k} to eval.ks")
-    if m.name == "msi" and m.use_ssd and len(d.modalities) != 2:
-        raise ConfigError(
-            f"model.use_ssd needs exactly two modalities (got {len(d.modalities)}: {list(d.modalities)}); "
-            "set model.use_ssd=false or list two in data.modalities"
-        )
+    for section in (cfg.model, cfg.loss):
+        if hasattr(section, "validate"):
+            section.validate(cfg)
+
+
+def _check_value(key: str, value: Any, meta: Any) -> None:
+    """One key's value against the whole-class rules (finite floats, integers within int64) and its declaration."""
+    if isinstance(value, float) and not math.isfinite(value):  # inf or nan in any float key (train.lr=.inf)
+        raise ConfigError(f"config key '{key}' must be a finite number (got {value!r})")
+    if any(type(v) is int and abs(v) > MAX_INT for v in (value if isinstance(value, list) else [value])):
+        raise ConfigError(f"config key '{key}' must lie within ±(2**63 - 1) (got {value!r})")
+    check, choices = meta.get("check"), meta.get("choices")
+    if check is not None and not registry.CHECKS[check][0](value):
+        raise ConfigError(f"config key '{key}' {registry.CHECKS[check][1]} (got {value!r})")
+    if choices and value not in choices:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))} (got {value!r})")
+
+
+def describe_keys(overrides: list[str] | None = None) -> str:
+    """Every key of the config that ``overrides`` (only ``model.name=NAME`` is read) would make: ``key: default``
+    in YAML's spelling, and what it does, one line each (``msi-train --list-keys``)."""
+    parsed = parse_overrides(overrides or [])
+    if any((s, k) != ("model", "name") for s, k, _ in parsed):
+        raise ConfigError("--list-keys takes only model.name=NAME (the model whose keys to list)")
+    cfg = Config.for_model(_model_name({}, parsed, "overrides"))
+    rows = []
+    for section in SECTIONS:
+        for name, f in section_fields(cfg, section).items():
+            value = yaml.safe_dump(getattr(getattr(cfg, section), name), default_flow_style=True, width=10**6)
+            value = value.strip().removesuffix("...").strip()
+            rows.append((f"{section}.{name}: {value}", f.metadata.get("help", "")))
+    width = max(len(r[0]) for r in rows)
+    head = (f"# the keys of model.name={cfg.model.name}; models: {', '.join(registry.names())} "
+            "(--list-keys model.name=NAME lists another's)")
+    return "\n".join([head, *(f"{k.ljust(width)}  # {h}" for k, h in rows)])
 
 
 def _get(cfg: Config, key: str) -> Any:
@@ -341,10 +406,10 @@ __all__ = [
     "Config",
     "DataConfig",
     "EvalConfig",
-    "LossConfig",
-    "ModelConfig",
     "TrainConfig",
+    "section_fields",
     "config_from_dict",
+    "describe_keys",
     "load_config",
     "parse_overrides",
     "valid_keys",

@@ -1,7 +1,18 @@
-"""The model registry: each model name maps to one builder ``build(cfg, data) -> Recommender``.
+"""The model registry: each model name maps to one builder ``build(cfg, data) -> Recommender`` and the config
+keys the model declares.
 
-    @msi.models.register("mf", item_features=False)
+    @dataclass
+    class MFModel:  # model.* keys of model.name=mf
+        embedding_dim: int = key(64, "d: size of the user and item embeddings", check=">0")
+
+    @msi.models.register("mf", item_features=False, model=MFModel)
     def build(cfg: Config, data: Dataset) -> Recommender: ...
+
+A model declares its own ``model.*`` keys (``model=``, a dataclass whose fields are made with ``key``) and its own
+``loss.*`` keys (``loss=``); the registry adds ``model.name`` in front of them. ``msi.config`` reads, converts and
+checks every key by these declarations (``key``'s ``check`` and ``choices``, then the dataclass's own
+``validate(cfg)`` for a rule across keys), so a plugin's keys are typed, checked, listed by
+``msi-train --list-keys model.name=NAME`` and written to a run's config.yaml like the built-in ones.
 
 The rest of the library asks only this module: ``msi.config.validate`` checks ``model.name`` here (with a
 did-you-mean), ``msi.run.dataset_for`` asks whether the model reads item features, ``msi.models.build_model`` calls
@@ -21,8 +32,11 @@ lookup (``get``, ``names``), never at import:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
 import importlib
+import typing
 from functools import lru_cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Callable, NamedTuple
@@ -30,6 +44,54 @@ from typing import Any, Callable, NamedTuple
 from msi.errors import ConfigError, MSIError
 
 GROUP = "msi.models"  # the entry-point group of model plugins
+DEFAULT = "msi"  # model.name when a config names none
+CHECKS = {  # key(check=...) -> (the test, the words of the error)
+    ">0": (lambda v: v > 0, "must be > 0"),
+    ">=0": (lambda v: v >= 0, "must be >= 0"),
+    "[0,1)": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "(0,1]": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "[0,1]": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+}
+
+
+def key(default: Any, help: str, *, check: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    """A config key: a dataclass field with its default, a one-line description (``--list-keys``), and an optional
+    range ``check`` (one of ``CHECKS``: ">0", ">=0", "[0,1)", "(0,1]", "[0,1]") or allowed ``choices``."""
+    if check is not None and check not in CHECKS:
+        raise MSIError(f"key(check={check!r}): check must be one of {', '.join(CHECKS)}")
+    meta = {"help": help, "check": check, "choices": tuple(choices) if choices else None}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def key_types(cls: type) -> dict[str, Any]:
+    """A keys dataclass's field name -> declared type (annotations resolved, ``from __future__`` or not)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _section(name: str, section: str, declared: type | None) -> type:
+    """The dataclass of one model's ``model`` or ``loss`` section: ``model.name`` (model section only) then the
+    declared keys, with the declared ``validate`` method."""
+    if declared is not None and not dataclasses.is_dataclass(declared):
+        raise MSIError(f"register({name!r}, {section}=...): {declared!r} is not a dataclass of key(...) fields")
+    fields: list[tuple[str, Any, Any]] = []
+    if section == "model":
+        fields.append(("name", str, key(name, "the registered model (msi-train --list-keys model.name=NAME "
+                                              "lists its keys)")))
+    namespace = {}
+    if declared is not None:
+        types = key_types(declared)
+        for f in dataclasses.fields(declared):
+            if f.name == "name" and section == "model":
+                raise MSIError(f"register({name!r}): 'name' is model.name itself; give the key another name")
+            fields.append((f.name, types[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                                         metadata=f.metadata)))
+        if hasattr(declared, "validate"):
+            namespace["validate"] = declared.validate
+    title = "".join(part.capitalize() for part in name.replace("-", "_").split("_")) or "Model"
+    return dataclasses.make_dataclass(f"{title}{section.capitalize()}Keys", fields, namespace=namespace)
 
 Builder = Callable[[Any, Any], Any]  # (Config, Dataset) -> Recommender; typed loosely: those live above this layer
 
@@ -41,20 +103,26 @@ class ModelEntry(NamedTuple):
     name: str
     build: Builder
     item_features: bool
+    model: type  # the dataclass of the model.* keys (model.name first)
+    loss: type  # the dataclass of the loss.* keys (may have none)
 
 
 _ENTRIES: dict[str, ModelEntry] = {}
 _LOADED: set[str] = set()  # entry points already imported, by name
 
 
-def register(name: str, *, item_features: bool = True) -> Callable[[Builder], Builder]:
-    """Decorator: register ``build(cfg, data) -> Recommender`` under ``name``; a name taken already is an error."""
+def register(
+    name: str, *, item_features: bool = True, model: type | None = None, loss: type | None = None
+) -> Callable[[Builder], Builder]:
+    """Decorator: register ``build(cfg, data) -> Recommender`` under ``name`` with the dataclasses of its ``model.*``
+    and ``loss.*`` keys (fields made with ``key``); a name taken already is an error."""
 
     def decorate(build: Builder) -> Builder:
         if name in _ENTRIES:
             raise MSIError(f"model {name!r} is registered twice: by {_where(_ENTRIES[name].build)} and by "
                            f"{_where(build)}")
-        _ENTRIES[name] = ModelEntry(name, build, item_features)
+        _ENTRIES[name] = ModelEntry(name, build, item_features, _section(name, "model", model),
+                                    _section(name, "loss", loss))
         return build
 
     return decorate
@@ -122,4 +190,4 @@ def _where(build: Builder) -> str:
     return f"{getattr(build, '__module__', '?')}.{getattr(build, '__qualname__', build)}"
 
 
-__all__ = ["GROUP", "ModelEntry", "get", "names", "register"]
+__all__ = ["CHECKS", "DEFAULT", "GROUP", "ModelEntry", "get", "key", "key_types", "names", "register"]

@@ -8,18 +8,23 @@ model by name. docs/adding_a_model.md shows how a package of one's own adds a mo
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from msi.config import Config
 from msi.data.dataset import Dataset
 from msi.data.graph import interaction_csr
 from msi.errors import MSIError
 from msi.models.base import Recommender, grad_norms, lightgcn_readout, mask_rows
+from msi.models.grcn import GRCN
 from msi.models.lightgcn import LightGCN
+from msi.models.mmgcn import MMGCN
 from msi.models.msi import MSI
 from msi.models.popularity import Popularity
-from msi.registry import get, register
+from msi.registry import get, key, register
+
+if TYPE_CHECKING:
+    from msi.config import Config
 
 
 def build_model(cfg: Config, dataset: Dataset, with_features: bool = True) -> Recommender:
@@ -47,5 +52,5 @@ def epoch_diagnostics(model: Recommender) -> dict[str, float]:
     return {**grad_norms(model), **model.code_stats()}
 
 
-__all__ = ["MSI", "LightGCN", "Popularity", "Recommender", "build_model", "epoch_diagnostics", "grad_norms",
-           "lightgcn_readout", "mask_rows", "register"]
+__all__ = ["GRCN", "MMGCN", "MSI", "LightGCN", "Popularity", "Recommender", "build_model", "epoch_diagnostics",
+           "grad_norms", "lightgcn_readout", "key", "mask_rows", "register"]

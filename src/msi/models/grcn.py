@@ -15,6 +15,9 @@ Refined edge weights, with a learned confidence K (N, M) of each node in each mo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,11 @@ from torch import nn
 
 from msi.losses import bpr_loss
 from msi.models.base import Recommender, draw_negatives, pair_keys
+from msi.registry import key, register
+
+if TYPE_CHECKING:
+    from msi.config import Config
+    from msi.data.dataset import Dataset
 
 
 def segment_softmax(scores: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -130,3 +138,35 @@ class GRCN(Recommender):
         prefs = sum(m.preference.pow(2).mean() + m.preference[users].pow(2).mean() for m in self.refiners.values())
         reg = ids / (2 * len(users) * e.shape[1]) + prefs
         return {"bpr": bpr, "reg": reg, "loss": bpr + self.gamma * reg}
+
+
+@dataclass
+class GRCNModel:
+    """The model.* keys of model.name=grcn."""
+
+    embedding_dim: int = key(64, "d: size of the ID embeddings (MMRec: embedding_size)", check=">0")
+    content_dim: int = key(64, "C: size of each modality's content and user prototypes (MMRec: latent_embedding)",
+                           check=">0")
+    n_layers: int = key(2, "layers of the ID graph convolution over the refined graph (MMRec: 2, fixed)", check=">0")
+    n_routing: int = key(3, "neighbour-routing passes that refine the user prototypes (MMRec: n_layers; its routing "
+                         "leaves the prototypes unchanged, which is n_routing 0 here)", check=">=0")
+
+
+@dataclass
+class GRCNLoss:
+    """The loss.* keys of model.name=grcn."""
+
+    gamma: float = key(0.1, "L2 weight of the batch's ID embeddings and the user prototypes (MMRec: reg_weight)",
+                       check=">=0")
+
+
+@register("grcn", model=GRCNModel, loss=GRCNLoss)
+def build(cfg: Config, data: Dataset) -> GRCN:
+    """GRCN on ``data``'s train graph and every modality's features: ``model.embedding_dim``, ``model.content_dim``,
+    ``model.n_layers``, ``model.n_routing`` and ``loss.gamma``."""
+    m = cfg.model
+    return GRCN(
+        data.n_users, data.n_items, data.train, {name: torch.from_numpy(f) for name, f in data.features.items()},
+        embedding_dim=m.embedding_dim, content_dim=m.content_dim, n_layers=m.n_layers, n_routing=m.n_routing,
+        gamma=cfg.loss.gamma,
+    )

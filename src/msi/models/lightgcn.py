@@ -6,16 +6,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import nn
 
-from msi.config import Config
 from msi.data.dataset import Dataset
 from msi.data.graph import normalized_adjacency
 from msi.losses import bpr_loss
 from msi.models.base import Recommender, draw_negatives, lightgcn_readout, pair_keys
-from msi.registry import register
+from msi.registry import key, register
+
+if TYPE_CHECKING:
+    from msi.config import Config
 
 
 class LightGCN(Recommender):
@@ -64,7 +69,22 @@ class LightGCN(Recommender):
         return {"bpr": bpr, "reg": reg, "loss": bpr + self.gamma * reg}
 
 
-@register("lightgcn", item_features=False)
+@dataclass
+class LightGCNModel:
+    """The model.* keys of model.name=lightgcn."""
+
+    embedding_dim: int = key(64, "d: size of the user and item embeddings", check=">0")
+    n_layers: int = key(1, "L: LightGCN layers", check=">=0")
+
+
+@dataclass
+class LightGCNLoss:
+    """The loss.* keys of model.name=lightgcn."""
+
+    gamma: float = key(1e-4, "L2 weight of the batch's layer-0 embeddings (MMRec: reg_weight)", check=">=0")
+
+
+@register("lightgcn", item_features=False, model=LightGCNModel, loss=LightGCNLoss)
 def build(cfg: Config, data: Dataset) -> LightGCN:
     """LightGCN on ``data``'s train graph: ``model.embedding_dim``, ``model.n_layers`` and ``loss.gamma``."""
     m = cfg.model

@@ -15,12 +15,21 @@ does by keeping them as plain tensors outside the optimiser; the paper learns th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msi.data.graph import mean_adjacency
 from msi.losses import bpr_loss
 from msi.models.base import Recommender, draw_negatives, pair_keys, sparse_product
+from msi.registry import key, register
+
+if TYPE_CHECKING:
+    from msi.config import Config
+    from msi.data.dataset import Dataset
 
 
 def _xavier_linear(n_in: int, n_out: int) -> nn.Linear:
@@ -120,3 +129,37 @@ class MMGCN(Recommender):
         ids = (2 * e[users].pow(2).sum() + e[self.n_users + items].pow(2).sum() + e[self.n_users + neg].pow(2).sum())
         reg = ids / (2 * len(users) * e.shape[1]) + sum(t.preference.pow(2).mean() for t in self.towers.values())
         return {"bpr": bpr, "reg": reg, "loss": bpr + self.gamma * reg}
+
+
+@dataclass
+class MMGCNModel:
+    """The model.* keys of model.name=mmgcn."""
+
+    embedding_dim: int = key(64, "d: size of the ID embeddings and of each layer's output (MMRec: embedding_size)",
+                             check=">0")
+    latent_dim: int = key(256, "F': width each modality's features are projected to before the first layer "
+                          "(MMRec: dim_latent, its v slot only)", check=">0")
+    n_layers: int = key(3, "graph layers per modality (MMRec runs 3 whatever its n_layers says)", check=">0")
+    frozen_embeddings: bool = key(False, "keep the ID embeddings and user preferences at their random start, as "
+                                  "MMRec's MMGCN does (they are outside its optimiser); false: learned, as in the paper")
+
+
+@dataclass
+class MMGCNLoss:
+    """The loss.* keys of model.name=mmgcn."""
+
+    gamma: float = key(0.0, "L2 weight of the batch's ID embeddings and the user preferences (MMRec: reg_weight)",
+                       check=">=0")
+
+
+@register("mmgcn", model=MMGCNModel, loss=MMGCNLoss)
+def build(cfg: Config, data: Dataset) -> MMGCN:
+    """MMGCN on ``data``'s train graph and every modality's features: ``model.embedding_dim``,
+    ``model.latent_dim``, ``model.n_layers``, ``model.frozen_embeddings`` and ``loss.gamma``."""
+    m = cfg.model
+    return MMGCN(
+        data.n_users, data.n_items, mean_adjacency(data.train, data.n_users, data.n_items),
+        {name: torch.from_numpy(f) for name, f in data.features.items()}, data.train,
+        embedding_dim=m.embedding_dim, latent_dim=m.latent_dim, n_layers=m.n_layers,
+        frozen_embeddings=m.frozen_embeddings, gamma=cfg.loss.gamma,
+    )

@@ -21,16 +21,29 @@ Forward pass (SPEC §2), d = embedding_dim, U users, I items, N = U + I:
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msi.config import CODE_PLACEMENTS, MI_ESTIMATORS, SCORE_VIEWS, Config
 from msi.data.dataset import Dataset
 from msi.data.graph import normalized_adjacency
+from msi.errors import ConfigError
 from msi.losses import average_kl, cosine_loss, frobenius_reg, info_nce, jsd_mi
 from msi.models.base import Recommender, bipartite_blocks, lightgcn_readout, one_layer_readout
-from msi.registry import register
+from msi.registry import key, register
+
+if TYPE_CHECKING:
+    from msi.config import Config
+
+CODE_PLACEMENTS = ("sample", "mean")  # model.code_placement
+MI_ESTIMATORS = ("infonce", "jsd")  # model.mi_estimator
+SCORE_VIEWS = ("id", "all")  # model.score_views
+HEAD_INITS = ("xavier", "identity")  # model.head_init
+SIGMA_INIT = math.log(2.0)  # softplus(0): the starting sigma with the scale rows' bias at zero
 
 
 class MSI(Recommender):
@@ -52,6 +65,10 @@ class MSI(Recommender):
             with the model).
         score_views: "id" scores items by their ID-graph view, "all" by the sum of every view (scoring only: the
             loss terms are the same either way).
+        sigma_init: every item's sigma at the start (up to the 1e-6 floor): the scale rows of each head start at
+            zero and their bias at softplus^-1(sigma_init); the default ln 2 = softplus(0) leaves the bias at zero.
+        head_init: the mean rows of each SSD head: "xavier" (Xavier-normal, bias zero) or "identity" (mu = h at
+            the start: the identity matrix, bias zero).
 
     The loss weights stay in the constructor, beside the architecture: the trainer calls ``loss(users, items)``
     for every registered model alike, and a model's builder (``build`` below) is the one place that reads its config.
@@ -82,6 +99,8 @@ class MSI(Recommender):
         beta_warmup: int = 0,
         mi_estimator: str = "infonce",
         score_views: str = "id",
+        sigma_init: float = SIGMA_INIT,
+        head_init: str = "xavier",
     ) -> None:
         super().__init__()
         if not features:
@@ -94,6 +113,10 @@ class MSI(Recommender):
             raise ValueError(f"score_views must be one of {SCORE_VIEWS}, got {score_views!r}")
         if beta_warmup < 0:
             raise ValueError(f"beta_warmup must be >= 0, got {beta_warmup}")
+        if not sigma_init > 0:
+            raise ValueError(f"sigma_init must be > 0, got {sigma_init}")
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
         if use_ssd and len(features) != 2:
             raise ValueError(f"use_ssd needs exactly two modalities, got {len(features)}: {list(features)}")
         self.n_users, self.n_items, self.n_layers = n_users, n_items, n_layers
@@ -123,16 +146,27 @@ class MSI(Recommender):
             self.proj[m] = nn.Linear(feat.shape[1], d)
             nn.init.xavier_normal_(self.proj[m].weight)
             if use_ssd:
-                self.head[m] = nn.Linear(d, 2 * d)  # -> (mu, pre-softplus scale)
-                nn.init.xavier_normal_(self.head[m].weight)
-                nn.init.zeros_(self.head[m].bias)
-                with torch.no_grad():  # scale rows at zero: sigma = softplus(0) at the start (docs/design.md)
-                    self.head[m].weight[d:].zero_()
+                self.head[m] = self._ssd_head(d, sigma_init, head_init)
         self.predictor = nn.Linear(d, d)
         nn.init.xavier_normal_(self.predictor.weight)
         if use_ssd and mi_estimator == "jsd":  # T(a, b): (B, 2d) -> (B, 1)
             self.critic = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.ReLU(), nn.Linear(2 * d, 2 * d), nn.ReLU(),
                                         nn.Linear(2 * d, 1))
+
+    @staticmethod
+    def _ssd_head(d: int, sigma_init: float, head_init: str) -> nn.Linear:
+        """Linear(d, 2d) -> (mu, pre-softplus scale). Scale rows at zero, their bias softplus^-1(sigma_init): every
+        sigma starts at sigma_init (docs/design.md); mean rows Xavier-normal or the identity, bias zero."""
+        head = nn.Linear(d, 2 * d)
+        nn.init.xavier_normal_(head.weight)
+        nn.init.zeros_(head.bias)
+        with torch.no_grad():
+            head.weight[d:].zero_()
+            if sigma_init != SIGMA_INIT:  # softplus^-1(y) = log(expm1(y)); the default keeps the bias exactly 0
+                head.bias[d:] = math.log(math.expm1(sigma_init))
+            if head_init == "identity":
+                head.weight[:d] = torch.eye(d)
+        return head
 
     @property
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -250,7 +284,48 @@ class MSI(Recommender):
         return out
 
 
-@register("msi")
+@dataclass
+class MSIModel:
+    """The model.* keys of model.name=msi."""
+
+    embedding_dim: int = key(64, "d: size of every embedding", check=">0")
+    n_layers: int = key(1, "L: LightGCN layers of every graph", check=">=0")
+    dropout: float = key(0.3, "p of the target-view dropout (contrastive view generator)", check="[0,1)")
+    tau: float = key(0.2, "InfoNCE temperature of the SSD module", check=">0")
+    use_ssd: bool = key(True, "superfluous semantics discarding (Gaussian encoders, InfoNCE + AKL)")
+    use_ip: bool = key(True, "interaction preserving (modality LightGCN graphs)")
+    freeze_features: bool = key(False, "keep raw item features fixed (BM3 trains them)")
+    code_placement: str = key("sample", "sample: SSD samples feed graphs and losses | mean: means downstream, "
+                              "samples only in L_ssd", choices=CODE_PLACEMENTS)
+    mi_estimator: str = key("infonce", "infonce: cosine InfoNCE (SPEC) | jsd: MLP critic with the Jensen-Shannon "
+                            "bound (MIB)", choices=MI_ESTIMATORS)
+    score_views: str = key("id", "id: score items with P z_s^i (SPEC) | all: P z_s^i + sum_m P z_s^m",
+                           choices=SCORE_VIEWS)
+    sigma_init: float = key(SIGMA_INIT, "every item's SSD sigma at the start (default ln 2 = softplus(0): the scale "
+                            "rows' bias at zero)", check=">0")
+    head_init: str = key("xavier", "the mean rows of each SSD head: xavier | identity (mu = h at the start)",
+                         choices=HEAD_INITS)
+
+    def validate(self, cfg: Config) -> None:
+        n = len(cfg.data.modalities)
+        if self.use_ssd and n != 2:
+            raise ConfigError(f"model.use_ssd needs exactly two modalities (got {n}: {list(cfg.data.modalities)}); "
+                              "set model.use_ssd=false or list two in data.modalities")
+
+
+@dataclass
+class MSILoss:
+    """The loss.* keys of model.name=msi."""
+
+    alpha: float = key(0.1, "weight of L_ssd", check=">=0")
+    beta: float = key(1e-4, "weight of the average KL inside L_ssd", check=">=0")
+    beta_warmup: int = key(0, "epochs over which beta rises linearly from 0 to its value (0: off)", check=">=0")
+    gamma: float = key(0.1, "weight of L_reg, the L2 of the batch's embeddings (BM3's reg_weight)", check=">=0")
+    w_align: float = key(1.0, "weight of L_align (BM3: cl_weight 2.0)", check=">=0")
+    w_mask: float = key(1.0, "weight of L_mask (BM3: cl_weight 2.0)", check=">=0")
+
+
+@register("msi", model=MSIModel, loss=MSILoss)
 def build(cfg: Config, data: Dataset) -> MSI:
     """MSI (or the ablation that ``model.use_ssd`` / ``model.use_ip`` / the loss weights name) for ``data``'s train
     graph and item features."""
@@ -262,4 +337,5 @@ def build(cfg: Config, data: Dataset) -> MSI:
         use_ip=m.use_ip, freeze_features=m.freeze_features, code_placement=m.code_placement,
         alpha=lo.alpha, beta=lo.beta, gamma=lo.gamma, w_align=lo.w_align, w_mask=lo.w_mask,
         beta_warmup=lo.beta_warmup, mi_estimator=m.mi_estimator, score_views=m.score_views,
+        sigma_init=m.sigma_init, head_init=m.head_init,
     )
