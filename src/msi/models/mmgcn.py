@@ -1,8 +1,9 @@
 """MMGCN (Wei et al., ACM MM 2019): one graph network per modality over the user-item graph, each with its own
 user preferences, the modalities' outputs averaged.
 
-For modality m, users start from a preference P_m (U, F') and items from their projected features f_m W_p + b_p
-(I, F'); X^0 = row-L2-normalised [P_m; f_m W_p + b_p] (N, F'). Layer l (0-based) with mean aggregation
+For modality m, users start from a preference P_m (U, F') and items from their features, the first modality's
+projected (f_m W_p + b_p, width F' = latent_dim), the others' as they are (F' = F_m); X^0 = the row-L2-normalised
+[P_m; item rows] (N, F'). Layer l (0-based) with mean aggregation
 Â = D^-1 A (each node averages its neighbours), the shared ID embedding E (N, d) and lr = leaky_relu:
 
     H = lr(Â X^l C_l),  X̂ = lr(X^l L_l + b_l) + E,  X^{l+1} = lr([H, X̂] G_l + g_l)
@@ -39,7 +40,8 @@ def _xavier_linear(n_in: int, n_out: int) -> nn.Linear:
 
 
 class ModalityGCN(nn.Module):
-    """One modality's tower: features (I, F) -> node representations (N, d) through ``n_layers`` layers.
+    """One modality's tower: features (I, F) -> node representations (N, d) through ``n_layers`` layers; the
+    features are first projected to ``latent_dim`` unless it is 0.
 
     Initialised as MMRec initialises it: Xavier-normal preference, conv and ``linear`` weights and the first
     combination weight; torch's default for the projection and the later combination layers."""
@@ -48,7 +50,8 @@ class ModalityGCN(nn.Module):
                  frozen: bool) -> None:
         super().__init__()
         self.register_buffer("features", features, persistent=False)
-        self.project = nn.Linear(features.shape[1], latent_dim)
+        self.project = nn.Linear(features.shape[1], latent_dim) if latent_dim else None
+        latent_dim = latent_dim or features.shape[1]
         preference = nn.init.xavier_normal_(torch.empty(n_users, latent_dim))
         if frozen:
             self.register_buffer("preference", preference)
@@ -64,7 +67,8 @@ class ModalityGCN(nn.Module):
 
     def forward(self, id_emb: torch.Tensor, adj: torch.Tensor, adj_t: torch.Tensor) -> torch.Tensor:
         """(N, d) with the shared ID embedding ``id_emb`` (N, d) and the mean-aggregation graph (adj, its T)."""
-        x = F.normalize(torch.cat([self.preference, self.project(self.features)]))  # (N, F')
+        items = self.features if self.project is None else self.project(self.features)
+        x = F.normalize(torch.cat([self.preference, items]))  # (N, F')
         for conv, linear, combine in zip(self.conv, self.linear, self.combine):
             h = F.leaky_relu(sparse_product(adj, adj_t, x @ conv))  # (N, w)
             x_hat = F.leaky_relu(linear(x)) + id_emb  # (N, d)
@@ -97,8 +101,8 @@ class MMGCN(Recommender):
         self.register_buffer("adj_t", adj[1], persistent=False)
         self.register_buffer("train_keys", pair_keys(train, n_items), persistent=False)
         self.towers = nn.ModuleDict({
-            m: ModalityGCN(f.float(), n_users, latent_dim, embedding_dim, n_layers, frozen_embeddings)
-            for m, f in features.items()
+            m: ModalityGCN(f.float(), n_users, 0 if k else latent_dim, embedding_dim, n_layers, frozen_embeddings)
+            for k, (m, f) in enumerate(features.items())
         })
         id_emb = nn.init.xavier_normal_(torch.empty(n_users + n_items, embedding_dim))
         if frozen_embeddings:
@@ -137,11 +141,12 @@ class MMGCNModel:
 
     embedding_dim: int = key(64, "d: size of the ID embeddings and of each layer's output (MMRec: embedding_size)",
                              check=">0")
-    latent_dim: int = key(256, "F': width each modality's features are projected to before the first layer "
-                          "(MMRec: dim_latent, its v slot only)", check=">0")
+    latent_dim: int = key(256, "F': width the first modality's features are projected to before the first layer "
+                          "(MMRec: dim_latent of its v slot); the other modalities enter at their own width",
+                          check=">0")
     n_layers: int = key(3, "graph layers per modality (MMRec runs 3 whatever its n_layers says)", check=">0")
     frozen_embeddings: bool = key(False, "keep the ID embeddings and user preferences at their random start, as "
-                                  "MMRec's MMGCN does (they are outside its optimiser); false: learned, as in the paper")
+                                  "MMRec's MMGCN does (they are outside its optimiser); false: learned (the paper)")
 
 
 @dataclass
