@@ -25,19 +25,21 @@ class _BlockSpMM(torch.autograd.Function):
 
 
 def sparse_product(a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """a @ x for a fixed sparse CSR ``a`` (n, m) with its transpose ``a_t`` (m, n) given: a dense (n, k) result
-    whose gradient with respect to ``x`` (m, k) is ``a_t @ grad``, built once instead of on every step."""
-    return _BlockSpMM.apply(a, a_t, x)
+    """A @ X, (N, M) @ (M, k), for a fixed sparse A given with its transpose A^T: the gradient with respect to X is
+    A^T @ G, with no transpose built on each backward (a symmetric A is passed twice). Runs in float32 outside
+    autocast, as every sparse product here does (torch has no bfloat16 sparse product on the CPU)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _BlockSpMM.apply(a, a_t, x.to(torch.float32))
 
 
 def pair_keys(train: np.ndarray | torch.Tensor, n_items: int) -> torch.Tensor:
-    """The sorted unique keys user * n_items + item of the (n, 2) train pairs, for ``draw_negatives``."""
+    """The sorted unique keys user * n_items + item of the (n, 2) train pairs: what ``sample_negatives`` rejects."""
     train = torch.as_tensor(np.asarray(train), dtype=torch.long).reshape(-1, 2)
     return torch.unique(train[:, 0] * n_items + train[:, 1])
 
 
-def draw_negatives(keys: torch.Tensor, users: torch.Tensor, n_items: int) -> torch.Tensor:
-    """One uniformly drawn item per user (B,), redrawn while (user, item) is one of ``keys`` (``pair_keys``)."""
+def sample_negatives(keys: torch.Tensor, users: torch.Tensor, n_items: int) -> torch.Tensor:
+    """One uniformly drawn item per user (B,), redrawn while (user, item) is among ``keys`` (``pair_keys``)."""
     neg = torch.randint(0, n_items, users.shape, device=users.device)
     while True:
         k = users * n_items + neg
@@ -83,9 +85,8 @@ def one_layer_readout(
     different widths differently); the gradient of the shared users sums the graphs before the product, not after.
     """
     ui, iu = blocks
-    with torch.autocast(users.device.type, enabled=False):  # float32 products, as in lightgcn_readout
-        shared = _BlockSpMM.apply(iu, ui, users.to(torch.float32))  # (I, d)
-        first = _BlockSpMM.apply(ui, iu, items[0].to(torch.float32))  # (U, d)
+    shared = sparse_product(iu, ui, users)  # (I, d)
+    first = sparse_product(ui, iu, items[0])  # (U, d)
     return (users + first) / 2, [(x + shared) / 2 for x in items]
 
 
@@ -97,9 +98,7 @@ def lightgcn_readout(adj: torch.Tensor, x0: torch.Tensor, n_layers: int) -> torc
     """
     out, z = x0, x0
     for _ in range(n_layers):
-        with torch.autocast(x0.device.type, enabled=False):
-            z = z.to(torch.float32)
-            z = _BlockSpMM.apply(adj, adj, z)
+        z = sparse_product(adj, adj, z)
         out = out + z
     return out / (n_layers + 1)
 

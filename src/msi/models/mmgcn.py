@@ -25,7 +25,7 @@ from torch import nn
 
 from msi.data.graph import mean_adjacency
 from msi.losses import bpr_loss
-from msi.models.base import Recommender, draw_negatives, pair_keys, sparse_product
+from msi.models.base import Recommender, pair_keys, sample_negatives, sparse_product
 from msi.registry import key, register
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ class MMGCN(Recommender):
 
     def sample_negatives(self, users: torch.Tensor) -> torch.Tensor:
         """One uniformly drawn item per user (B,), redrawn while it is one of the user's train items."""
-        return draw_negatives(self.train_keys, users, self.n_items)
+        return sample_negatives(self.train_keys, users, self.n_items)
 
     def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
         neg = self.sample_negatives(users)
