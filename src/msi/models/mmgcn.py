@@ -10,8 +10,8 @@ projected (f_m W_p + b_p, width F' = latent_dim), the others' as they are (F' = 
     R = mean_m X_m^{n_layers},  s(u, i) = <r_u, r_i>
     L = BPR(s(u, i+), s(u, i-)) + gamma * ((2|e_u|^2 + |e_i+|^2 + |e_i-|^2) / (2 B d) + sum_m mean(P_m^2))
 
-``frozen_embeddings=True`` keeps E and every P_m at their random start, as MMRec's MMGCN (and the authors' code)
-does by keeping them as plain tensors outside the optimiser; the paper learns them.
+``frozen_embeddings=True`` keeps E and every P_m at their random start, as MMRec's MMGCN does by keeping them as
+plain tensors outside the optimiser; the paper learns them.
 """
 
 from __future__ import annotations
