@@ -18,7 +18,9 @@ from msi.data.graph import interaction_csr
 from msi.errors import MSIError, raised
 from msi.models.base import Recommender, grad_norms, lightgcn_readout, mask_rows
 from msi.models.bpr import BPR
+from msi.models.grcn import GRCN
 from msi.models.lightgcn import LightGCN
+from msi.models.mmgcn import MMGCN
 from msi.models.msi import MSI
 from msi.models.popularity import Popularity
 from msi.models.vbpr import VBPR
@@ -58,5 +60,5 @@ def epoch_diagnostics(model: Recommender) -> dict[str, float]:
     return {**grad_norms(model), **model.code_stats()}
 
 
-__all__ = ["BPR", "MSI", "LightGCN", "Popularity", "Recommender", "VBPR", "build_model", "epoch_diagnostics",
-           "grad_norms", "lightgcn_readout", "key", "mask_rows", "register"]
+__all__ = ["BPR", "GRCN", "MMGCN", "MSI", "LightGCN", "Popularity", "Recommender", "VBPR", "build_model",
+           "epoch_diagnostics", "grad_norms", "lightgcn_readout", "key", "mask_rows", "register"]
