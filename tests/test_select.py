@@ -80,6 +80,25 @@ def test_report_writes_the_tables_and_the_popularity_floor(sweep):
     assert {(r["config"], r["point"]) for r in test_rows} == {("recall", " ".join(B)), ("ndcg", " ".join(B))}
 
 
+def test_mmrec_rule_reports_the_point_best_on_test_beside_the_one_chosen_on_valid(fabricate_sweep, tmp_path):
+    # A is below B on valid (0.31 against 0.51) but above it on test (0.40 against 0.255): valid selects B, the
+    # point best on test is A; C and D miss a seed and are eligible for neither
+    valid = {"recall": {A: [(0.30, 0.9, True), (0.32, 0.9, True)], **{p: VALID["recall"][p] for p in (B, C, D)}}}
+    out = fabricate_sweep(tmp_path / "s", valid)
+    for run in [t.run_dir for t in load_sweep(out)[1] if t.point == A]:
+        results = json.loads((run / "results.json").read_text())
+        results["test"]["recall@20"] = 0.40
+        (run / "results.json").write_text(json.dumps(results))
+    assert "chosen_on_test" not in report(out)  # read only when asked for
+    summary = report(out, by_test=True)
+    assert summary["configs"]["recall"]["selected"]["point"] == list(B)  # the selection is valid's, unchanged
+    assert summary["chosen_on_test"]["recall"]["point"] == list(A)
+    assert summary["chosen_on_test"]["recall"]["test"]["mean"] == pytest.approx(0.40)
+    md = (out / "results.md").read_text()
+    assert "| chosen on test (MMRec's rule) |" in md
+    assert "| 2 | 0.2550 ± 0.0071 |" in md and "recall@20 0.4000 ± 0.0000 at loss.alpha=0.1 eval.ks=[10,20] |" in md
+
+
 def test_the_table_adds_a_column_for_a_selection_metric_beyond_recall_and_ndcg():
     from msi.select import render_markdown
 

@@ -289,13 +289,16 @@ def _sweep(argv: list[str] | None) -> int:
     p.add_argument("--baseline", metavar="CONFIG",
                    help="with --report: results.md also gets each config's selected point against this config's "
                         "(its YAML file's name without .yaml), on test, with msi-compare's statistics")
+    p.add_argument("--mmrec-rule", action="store_true",
+                   help="with --report: a last column with what MMRec's rule would report (each config's point best "
+                        "on test: it reads test at every point, selects nothing, and shows that rule's optimism)")
     args = p.parse_args(argv)
-    if args.baseline and not args.report:
-        p.error("--baseline goes with --report DIR")
+    if (args.baseline or args.mmrec_rule) and not args.report:
+        p.error("--baseline and --mmrec-rule go with --report DIR")
     from msi.sweep import report_sweeps, run_sweep
 
     if args.report:
-        say((report_sweeps(args.report, args.out, args.baseline) / "results.md").read_text(), end="")
+        say((report_sweeps(args.report, args.out, args.baseline, args.mmrec_rule) / "results.md").read_text(), end="")
         return 0
     if not args.config or not args.out:
         p.error("--config and --out are required (or --report DIR)")

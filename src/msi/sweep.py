@@ -177,11 +177,13 @@ def drive(configs: list[Path], grid: list[str], seeds: list[int], out: Path, ove
         return report(out, unstarted=True)
 
 
-def report_sweeps(folders: list[Path], out: Path | None = None, baseline: str | None = None) -> Path:
+def report_sweeps(folders: list[Path], out: Path | None = None, baseline: str | None = None,
+                  by_test: bool = False) -> Path:
     """``msi-sweep --report``: re-render a sweep folder's tables (into ``out`` when given), or select once over the
     points of several folders (a grid run in parts) into ``out``. ``baseline``: results.md also holds each config's
     selected point against this config's, on test (``msi.compare.baseline_section``), made before any table is
-    written. Returns the folder written."""
+    written; ``by_test``: also the column of what selecting on test would report (``msi.select.chosen_on_test``).
+    Returns the folder written."""
     from msi.compare import baseline_section
     from msi.select import union_report
 
@@ -189,7 +191,7 @@ def report_sweeps(folders: list[Path], out: Path | None = None, baseline: str | 
         raise MSIError("--report with several folders writes the union's tables to --out DIR")
     extra = (lambda summary: baseline_section(summary, baseline)) if baseline else None
     dest = Path(out or folders[0])
-    union_report(folders, dest, extra) if out else report(dest, extra=extra)
+    union_report(folders, dest, extra, by_test) if out else report(dest, extra=extra, by_test=by_test)
     return dest
 
 
