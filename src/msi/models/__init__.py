@@ -16,6 +16,7 @@ from msi.data.dataset import Dataset
 from msi.data.graph import interaction_csr
 from msi.errors import MSIError
 from msi.models.base import Recommender, grad_norms, lightgcn_readout, mask_rows
+from msi.models.dualgnn import DualGNN
 from msi.models.lightgcn import LightGCN
 from msi.models.msi import MSI
 from msi.models.popularity import Popularity
@@ -50,5 +51,5 @@ def epoch_diagnostics(model: Recommender) -> dict[str, float]:
     return {**grad_norms(model), **model.code_stats()}
 
 
-__all__ = ["MSI", "LightGCN", "Popularity", "Recommender", "build_model", "epoch_diagnostics", "grad_norms",
+__all__ = ["MSI", "DualGNN", "LightGCN", "Popularity", "Recommender", "build_model", "epoch_diagnostics", "grad_norms",
            "lightgcn_readout", "key", "mask_rows", "register"]
