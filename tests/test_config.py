@@ -11,7 +11,7 @@ from msi.config import Config, config_from_dict, load_config, parse_overrides, v
 from msi.rundir import write_config
 from msi.data.dataset import Dataset
 from msi.errors import ConfigError
-from msi.models import LightGCN, MSI, build_model
+from msi.models import BUIR, DualGNN, LightGCN, MSI, build_model
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
@@ -186,7 +186,7 @@ def test_every_shipped_config_loads_and_builds_its_model(path):
     features = {m: rng.standard_normal((4, 3)).astype(np.float32) for m in cfg.data.modalities}
     empty = np.zeros((0, 2), dtype=np.int64)
     model = build_model(cfg, Dataset("stand-in", Path("."), 5, 4, train, empty, empty, features))
-    assert isinstance(model, {"msi": MSI, "lightgcn": LightGCN}[cfg.model.name])
+    assert isinstance(model, {"msi": MSI, "lightgcn": LightGCN, "dualgnn": DualGNN, "buir": BUIR}[cfg.model.name])
 
 
 # ---- per-model keys: model.name decides which model.* and loss.* keys exist

@@ -60,7 +60,7 @@ def padding_multiplicities(degrees: torch.Tensor, k: int) -> torch.Tensor:
     n = degrees[short]
     rank = torch.rand(len(n), k - 1).argsort(1).argsort(1)  # a uniform random order of the gaps
     cut = (rank < (n - 1)[:, None]).long()  # n - 1 gaps chosen uniformly
-    segment = torch.cat([torch.zeros(len(n), 1, dtype=torch.long), cut.cumsum(1)], 1)  # (S, k): each slot's
+    segment = torch.cat([torch.zeros(len(n), 1, dtype=torch.long), cut.cumsum(1)], 1)  # (S, k): slot -> part
     mult = torch.zeros(len(n), k).scatter_add_(1, segment, torch.ones(len(n), k))
     out = torch.ones(int(degrees.sum()))
     entry_short = torch.repeat_interleave(short, degrees)
