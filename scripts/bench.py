@@ -16,7 +16,7 @@ With ``--mmrec-bm3 DIR`` (``../shared/reference/mmrec-bm3`` or a copy) MMRec's o
 ``time_bm3.py`` in a subprocess on the same device, threads and graph, with random features of the same widths, and
 the ratios of our MSI and BM3 steps and epochs to it are written beside.
 
-Example (the README table):
+Example (the tables of docs/benchmarks.md):
     python scripts/bench.py --datasets baby sports tiktok elec --threads 2 --epoch-steps 20
     python scripts/bench.py --device cuda --datasets baby tiktok --mmrec-bm3 ../shared/reference/mmrec-bm3
 """

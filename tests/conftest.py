@@ -37,6 +37,16 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def no_installed_plugins(monkeypatch):
+    """The suite sees the built-in models only, whatever model plugins the user has installed (one named like a
+    test's model, or a broken one, changes nothing here); tests of plugins declare theirs (tests/test_registry.py),
+    and the plugin the CLI tests install has a name no user plugin takes (``msi-suite-mf``)."""
+    from msi import registry
+
+    monkeypatch.setattr(registry, "_plugin_points", lambda: {})
+
+
 @pytest.fixture
 def write_dataset():
     """``write_dataset(root, name, inter_text, {file: array})`` -> the .inter path (see ``_write_dataset``)."""

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from msi import __version__
-from msi.cli import data_main, eval_main, recommend_main, train_main
+from msi.cli import TOOLS, data_main, eval_main, recommend_main, train_main
+from msi.config import load_config
 from msi.data.dataset import read_inter
+from msi.evaluate import Evaluator, popularity_metrics
+from msi.run import dataset_for
 
 EPOCHS = 3
 
@@ -78,14 +81,29 @@ def test_train_writes_a_run_directory(run_dir, workdir):
     assert 1 <= results["best_epoch"] <= EPOCHS and 0 <= results["test"]["recall@20"] <= 1
 
 
-@pytest.mark.parametrize("split", ["valid", "test"])
-def test_eval_reproduces_the_runs_final_metrics(run_dir, capsys, split):
-    code, out, _ = run(eval_main, ["--checkpoint", run_dir / "best.pt", "--split", split, "--device", "cpu"], capsys)
+@pytest.mark.parametrize("split, flag", [("valid", []), ("valid", ["--split", "valid"]), ("test", ["--split", "test"])])
+def test_eval_reproduces_the_runs_final_metrics(run_dir, capsys, split, flag):
+    code, out, _ = run(eval_main, ["--checkpoint", run_dir / "best.pt", *flag, "--device", "cpu"], capsys)
     assert code == 0
     got = json.loads(out)
     assert got["split"] == split and got["item_view"] == "id"
     expected = json.loads((run_dir / "results.json").read_text())[split]
     assert {k: got[k] for k in expected} == pytest.approx(expected, abs=1e-12)
+
+
+def test_train_ends_with_one_plain_line_and_explains_the_star(run_dir, workdir, capsys, monkeypatch):
+    results = json.loads((run_dir / "results.json").read_text())
+    v, t = results["valid"]["recall@20"], results["test"]["recall@20"]
+    floor = results["popularity"]
+    data = dataset_for(load_config(workdir / "tiny.yaml"), progress=False)
+    assert floor == popularity_metrics(Evaluator(data, "cpu", [10, 20]))
+    monkeypatch.chdir(workdir)  # inside the working folder the run is named relative to it
+    code, out, _ = run(train_main, ["--resume", run_dir, "--quiet"], capsys)
+    assert out == (f"runs/e2e: best epoch {results['best_epoch']} of {EPOCHS}, recall@20 valid {v:.4f} test "
+                   f"{t:.4f} (popularity: valid {floor['valid']['recall@20']:.4f} test "
+                   f"{floor['test']['recall@20']:.4f}); every metric in its results.json\n")
+    assert ("one line per evaluated epoch: mean train loss, valid metrics, and * when valid recall@20 is the best "
+            "so far (saved as best.pt)") in (run_dir / "train.log").read_text()
 
 
 def test_eval_item_view_and_ks(run_dir, capsys):
@@ -94,7 +112,7 @@ def test_eval_item_view_and_ks(run_dir, capsys):
     assert code == 0
     got = json.loads(out)
     assert got["item_view"] == "image"
-    assert {"recall@5", "ndcg@10", "precision@5", "map@10"} <= set(got) and "recall@20" not in got
+    assert {"recall@5", "ndcg@10", "precision@5", "map@10", "hit@5", "mrr@10"} <= set(got) and "recall@20" not in got
     code, _, err = run(eval_main, ["--checkpoint", run_dir / "best.pt", "--item-view", "audio",
                                    "--device", "cpu"], capsys)
     assert code == 2 and "audio" in one_line_error(err)
@@ -149,7 +167,7 @@ def test_resume_of_a_finished_run_and_resume_with_a_config(run_dir, workdir, cap
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "train.log"}
     code, out, err = run(train_main, ["--resume", run_dir, "--quiet"], capsys)
     assert code == 0 and err == ""
-    assert json.loads(out)["test"] == json.loads((run_dir / "results.json").read_text())["test"]
+    assert out.startswith(f"{run_dir}: best epoch ")  # the run's line, as at its end
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != "train.log"} == before
     code, _, err = run(train_main, ["--resume", run_dir, "--config", workdir / "tiny.yaml"], capsys)
     assert code == 2 and "--resume" in one_line_error(err)
@@ -161,7 +179,7 @@ def test_resume_extends_a_finished_run_with_more_epochs_and_refuses_other_keys(r
     code, _, err = run(train_main, ["--resume", run_copy, "model.dropout=0.1", "--quiet"], capsys)
     assert code == 2 and "--resume cannot change 'model.dropout'" in one_line_error(err)
     code, out, _ = run(train_main, ["--resume", run_copy, f"train.epochs={EPOCHS + 1}", "--quiet"], capsys)
-    assert code == 0 and json.loads(out)["run_dir"] == str(run_copy)
+    assert code == 0 and out.startswith(f"{run_copy}: best epoch ")
     assert json.loads((run_copy / "results.json").read_text())["epochs_run"] == EPOCHS + 1
     assert f"resume with train.epochs={EPOCHS + 1} (was {EPOCHS})" in (run_copy / "train.log").read_text()
 
@@ -236,6 +254,15 @@ def test_help_exits_0_and_mentions_the_key_options(main, options, capsys):
     out = capsys.readouterr().out
     for option in options:
         assert option in out, option
+
+
+@pytest.mark.parametrize("argv", [["msi-train"], ["msi-eval"], ["msi-recommend"], ["msi-data", "synth"],
+                                  ["msi-data", "prepare"], ["msi-sweep"], ["msi-plot"], ["msi-compare"]])
+def test_help_says_each_default_once_and_never_none(argv, capsys):
+    with pytest.raises(SystemExit):
+        TOOLS[argv[0].removeprefix("msi-")]([*argv[1:], "--help"])
+    options = " ".join(capsys.readouterr().out.split()).split(" -")  # one entry per option, lines joined
+    assert not [o for o in options if o.count("(default:") > 1 or "(default: None)" in o]
 
 
 def test_list_keys(capsys):

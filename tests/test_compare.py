@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ import scipy.stats
 import yaml
 
 from msi.cli import compare_main, msi_main, sweep_main
-from msi.compare import JSON_KEYS, bootstrap_ci, compare, paired_stats, read_runs
+from msi.compare import (JSON_KEYS, bootstrap_ci, compare, paired_stats, read_runs, render_markdown,
+                         setting_differences)
 from msi.config import load_config
 from msi.data.synth import generate
 from msi.errors import MSIError
@@ -130,6 +132,16 @@ def test_runs_against_themselves_give_delta_0_and_each_seed_its_own_valid_metric
     assert c.a_seeds == pytest.approx(results, abs=1e-12)
 
 
+@pytest.mark.parametrize("metric", ["hit@5", "mrr@20"])
+def test_hit_and_mrr_are_compared_like_the_other_metrics(sweep, metric):
+    runs = point_dirs(sweep, "msi", "0.1")
+    c = compare(runs, point_dirs(sweep, "msi", "0.01"), metric=metric, device="cpu", progress=False)
+    assert c.metric == metric
+    for seeds, side in ((c.a_seeds, runs), (c.b_seeds, point_dirs(sweep, "msi", "0.01"))):
+        results = [json.loads((d / "results.json").read_text())["valid"][metric] for d in side]
+        assert seeds == pytest.approx(results, abs=1e-12)
+
+
 def test_mismatched_seeds_are_refused_with_one_line(sweep):
     a, b = point_dirs(sweep, "msi", "0.1"), point_dirs(sweep, "msi", "0.01")
     with pytest.raises(MSIError) as e:
@@ -171,13 +183,30 @@ def test_sweep_report_with_a_baseline_adds_each_config_against_it_on_test(sweep,
     assert "--baseline 'bm3'" in capsys.readouterr().err
 
 
+def test_the_settings_a_and_b_differ_in_are_named():
+    base = load_config(overrides=["model.dropout=0.3"])
+    assert setting_differences([base], [base]) == ()
+    other = load_config(overrides=["model.dropout=0.5", "train.seed=7", "train.device=cpu"])  # seed, device: no
+    assert setting_differences([base], [other]) == ("model.dropout: 0.3 -> 0.5",)
+    two = load_config(overrides=["model.use_ssd=false", "loss.alpha=0.01"])
+    assert setting_differences([base, other], [two]) == ("model.dropout: 0.3, 0.5 -> 0.3",
+                                                          "model.use_ssd: true -> false", "loss.alpha: 0.1 -> 0.01")
+    lightgcn = setting_differences([base], [load_config(overrides=["model.name=lightgcn"])])
+    assert "model.name: msi -> lightgcn" in lightgcn and "model.tau: 0.2 -> -" in lightgcn  # a key of MSI only
+    text = render_markdown(replace(stats([[0.5]], [[0.5]]), differ=lightgcn[:2]))
+    assert ("B: B\nA and B differ in 2 settings, so the delta is not one setting's effect (A -> B):\n"
+            f"- {lightgcn[0]}\n- {lightgcn[1]}\n\n| seed |") in text
+
+
 def test_msi_compare_end_to_end(sweep, tmp_path, capsys):
     a, b = point_dirs(sweep, "msi", "0.1"), point_dirs(sweep, "msi", "0.01")
     out, js = tmp_path / "cmp.md", tmp_path / "cmp.json"
     argv = ["--a", *map(str, a), "--b", *map(str, b), "--out", str(out), "--json", str(js), "--device", "cpu"]
     assert compare_main(argv) == 0
     printed = capsys.readouterr().out
-    assert printed == out.read_text() and "recall@20 on valid: 60 users, 2 seeds" in printed
+    assert printed == out.read_text() + f"wrote {out}\nwrote {js}\n"  # as the other tools say what they wrote
+    assert "recall@20 on valid: 60 users, 2 seeds" in printed
+    assert "\nSetting that differs (A -> B): loss.gamma: 0.1 -> 0.01\n" in printed
     got = json.loads(js.read_text())
     assert list(got) == list(JSON_KEYS)
     assert got["n_users"] == 60 and got["n_seeds"] == 2 and got["split"] == "valid"

@@ -126,6 +126,11 @@ def test_impossible_values_are_errors(override, key):
         load_config(overrides=[override])
 
 
+@pytest.mark.parametrize("metric", ["hit@10", "mrr@20", "precision@10", "map@20"])
+def test_every_metric_may_select(metric):
+    assert load_config(overrides=[f"train.metric={metric}"]).train.metric == metric
+
+
 def test_ssd_needs_exactly_two_modalities():
     with pytest.raises(ConfigError, match="use_ssd needs exactly two modalities"):
         load_config(overrides=["data.modalities={image: image_feat.npy}"])

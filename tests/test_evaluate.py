@@ -49,6 +49,9 @@ EXPECTED_A = {
     "precision@20": 3 / 20,
     "ndcg@20": (1 / lg(2) + 1 / lg(4) + 1 / lg(13)) / (1 / lg(2) + 1 / lg(3) + 1 / lg(4)),
     "map@20": (1 / 1 + 2 / 3 + 3 / 12) / 3,
+    # the first hit is at rank 1: a hit, reciprocal rank 1, at every K
+    **{f"hit@{k}": 1.0 for k in (2, 5, 20)},
+    **{f"mrr@{k}": 1 / 1 for k in (2, 5, 20)},
 }
 EXPECTED_B = {
     # one relevant item at rank 2: ideal DCG is 1 / log2(2) = 1 for every K; MAP = P@2 / 1
@@ -56,6 +59,9 @@ EXPECTED_B = {
     **{f"precision@{k}": 1 / k for k in (2, 5, 20)},
     **{f"ndcg@{k}": (1 / lg(3)) / 1.0 for k in (2, 5, 20)},
     **{f"map@{k}": (1 / 2) / 1 for k in (2, 5, 20)},
+    # the first (only) hit at rank 2: inside every K here
+    **{f"hit@{k}": 1.0 for k in (2, 5, 20)},
+    **{f"mrr@{k}": 1 / 2 for k in (2, 5, 20)},
 }
 
 
@@ -81,6 +87,15 @@ def test_topk_metrics_no_hits_and_all_hits():
     assert got["map@10"][1].item() == pytest.approx(1.0, abs=1e-12)
     assert got["precision@10"][1].item() == pytest.approx(0.2, abs=1e-12)
     assert got["precision@1"][1].item() == 1.0
+    assert got["hit@1"][1].item() == 1.0 and got["mrr@10"][1].item() == 1.0
+
+
+def test_hit_and_mrr_count_only_a_first_hit_inside_k():
+    # first hits at ranks 3, 4 and none: at K = 3 the second user has no hit yet
+    hits = torch.tensor([hit_row([3, 4]), hit_row([4]), hit_row([])], dtype=torch.float64)
+    got = topk_metrics(hits, torch.tensor([2, 1, 5]), [3, 4])
+    assert got["hit@3"].tolist() == [1.0, 0.0, 0.0] and got["hit@4"].tolist() == [1.0, 1.0, 0.0]
+    assert got["mrr@3"].tolist() == [1 / 3, 0.0, 0.0] and got["mrr@4"].tolist() == [1 / 3, 1 / 4, 0.0]
 
 
 # ---------------------------------------------------------------- Evaluator with a model of known scores
@@ -137,6 +152,8 @@ def test_evaluator_valid_split(hand_data):
     assert m["recall@2"] == pytest.approx((1 + 1) / 2)
     assert m["ndcg@2"] == pytest.approx((1 / lg(3) + 1) / 2)
     assert m["map@2"] == pytest.approx((1 / 2 + 1) / 2)
+    assert m["hit@1"] == pytest.approx((0 + 1) / 2) and m["hit@2"] == 1.0
+    assert m["mrr@1"] == pytest.approx((0 + 1) / 2) and m["mrr@2"] == pytest.approx((1 / 2 + 1) / 2)
 
 
 def test_valid_items_stay_candidates_at_test_by_default_and_mask_option_removes_them(hand_data):

@@ -136,6 +136,20 @@ def test_run_curves_of_two_configs_are_labelled_by_what_differs(tmp_path):
 
 
 @needs_matplotlib
+def test_labels_spell_values_as_yaml_does(tmp_path):
+    from msi.plot import runs_figure
+
+    for name, ssd in (("a", "true"), ("b", "false")):
+        write_run(tmp_path / name, 1, [0.1, 0.2])
+        (tmp_path / name / "config.yaml").write_text(
+            f"model: {{use_ssd: {ssd}}}\ndata: {{modalities: {{image: {name}.npy, text: t.npy}}}}\n"
+            "train: {seed: 1}\n")
+    assert [t.get_text() for t in runs_figure([tmp_path / "a", tmp_path / "b"]).legends[0].get_texts()][:2] == [
+        "data.modalities={image: a.npy, text: t.npy}, model.use_ssd=true (seed 1)",
+        "data.modalities={image: b.npy, text: t.npy}, model.use_ssd=false (seed 1)"]  # not {'image': ...}, True
+
+
+@needs_matplotlib
 def test_jsd_panel_is_titled_as_an_estimate(tmp_path):
     from msi.plot import runs_figure
 
@@ -216,6 +230,27 @@ def test_sweep_lines_have_error_bars_numeric_order_and_a_symlog_axis_through_0(t
         t.get_text() for t in fig.legends[0].get_texts()]
     seeds = sorted(y for ln in ax.lines if ln.get_gid() == "seed" for y in ln.get_ydata())
     assert seeds == [0.20, 0.20, 0.25, 0.27, 0.30, 0.34, 0.40, 0.44]  # each seed's value drawn too
+    assert_legend_off_the_panels(fig)
+
+
+@needs_matplotlib
+def test_sweep_panels_share_one_y_range_and_draw_the_popularity_floor(fabricate_sweep, tmp_path):
+    from msi.plot import sweep_figure
+    from msi.select import report
+
+    low, high = ("loss.alpha=0.1",), ("loss.alpha=0.01",)
+    out = fabricate_sweep(tmp_path / "s", {"a": {low: [(0.10, 0.1, True)] * 2, high: [(0.12, 0.1, True)] * 2},
+                                           "b": {low: [(0.50, 0.1, True)] * 2, high: [(0.55, 0.1, True)] * 2}},
+                          grid=["loss.alpha=0.1,0.01"])
+    floor = report(out)["popularity"]["tiny"]["valid"]["recall@20"]
+    fig = sweep_figure(out)
+    a, b = fig.axes[:2]
+    assert a.get_ylim() == b.get_ylim() and a.get_ylim()[0] < 0.10 and a.get_ylim()[1] > max(0.55, floor)
+    for ax in (a, b):
+        (line,) = [ln for ln in ax.lines if ln.get_gid() == "popularity"]
+        assert list(line.get_ydata()) == [floor, floor]
+        assert ax.get_xlabel() == "loss.alpha"
+    assert [t.get_text() for t in fig.legends[0].get_texts()][-1] == "popularity (valid)"
     assert_legend_off_the_panels(fig)
 
 

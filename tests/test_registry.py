@@ -186,15 +186,15 @@ requires = ["setuptools>=61"]
 build-backend = "setuptools.build_meta"
 
 [project]
-name = "msi-mf-example"
+name = "msi-suite-plugin-example"
 version = "0.1.0"
 dependencies = ["msi"]
 
 [project.entry-points."msi.models"]
-mf = "msi_mf_example"
+msi-suite-mf = "msi_suite_plugin_example"
 
 [tool.setuptools]
-py-modules = ["msi_mf_example"]
+py-modules = ["msi_suite_plugin_example"]
 """
 
 PLUGIN_MODULE = '''\
@@ -244,7 +244,7 @@ class MFLoss:
     gamma: float = key(1e-4, "L2 weight of the batch's embeddings", check=">=0")
 
 
-@register("mf", item_features=False, model=MFModel, loss=MFLoss)
+@register("msi-suite-mf", item_features=False, model=MFModel, loss=MFLoss)
 def build(cfg, data) -> MF:
     m = cfg.model
     return MF(data.n_users, data.n_items, embedding_dim=m.embedding_dim, n_negatives=m.n_negatives,
@@ -259,7 +259,7 @@ def plugin_site(tmp_path_factory) -> Path:
     pkg, site = root / "pkg", root / "site"
     pkg.mkdir()
     (pkg / "pyproject.toml").write_text(PLUGIN_PYPROJECT)
-    (pkg / "msi_mf_example.py").write_text(PLUGIN_MODULE)
+    (pkg / "msi_suite_plugin_example.py").write_text(PLUGIN_MODULE)
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
            "--disable-pip-version-check", "--target", str(site), str(pkg)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -278,11 +278,11 @@ def cli(workdir: Path, site: Path | None, *argv: str) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def plugin_run(plugin_site, tmp_path_factory) -> tuple[Path, Path]:
-    """(work folder, run folder) of msi-train with model.name=mf on generated tiny data, no item features."""
+    """(work folder, run folder) of msi-train with model.name=msi-suite-mf on generated tiny data, no item features."""
     work = tmp_path_factory.mktemp("plugin-run")
     (work / "tiny.yaml").write_text(
         "data:\n  root: data\n  name: tiny\n  synth_preset: tiny\n  modalities: {}\n"
-        "model:\n  name: mf\n  embedding_dim: 16\n  n_negatives: 2\n"
+        "model:\n  name: msi-suite-mf\n  embedding_dim: 16\n  n_negatives: 2\n"
         "loss:\n  gamma: 0.001\n"
         "train:\n  epochs: 3\n  lr: 0.01\n  device: cpu\n  out_dir: runs\n  run_name: mf\n"
         "eval:\n  ks: [10, 20]\n"
@@ -297,7 +297,7 @@ def test_the_plugin_is_unknown_without_its_package(plugin_run):
     done = cli(work, None, "train", "--config", "tiny.yaml", "--out", "elsewhere")
     assert done.returncode == 2
     err = done.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: config key 'model.name': no model named 'mf'"), err
+    assert len(err) == 1 and err[0].startswith("error: config key 'model.name': no model named 'msi-suite-mf'"), err
 
 
 def test_msi_train_trains_the_plugin_model(plugin_run):
@@ -313,16 +313,16 @@ def test_msi_train_trains_the_plugin_model(plugin_run):
 def test_the_plugin_declares_its_own_keys(plugin_run, plugin_site):
     work, run_dir = plugin_run
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["model"] == {"name": "mf", "embedding_dim": 16, "n_negatives": 2, "init_std": 0.1}
+    assert saved["model"] == {"name": "msi-suite-mf", "embedding_dim": 16, "n_negatives": 2, "init_std": 0.1}
     assert saved["loss"] == {"gamma": 0.001}
-    listed = cli(work, plugin_site, "train", "--list-keys", "model.name=mf")
+    listed = cli(work, plugin_site, "train", "--list-keys", "model.name=msi-suite-mf")
     assert listed.returncode == 0, listed.stderr
     assert "model.n_negatives: 1" in listed.stdout and "negatives drawn per positive pair" in listed.stdout
     assert "model.dropout" not in listed.stdout and "loss.alpha" not in listed.stdout  # MSI's keys are MSI's
     bad = cli(work, plugin_site, "train", "--config", "tiny.yaml", "--out", "bad", "model.n_negatives=0")
     assert bad.returncode == 2 and bad.stderr.strip() == "error: config key 'model.n_negatives' must be > 0 (got 0)"
     other = cli(work, plugin_site, "train", "--config", "tiny.yaml", "--out", "bad", "model.tau=0.5")
-    assert other.returncode == 2 and "unknown config key 'model.tau' for model.name=mf" in other.stderr
+    assert other.returncode == 2 and "unknown config key 'model.tau' for model.name=msi-suite-mf" in other.stderr
     assert "it is a key of msi" in other.stderr and not (work / "bad").exists()
 
 
@@ -332,7 +332,8 @@ def test_msi_eval_scores_the_plugin_checkpoint(plugin_run, plugin_site):
     assert done.returncode == 0, done.stderr
     metrics = json.loads(done.stdout)
     results = json.loads((run_dir / "results.json").read_text())
-    assert metrics["recall@20"] == pytest.approx(results["test"]["recall@20"], abs=1e-6)
+    assert metrics["split"] == "valid"  # the default: test is read once, by msi-train
+    assert metrics["recall@20"] == pytest.approx(results["valid"]["recall@20"], abs=1e-6)
 
 
 def test_msi_recommend_lists_unseen_items_of_the_plugin_model(plugin_run, plugin_site):

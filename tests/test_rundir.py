@@ -12,7 +12,7 @@ from msi.config import load_config
 from msi.errors import ConfigError, MSIError
 from msi.rundir import (DamagedRunFile, append_log, append_metrics, clear_for_new_run, is_leftover, locked,
                         loss_terms, read_config, read_env, read_log, read_metrics, read_results, record_env,
-                        remove_leftovers, resume_config, truncate_metrics, write_atomic, write_config,
+                        remove_leftovers, resume_config, truncate_metrics, unstarted_run, write_atomic, write_config,
                         write_results)
 
 RESULTS = {"best_epoch": 3, "epochs_run": 5, "valid": {"recall@20": 0.5}, "test": {"recall@20": 0.4},
@@ -217,6 +217,19 @@ def test_a_new_run_refuses_files_unless_overwrite_and_never_removes_foreign_ones
     with pytest.raises(MSIError, match="did not write \\(notes.txt\\)"):
         clear_for_new_run(tmp_path, overwrite=True)
     assert only_file(tmp_path) == ["notes.txt"]
+
+
+def test_an_unstarted_run_is_one_without_an_epoch_row_or_a_checkpoint(tmp_path):
+    assert unstarted_run(tmp_path) == []
+    for name in ("config.yaml", "metrics.jsonl", "env.json", "train.log", ".lock"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "tensorboard").mkdir()
+    assert unstarted_run(tmp_path) == ["config.yaml", "env.json", "metrics.jsonl", "tensorboard", "train.log"]
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    assert unstarted_run(tmp_path) is None  # an epoch's row
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "best.pt").write_text("x")
+    assert unstarted_run(tmp_path) is None
 
 
 def test_leftovers_of_interrupted_writes_are_removed(tmp_path):

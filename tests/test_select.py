@@ -80,6 +80,19 @@ def test_report_writes_the_tables_and_the_popularity_floor(sweep):
     assert {(r["config"], r["point"]) for r in test_rows} == {("recall", " ".join(B)), ("ndcg", " ".join(B))}
 
 
+def test_the_table_adds_a_column_for_a_selection_metric_beyond_recall_and_ndcg():
+    from msi.select import render_markdown
+
+    one = lambda v: {"mean": v, "std": None, "n": 1}  # noqa: E731
+    test = {"recall@20": one(0.4), "ndcg@20": one(0.3), "map@20": one(0.2), "hit@20": one(0.9), "mrr@20": one(0.5)}
+    selected = {"point": [], "run_dirs": ["r"], "valid": {"mrr@20": one(0.6)}, "test": test, "best_epoch": [3]}
+    summary = {"seeds": [1], "popularity": {}, "configs": {"m": {"metric": "mrr@20", "selected": selected, "grid": []}}}
+    header, _, row = render_markdown(summary).splitlines()[2:5]
+    assert header == ("| config | selected point | n | test recall@20 | test ndcg@20 | test mrr@20 | valid (selection "
+                      "metric) | best epochs |")
+    assert row == "| m | (the config as written) | 1 | 0.4000 | 0.3000 | 0.5000 | mrr@20 0.6000 | 3 |"
+
+
 def test_grid_values_may_hold_commas_inside_brackets():
     assert split_values("[10,20],[5,10], 3") == ["[10,20]", "[5,10]", "3"]
     assert split_values("{a: 1, b: 2},{a: 3}") == ["{a: 1, b: 2}", "{a: 3}"]

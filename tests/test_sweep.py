@@ -14,7 +14,7 @@ import pytest
 from msi.cli import sweep_main
 from msi.errors import MSIError
 from msi.sweepdir import plan_trials, trial_state
-from msi.sweep import import_ray, read_valid_rows, run_sweep, start_ray
+from msi.sweep import import_ray, read_valid_rows, run_sweep, start_ray, trials_word
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the extra: .[sweep]")
 GRID = ["loss.alpha=0.1,0.01", "model.dropout=0.3,0.5"]
@@ -112,6 +112,7 @@ def test_failing_trial_is_retried_then_reported_and_the_table_still_written(ray_
 def test_rerun_with_another_grid_into_the_same_folder_is_refused(config, tmp_path):
     from msi.sweepdir import record_sweep
 
+
     record_sweep(tmp_path / "s", [config], GRID, SEEDS, [])
     with pytest.raises(MSIError, match="another sweep"):
         run_sweep([config], ["loss.alpha=0.5"], SEEDS, tmp_path / "s")
@@ -129,6 +130,21 @@ def test_without_ray_the_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(MSIError, match=r"pip install -e '\.\[sweep\]'"):
         import_ray()
+
+
+def test_without_ray_msi_sweep_refuses_before_it_writes_or_counts(monkeypatch, config, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    out = tmp_path / "sweep"
+    argv = ["--config", str(config), "--seeds", "1", "--out", str(out)]
+    assert sweep_main(argv) == 2
+    printed = capsys.readouterr()
+    assert "trial" not in printed.out  # the data set may be generated; no trial is counted
+    assert printed.err == "error: msi-sweep needs Ray Tune: pip install -e '.[sweep]'\n"
+    assert not out.exists()  # no sweep.yaml: the same command with Ray installed starts here
+
+
+def test_trial_counts_are_singular_for_one():
+    assert [trials_word(n) for n in (0, 1, 2)] == ["0 trials", "1 trial", "2 trials"]
 
 
 @needs_ray

@@ -35,7 +35,7 @@ def test_fallback_writes_an_ordinary_msi_sweep_folder(sweep):
     assert all(trial_state(p) == "done" for p in runs)
     for p in runs:  # each trial's log: its epoch lines (from the run's train.log), then msi-train's result line
         log = (sweep / "logs" / f"{p.name}.log").read_text()
-        assert " epoch 1: loss=" in log and " epoch 2: loss=" in log and log.splitlines()[-1].startswith('{"run_dir"')
+        assert " epoch 1: loss=" in log and " epoch 2: loss=" in log and log.splitlines()[-1].startswith(f"{p}: best epoch ")
     summary = report(sweep)  # msi-sweep --report reads it as its own
     selected = summary["configs"]["tiny"]["selected"]
     assert len(selected["run_dirs"]) == 2 and selected["test"]["recall@20"]["n"] == 2

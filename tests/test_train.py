@@ -56,7 +56,9 @@ def test_run_directory_holds_config_metrics_checkpoints_and_results(run_a):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "results.json").read_text()) == results
     assert results["epochs_run"] == EPOCHS
-    assert set(results["test"]) == {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map") for k in (5, 20)}
+    assert set(results["test"]) == {f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map", "hit", "mrr")
+                                    for k in (5, 20)}
+    assert set(results["popularity"]["test"]) == set(results["test"])  # the floor, scored alike
     assert load_config(run_dir / "config.yaml").train.epochs == EPOCHS
     rs = rows(run_dir)
     assert [r["epoch"] for r in rs] == list(range(1, EPOCHS + 1))
@@ -254,7 +256,7 @@ def test_a_run_failing_before_its_config_is_written_leaves_the_directory_empty(d
     monkeypatch.setattr(msi.train, "write_config", disk_full)
     with pytest.raises(MSIError, match="No space left"):
         train(config(data_root, "train.epochs=1"), out=tmp_path / "run", quiet=True)
-    assert list((tmp_path / "run").iterdir()) == []  # no train.log, no .lock: the same command can start here
+    assert not (tmp_path / "run").exists()  # no train.log, no .lock, no folder: the same command can start here
     monkeypatch.undo()
     assert train(config(data_root, "train.epochs=1"), out=tmp_path / "run", quiet=True)["epochs_run"] == 1
     assert log_lines(tmp_path / "run")[0].startswith("tiny: ")  # the held lines were written with the run

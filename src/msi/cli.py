@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
@@ -22,10 +23,17 @@ EPILOG_OVERRIDES = (
 )
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help, unless the help names its default itself or the default is None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog, description=description, epilog=epilog, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=_HelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -91,9 +99,21 @@ def _train(argv: list[str] | None) -> int:
     results = train(cfg, out=args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
                     overrides=args.overrides if args.resume else None,
                     device=args.device, allow_other_data=args.allow_other_data)
-    print(json.dumps({"run_dir": results["run_dir"], "best_epoch": results["best_epoch"],
-                      "valid": results["valid"], "test": results["test"]}))
+    print(_result_line(results))
     return 0
+
+
+def _result_line(results: dict) -> str:
+    """msi-train's last line: the run directory, its best epoch, the selection metric on valid and test, and the
+    popularity floor (a results.json written before msi recorded it has none)."""
+    metric = results["selected_by"].removeprefix("valid ")
+    where = os.path.relpath(results["run_dir"])
+    where = results["run_dir"] if where.startswith("..") else where
+    floor = results.get("popularity")
+    beside = f" (popularity: valid {floor['valid'][metric]:.4f} test {floor['test'][metric]:.4f})" if floor else ""
+    return (f"{where}: best epoch {results['best_epoch']} of {results['epochs_run']}, {metric} valid "
+            f"{results['valid'][metric]:.4f} test {results['test'][metric]:.4f}{beside}; every metric in its "
+            "results.json")
 
 
 def _checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -105,9 +125,12 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval(argv: list[str] | None) -> int:
-    p = _parser("msi-eval", "Full-ranking evaluation of a checkpoint; prints JSON metrics.")
+    p = _parser("msi-eval", "Full-ranking evaluation of a checkpoint on the valid split (or --split test); prints "
+                "JSON metrics.")
     _checkpoint_args(p)
-    p.add_argument("--split", choices=("valid", "test"), default="test", help="which split to score")
+    p.add_argument("--split", choices=("valid", "test"), default="valid",
+                   help="which split to score (the output's 'split' says which); test only for a checkpoint "
+                        "already selected on valid")
     p.add_argument("--item-view", default="id", help="represent items by 'id' or a modality name (the probe)")
     p.add_argument("--ks", default=None, help="comma-separated cut-offs (default: the run's eval.ks)")
     args = p.parse_args(argv)
@@ -176,12 +199,13 @@ def _data(argv: list[str] | None) -> int:
     from msi.data.synth import PRESETS, SIGNALS
 
     s = sub.add_parser("synth", help="generate a data set with planted structure",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_HelpFormatter,
                        description="Generate a data set in the MMRec layout (same seed, same bytes).")
     s.add_argument("--preset", required=True, choices=sorted(PRESETS), help="size preset")
     s.add_argument("--out", required=True, help="data set folder to write (<out>/<name>.inter, *_feat.npy)")
     s.add_argument("--seed", type=int, default=0, help="random seed")
-    s.add_argument("--name", default=None, help="data set name (default: the folder's name)")
+    s.add_argument("--name", default=None,
+                   help="data set name, the <name> of <name>.inter and of data.name (default: the folder's name)")
     s.add_argument("--signal", choices=SIGNALS, default=None,
                    help="where the preference factors live: mixed (both modalities, one shared nuisance), shared "
                         "(both, each with a nuisance of its own), specific (half the factors each, a shared "
@@ -191,7 +215,7 @@ def _data(argv: list[str] | None) -> int:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     _prepare_arguments(sub.add_parser(
         "prepare", help="build a data set from raw Amazon review files (2014 or 2018 release)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         description="Build a data set in the MMRec layout from raw Amazon review/metadata/image files."))
     args = p.parse_args(argv)
     if args.command == "synth":
@@ -199,7 +223,9 @@ def _data(argv: list[str] | None) -> int:
 
         path = generate(args.preset, args.out, seed=args.seed, name=args.name, progress=not args.quiet,
                         signal=args.signal, overwrite=args.overwrite)
-        print(f"wrote {path.parent}")
+        name = path.stem  # <name>.inter: the folder's name unless --name
+        print(f"wrote {path.parent}: data set '{name}' (train on it with data.root={path.parent.parent} "
+              f"data.name={name})")
     else:
         _run_prepare(args)
     return 0
@@ -215,8 +241,7 @@ def _positive_int(text: str) -> int:
 def _prepare_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of `msi-data prepare` to `parser`.
 
-    Each help text shows its default itself (required options have none), so the text reads the same with or
-    without `argparse.ArgumentDefaultsHelpFormatter`.
+    Each help text shows its default itself (required options have none), so `_HelpFormatter` adds none.
     """
     from msi.data.prepare import DEDUPE, ID_ORDERS, SPLIT_METHODS
 
@@ -367,7 +392,7 @@ def _compare(argv: list[str] | None) -> int:
     p.add_argument("--split", choices=("valid", "test"), default="valid",
                    help="test is for points already selected on valid only (e.g. SWEEP_DIR:CONFIG), never for "
                         "choosing between settings")
-    p.add_argument("--metric", default="recall@20", help="recall, ndcg, precision or map @ a cut-off")
+    p.add_argument("--metric", default="recall@20", help="recall, ndcg, precision, map, hit or mrr @ a cut-off")
     p.add_argument("--out", type=Path, metavar="FILE.md", help="also write the markdown summary here")
     p.add_argument("--json", type=Path, metavar="FILE.json", help="write the statistics as JSON here")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -385,8 +410,10 @@ def _compare(argv: list[str] | None) -> int:
     print(text, end="")
     if args.out:
         write_atomic(args.out, text)
+        print(f"wrote {args.out}")
     if args.json:
         write_atomic(args.json, json.dumps(result.to_json(), indent=2) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 

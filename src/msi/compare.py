@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.stats
 import torch
-from tqdm import tqdm
 
 from msi.checkpoint import load_checkpoint
-from msi.config import METRICS, Config, config_from_dict
+from msi.config import METRICS, Config, config_from_dict, settings
+from msi.console import progress_bar
 from msi.data.dataset import Dataset
 from msi.errors import MSIError
 from msi.evaluate import Evaluator
@@ -57,6 +57,7 @@ class Comparison:
     p_wilcoxon: float
     p_ttest_seeds: float | None
     ttest_note: str = ""  # why p_ttest_seeds is None
+    differ: tuple[str, ...] = ()  # the settings A and B differ in: "key: A's value(s) -> B's"
 
     def to_json(self) -> dict[str, Any]:
         return {"metric": self.metric, "split": self.split, "n_users": self.n_users, "n_seeds": len(self.seeds),
@@ -200,7 +201,7 @@ def score_runs(heads: list[RunHead], datasets: dict[str, Dataset], metric: str, 
     k = check_metric(metric)
     evaluators: dict[tuple[str, bool], Evaluator] = {}
     rows = []
-    for h in tqdm(heads, desc="scoring runs", unit="run", disable=not progress or len(heads) < 3):
+    for h in progress_bar(heads, desc="scoring runs", unit="run", show=progress and len(heads) >= 3):
         model, cfg, dataset, _ = open_run(h.run_dir / BEST, device, dataset=datasets[h.fingerprint])
         key = (h.fingerprint, cfg.eval.mask_valid_at_test)
         if key not in evaluators:
@@ -225,7 +226,17 @@ def compare(a_specs: list[str | Path], b_specs: list[str | Path], metric: str = 
     a, b = pair_by_seed(read_runs(a_specs), read_runs(b_specs))
     check_same_candidates(a + b, split)
     values = score_runs(a + b, load_data(a + b), metric, split, device, progress)
-    return paired_stats(values[: len(a)], values[len(a) :], [h.seed for h in a], metric, split)
+    c = paired_stats(values[: len(a)], values[len(a) :], [h.seed for h in a], metric, split)
+    return replace(c, differ=setting_differences([h.cfg for h in a], [h.cfg for h in b]))
+
+
+def setting_differences(a: list[Config], b: list[Config]) -> tuple[str, ...]:
+    """``key: A's value(s) -> B's`` for each setting (``msi.config.settings``) whose values differ between the two
+    sides; a key only one side's model has reads ``-`` on the other."""
+    sides = [[settings(cfg) for cfg in side] for side in (a, b)]
+    keys = dict.fromkeys(k for side in sides for s in side for k in s)
+    values = {k: [", ".join(sorted({s.get(k, "-") for s in side})) for side in sides] for k in keys}
+    return tuple(f"{k}: {va} -> {vb}" for k, (va, vb) in values.items() if va != vb)
 
 
 def check_output(path: Path, kind: str) -> None:
@@ -252,10 +263,18 @@ def _p(p: float | None, note: str = "") -> str:
     return f"n/a ({note})" if p is None else f"{p:.3g}"
 
 
+def _differ_lines(differ: tuple[str, ...]) -> list[str]:
+    if len(differ) <= 1:
+        return [f"Setting that differs (A -> B): {differ[0]}"] if differ else []
+    return [f"A and B differ in {len(differ)} settings, so the delta is not one setting's effect (A -> B):",
+            *(f"- {d}" for d in differ)]
+
+
 def render_markdown(c: Comparison, a_label: str = "A", b_label: str = "B") -> str:
     """A per-seed table and the statistics, for a terminal or a .md file."""
     lines = [f"{c.metric} on {c.split}: {c.n_users} users, {len(c.seeds)} seeds (paired by seed)", "",
-             f"A: {a_label}", f"B: {b_label}", "", "| seed | A | B | B - A |", "|---:|---:|---:|---:|"]
+             f"A: {a_label}", f"B: {b_label}", *_differ_lines(c.differ), "", "| seed | A | B | B - A |",
+             "|---:|---:|---:|---:|"]
     lines += [f"| {s} | {x:.4f} | {y:.4f} | {y - x:+.4f} |" for s, x, y in zip(c.seeds, c.a_seeds, c.b_seeds)]
     lines += [f"| mean | {c.a_mean:.4f} | {c.b_mean:.4f} | {c.delta:+.4f} |", "",
               f"- delta B - A: {c.delta:+.4f}, 95% CI [{c.ci95[0]:+.4f}, {c.ci95[1]:+.4f}] (paired bootstrap over "

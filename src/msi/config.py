@@ -27,7 +27,7 @@ from msi import registry
 from msi.errors import ConfigError, read_utf8, warn
 from msi.registry import key
 
-METRICS = ("recall", "ndcg", "precision", "map")
+METRICS = ("recall", "ndcg", "precision", "map", "hit", "mrr")
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 MAX_INT = 2**63 - 1  # torch's int64: an integer setting above it (train.batch_size=1e30) never reaches a tensor
 MAX_LR = 1.0  # Adam moves every weight by about lr per step: above 1 the weights overflow within a few steps
@@ -98,7 +98,21 @@ class Config:
 
 
 SECTIONS = ("data", "model", "loss", "train", "eval")
+# keys that say where or how a run ran, not what it trained: runs that differ only here are seeds of one setting
+NOT_A_SETTING = frozenset({"train.seed", "train.run_name", "train.out_dir", "data.root", "train.device",
+                           "train.checkpoint_every", "train.tensorboard"})
 _PATH_KEYS = (("data", "root"), ("train", "out_dir"))
+
+
+def yaml_text(value: Any) -> str:
+    """``value`` as YAML writes it in flow style: true, 0.001, data, [10, 20], {image: image_feat.npy}."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def settings(cfg: Config) -> dict[str, str]:
+    """What a run trained: each key but ``NOT_A_SETTING``, flat (``model.dropout``), its value as ``yaml_text``."""
+    return {f"{s}.{k}": yaml_text(v) for s, sec in cfg.to_dict().items() for k, v in sec.items()
+            if f"{s}.{k}" not in NOT_A_SETTING}
 
 
 def section_fields(cfg: Config, section: str) -> dict[str, Any]:
@@ -387,8 +401,7 @@ def describe_keys(overrides: list[str] | None = None) -> str:
     rows = []
     for section in SECTIONS:
         for name, f in section_fields(cfg, section).items():
-            value = yaml.safe_dump(getattr(getattr(cfg, section), name), default_flow_style=True, width=10**6)
-            value = value.strip().removesuffix("...").strip()
+            value = yaml_text(getattr(getattr(cfg, section), name))
             rows.append((f"{section}.{name}: {value}", f.metadata.get("help", "")))
     width = max(len(r[0]) for r in rows)
     head = (f"# the keys of model.name={cfg.model.name}; models: {', '.join(registry.names())} "

@@ -4,6 +4,7 @@ For a user u with ground truth T_u (its items in the split) and a top-K list wit
     Recall@K = sum h / |T_u|        Precision@K = sum h / K
     NDCG@K   = sum h_r / log2(r + 1) divided by the ideal DCG over min(K, |T_u|) ranks
     MAP@K    = (1 / min(K, |T_u|)) * sum_r h_r * Precision@r
+    Hit@K    = 1 if sum h > 0 else 0   MRR@K = 1 / (rank of the first hit), 0 without a hit in the top K
 averaged over the users with at least one row in the split. Scores run in user batches on the model's device.
 """
 
@@ -17,6 +18,7 @@ from msi.data.dataset import Dataset
 from msi.data.graph import interaction_csr
 from msi.errors import DataError, MSIError
 from msi.models.base import Recommender
+from msi.models.popularity import Popularity
 
 
 def topk_metrics(hits: torch.Tensor, n_true: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:
@@ -27,6 +29,7 @@ def topk_metrics(hits: torch.Tensor, n_true: torch.Tensor, ks: list[int]) -> dic
     ideal = torch.cumsum(discount, 0)  # ideal DCG with r relevant items at the top: ideal[r - 1]
     cum_hits = torch.cumsum(hits, 1)
     prec_at_r = cum_hits / ranks  # (B, Kmax)
+    before_first = (cum_hits == 0).sum(1).to(hits.dtype)  # (B,): ranks above the first hit, Kmax when none
     out = {}
     for k in ks:
         h = hits[:, :k]
@@ -36,6 +39,8 @@ def topk_metrics(hits: torch.Tensor, n_true: torch.Tensor, ks: list[int]) -> dic
         out[f"precision@{k}"] = n_hit / k
         out[f"ndcg@{k}"] = (h * discount[:k]).sum(1) / ideal[(denom.long() - 1)]
         out[f"map@{k}"] = (h * prec_at_r[:, :k]).sum(1) / denom
+        out[f"hit@{k}"] = (n_hit > 0).to(hits.dtype)
+        out[f"mrr@{k}"] = torch.where(before_first < k, 1.0 / (before_first + 1.0), 0.0)
     return out
 
 
@@ -118,3 +123,10 @@ class Evaluator:
 def non_finite_users(top_scores: torch.Tensor) -> torch.Tensor:
     """How many rows of top-k scores (B, k) hold NaN or +inf (topk ranks both first; -inf marks masked items)."""
     return (torch.isnan(top_scores) | (top_scores == float("inf"))).any(1).sum()
+
+
+def popularity_metrics(evaluator: Evaluator) -> dict[str, dict[str, float]]:
+    """Valid and test metrics of items ranked by their train count: the floor a model must clear."""
+    data = evaluator.dataset
+    return {split: evaluator(Popularity(data.n_users, data.n_items, data.train).to(evaluator.device), split)
+            for split in ("valid", "test")}

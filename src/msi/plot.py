@@ -15,7 +15,9 @@ three lines (the figure grows with the grid), rows and columns in numeric order 
 map's cells are categories: evenly spaced). Otherwise lines with error bars over the first key, one line per
 combination of the others, on a numeric x axis: linear, or logarithmic when the positive values span a decade or
 more (alpha, beta); when 0 is among them, symmetric-log with its linear part reaching the smallest positive value,
-so 0 sits one decade left of it. Non-numeric values (``eval.ks=[10,20]``) are categories in grid order.
+so 0 sits one decade left of it. Non-numeric values (``eval.ks=[10,20]``) are categories in grid order. Line
+panels share one y-range and draw the popularity floor of their data set (dashed) when the sweep's summary.json
+holds it; a heat map gives it in the title.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from msi.config import Config
+from msi.config import Config, settings
 from msi.errors import MSIError
 from msi.rundir import CONFIG, METRICS, loss_terms, read_config, read_metrics
-from msi.select import load_sweep, summarize
+from msi.select import load_sweep, read_summary, summarize
 from msi.sweepdir import SWEEP_FILE, grid_points, split_values
 
 FORMATS = ("png", "pdf", "svg")
@@ -44,9 +46,6 @@ TITLES = {
     "nce": "nce: InfoNCE estimate of I(z^a; z^b)\n(higher = more shared)",
     "jsd": "jsd: JSD estimate of I(z^a; z^b)\n(higher = more shared)",
 }
-# keys that say where or how a run ran, not what it trained: runs differing only here are seeds of one group
-NOT_A_SETTING = {"train.seed", "train.run_name", "train.out_dir", "data.root", "train.device",
-                 "train.checkpoint_every", "train.tensorboard"}
 
 
 def plot(dirs: list[Path], out: Path) -> tuple[int, int]:
@@ -124,18 +123,13 @@ def read_run(run_dir: Path) -> tuple[Config, list[dict[str, Any]]]:
     return read_config(run_dir), rows
 
 
-def _settings(cfg: Config) -> dict[str, str]:
-    flat = {f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()}
-    return {k: json.dumps(v) for k, v in flat.items() if k not in NOT_A_SETTING}
-
-
 def _group_labels(groups: list[list[tuple[Path, Config, list]]]) -> list[str]:
     """What tells each group apart: ``key=value, ...`` over the keys that differ, or the differing part of the
     run directory names when more than three keys differ."""
-    settings = [_settings(g[0][1]) for g in groups]
-    differ = [k for k in settings[0] if len({s[k] for s in settings}) > 1]
+    each = [settings(g[0][1]) for g in groups]
+    differ = [k for k in dict.fromkeys(k for s in each for k in s) if len({s.get(k) for s in each}) > 1]
     if len(differ) <= 3:
-        return [", ".join(f"{k}={json.loads(s[k])}" for k in differ) for s in settings]
+        return [", ".join(f"{k}={s.get(k, '-')}" for k in differ) for s in each]
     parts = [re.sub(r"_s\d+$", "", g[0][0].name).split("_") for g in groups]
     for end in (0, -1):  # drop the leading, then the trailing parts every name shares
         while all(len(p) > 1 for p in parts) and len({p[end] for p in parts}) == 1:
@@ -163,7 +157,7 @@ def runs_figure(run_dirs: list[Path]) -> Any:
     groups: dict[str, list[tuple[Path, Config, list]]] = {}
     for d in run_dirs:  # the inputs are read and checked first: a bad run is named also without matplotlib
         cfg, rows = read_run(Path(d))
-        groups.setdefault(json.dumps(_settings(cfg), sort_keys=True), []).append((Path(d), cfg, rows))
+        groups.setdefault(json.dumps(settings(cfg), sort_keys=True), []).append((Path(d), cfg, rows))
     require_matplotlib()
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
@@ -261,6 +255,11 @@ def sweep_figure(sweep_dir: Path) -> Any:
     names = [f"{r} (mean ± std, n={n})" if r else f"mean ± std (n={n})" for r in rest]
     names += [] if heat else ["one seed"]
     names.append("selected (best mean valid)")
+    floors = (read_summary(sweep_dir) or {}).get("popularity", {})  # data set -> valid and test metrics
+    floor_of = {name: floors.get(cfgs[name].data.name, {}).get("valid", {}).get(c["metric"])
+                for name, c in configs.items()}
+    drawn = not heat and any(f is not None for f in floor_of.values())
+    names += ["popularity (valid)"] if drawn else []
     panel = heat_panel(*(len(v) for _, v in keys)) if heat else PANEL
     ncol = _legend_columns(names, panel[0] * min(3, len(configs)))
     fig, axes = new_figure(len(configs), math.ceil(len(names) / ncol), panel)
@@ -268,15 +267,24 @@ def sweep_figure(sweep_dir: Path) -> Any:
     for ax, (name, c) in zip(axes, configs.items()):
         stats = {tuple(g["point"]): g["valid"] for g in c["grid"] if g["eligible"]}
         chosen = tuple(c["selected"]["point"]) if c["selected"] else None
+        floor = floor_of[name]
         if heat:
             _heat_map(ax, fig, keys, stats, chosen, c["metric"])
         else:
-            handles = _error_lines(ax, fig, keys, stats, chosen, names[:-2], c["metric"])
+            handles = _error_lines(ax, fig, keys, stats, chosen, names[:-3 if drawn else -2], c["metric"])
+            if floor is not None:
+                ax.axhline(floor, color="0.4", linestyle="--", linewidth=1, gid="popularity")
         missing = len(c["grid"]) - len(stats)
         ax.set_title(f"{name}: valid {c['metric']}\nmean ± std over n={n} seeds"
+                     + (f", popularity {floor:.4f}" if heat and floor is not None else "")
                      + (f"\n{missing} point(s) left out: seeds not all finished" if missing else ""), fontsize=9)
+    if not heat:  # one y-range for every panel, so that configs compare by eye
+        low, high = min(ax.get_ylim()[0] for ax in axes), max(ax.get_ylim()[1] for ax in axes)
+        for ax in axes:
+            ax.set_ylim(low, high)
     star = Line2D([], [], marker="*", color="red", markeredgecolor="black", markersize=12, linestyle="none")
-    return _finish(fig, [*handles, star], names, ncol)
+    floor_line = [Line2D([], [], color="0.4", linestyle="--", linewidth=1)] if drawn else []
+    return _finish(fig, [*handles, star, *floor_line], names, ncol)
 
 
 def heat_panel(rows: int, columns: int) -> tuple[float, float]:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from msi.checkpoint import temporary_path
+from msi.console import progress_bar
 from msi.data.dataset import Dataset
 from msi.errors import DataError, MSIError, read_utf8
 from msi.evaluate import non_finite_users, seen_masks
@@ -126,7 +126,7 @@ def write_recommendations(
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "x") as f:
             f.write(HEADER + "\n")
-            for start in tqdm(range(0, len(user_ids), batch_users), desc="recommend", leave=False):
+            for start in progress_bar(range(0, len(user_ids), batch_users), desc="recommend", leave=False):
                 u = torch.from_numpy(user_ids[start : start + batch_users]).to(device)
                 scores, items = model.recommend(u, k, exclude=exclude, emb=emb)
                 if non_finite_users(scores):

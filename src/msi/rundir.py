@@ -330,18 +330,34 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
     return gone
 
 
+def unstarted_run(run_dir: Path) -> list[str] | None:
+    """The files of a run that ended before its first epoch's row (only config.yaml, an empty metrics.jsonl,
+    env.json, train.log, tensorboard/; none is fine too), by name; None when ``run_dir`` holds anything else."""
+    names = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)
+    metrics = run_dir / METRICS
+    if any(n not in (CONFIG, METRICS, ENV, LOG, TENSORBOARD) for n in names) or (
+            metrics.is_file() and metrics.stat().st_size > 0):
+        return None
+    return names
+
+
+def remove_files(run_dir: Path, names: list[str]) -> None:
+    for name in names:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def clear_for_new_run(run_dir: Path, overwrite: bool) -> list[str]:
-    """Refuse a run directory holding files, unless ``overwrite``: then remove its run files (and leftovers) and
-    return their names. Files msi-train did not write are always refused."""
+    """Refuse a run directory holding files, unless ``overwrite`` or they are an unstarted run's
+    (``unstarted_run``): then remove its run files (and leftovers) and return their names. Files msi-train did not
+    write are always refused."""
     present = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)
-    if present and not overwrite:
+    if present and not overwrite and unstarted_run(run_dir) is None:
         raise MSIError(f"{run_dir}: already holds {', '.join(present)}; pass --resume {run_dir} to continue that "
                        "run, or --overwrite to start over")
     foreign = [n for n in present if n not in RUN_FILES and not is_leftover(n)]
     if foreign:
         raise MSIError(f"{run_dir}: holds files msi-train did not write ({', '.join(foreign)}); --overwrite "
                        "removes only run files: choose another --out")
-    for name in present:
-        path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    remove_files(run_dir, present)
     return present

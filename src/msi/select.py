@@ -93,15 +93,12 @@ def _selected(group: list[Trial]) -> dict[str, Any]:
 
 def popularity_floor(cfg: Config, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Valid and test metrics of the popularity baseline (items ranked by train count) on ``cfg``'s data."""
-    from msi.evaluate import Evaluator
-    from msi.models import Popularity
+    from msi.evaluate import Evaluator, popularity_metrics
     from msi.run import dataset_for, resolve_device
 
     data = dataset_for(cfg, progress=False)
-    dev = resolve_device(device)
-    ev = Evaluator(data, dev, cfg.eval.ks, cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
-    model = Popularity(data.n_users, data.n_items, data.train).to(dev)
-    return {"valid": ev(model, "valid"), "test": ev(model, "test")}
+    return popularity_metrics(Evaluator(data, resolve_device(device), cfg.eval.ks, cfg.eval.batch_users,
+                                        cfg.eval.mask_valid_at_test))
 
 
 def split_rows(trials: list[Trial], data: dict[Path, str]) -> list[Trial]:
@@ -224,13 +221,20 @@ def union_report(outs: list[Path], dest: Path) -> dict[str, Any]:
     return _write_tables(dest, head, trials, cfgs)
 
 
+def read_summary(dest: Path) -> dict[str, Any] | None:
+    """``dest``'s summary.json as ``report`` or ``union_report`` wrote it; None when there is none (or another file
+    of that name)."""
+    try:
+        summary = json.loads(read_utf8(Path(dest) / TABLES[0], MSIError))
+    except (OSError, ValueError, MSIError):
+        return None
+    return summary if isinstance(summary, dict) and "configs" in summary else None
+
+
 def _union_tables(dest: Path) -> bool:
     """Whether ``dest``'s summary.json is one that ``union_report`` wrote (its ``out`` lists the folders)."""
-    try:
-        summary = json.loads(read_utf8(dest / TABLES[0], MSIError))
-    except (OSError, ValueError, MSIError):
-        return False
-    return isinstance(summary, dict) and isinstance(summary.get("out"), list) and "configs" in summary
+    summary = read_summary(dest)
+    return summary is not None and isinstance(summary.get("out"), list)
 
 
 def _ms(s: dict[str, Any]) -> str:
@@ -247,7 +251,8 @@ def _point(point: list[str]) -> str:
 def _columns(summary: dict[str, Any]) -> list[str]:
     keys = [k for c in summary["configs"].values() if c["selected"] for k in c["selected"]["test"]]
     keys += [k for f in summary["popularity"].values() for k in f["test"]]
-    return list(dict.fromkeys(k for k in keys if k.split("@")[0] in ("recall", "ndcg")))
+    chosen = {c["metric"] for c in summary["configs"].values()}  # a selection by hit@20 shows test hit@20 too
+    return list(dict.fromkeys(k for k in keys if k.split("@")[0] in ("recall", "ndcg") or k in chosen))
 
 
 def render_markdown(summary: dict[str, Any]) -> str:

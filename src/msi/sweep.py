@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import msi
 from msi.config import config_from_dict
+from msi.console import progress_bar
 from msi.errors import MSIError
 from msi.rundir import STOPPED, DamagedRunFile, locked, read_log, read_metrics, read_results, write_json
 from msi.select import report
@@ -135,19 +136,21 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run every unfinished trial of the sweep, then select on valid and write the tables; returns the summary.
 
-    Everything is checked before a file is written (``check_limits``, ``msi.select.check_sweep``); the driver then
-    holds ``<out>/.lock`` (one live sweep per folder) and refuses a trial directory a live process holds.
+    Everything is checked before a file is written (``check_limits``, ``msi.select.check_sweep``, Ray Tune
+    installed); the driver then holds ``<out>/.lock`` (one live sweep per folder) and refuses a
+    trial directory a live process holds.
     """
     out = Path(out).resolve()
     overrides = list(overrides or [])
     check_limits(cpus_per_trial, gpus_per_trial, max_concurrent, deadline)
     trials, cfgs = check_sweep(configs, grid, seeds, out, overrides)
+    import_ray()  # without the extra, a refusal that leaves --out as it was: the corrected command can start there
     with locked(out, "msi-sweep"):
         record_sweep(out, configs, grid, seeds, overrides)
         todo = [t for t in trials if trial_state(t.run_dir) in ("new", "resumable")]
         for t in todo:
             check_free(t.run_dir)
-        log(f"{len(trials)} trials: {len(trials) - len(todo)} already finished or stopped, {len(todo)} to run")
+        log(f"{trials_word(len(trials))}: {len(trials) - len(todo)} already finished or stopped, {len(todo)} to run")
         if todo:
             _tune(todo, cfgs, out, cpus_per_trial, gpus_per_trial, max_concurrent, address, deadline, asha, log)
         left = [t for t in trials if trial_state(t.run_dir) in ("new", "resumable")]
@@ -157,8 +160,14 @@ def run_sweep(
             except DamagedRunFile as e:
                 log(f"{t.name}: unfinished; {e}")
         if left:
-            log(f"{len(left)} trials unfinished; run the same command again to continue them")
+            log(f"{trials_word(len(left))} unfinished; run the same command again to continue "
+                f"{'it' if len(left) == 1 else 'them'}")
         return report(out, unstarted=True)
+
+
+def trials_word(n: int) -> str:
+    """``1 trial``, ``2 trials``."""
+    return f"{n} trial{'' if n == 1 else 's'}"
 
 
 def check_limits(cpus_per_trial: int, gpus_per_trial: float, max_concurrent: int | None,
@@ -204,7 +213,7 @@ def _tune(
     started = start_ray(address)
     try:
         check_cluster(cpus, gpus, ray.nodes())
-        with tqdm(total=len(todo), desc="trials", unit="trial", leave=False) as bar:
+        with progress_bar(total=len(todo), desc="trials", unit="trial", leave=False) as bar:
             tuner = tune.Tuner(
                 tune.with_resources(run_trial, {"cpu": cpus, "gpu": gpus}),
                 param_space={"trial": tune.grid_search(specs)},

@@ -26,15 +26,16 @@ from tqdm import tqdm
 
 from msi.checkpoint import first_non_finite, rng_state, save_checkpoint, set_rng_state
 from msi.config import Config
+from msi.console import progress_bar
 from msi.data.dataset import Dataset
 from msi.errors import CheckpointError, ConfigError, DataError, Interrupted, MSIError
-from msi.evaluate import Evaluator
+from msi.evaluate import Evaluator, popularity_metrics
 from msi.models import Recommender, build_model, epoch_diagnostics
 from msi.runinfo import TensorBoardLog, write_env
 from msi.run import data_signature, dataset_for, open_run, resolve_device, seed_everything
 from msi.rundir import (BEST, LAST, METRICS, RESULTS, DamagedRunFile, append_log, append_metrics,
-                        clear_for_new_run, locked, read_results, remove_leftovers, resume_config, truncate_metrics,
-                        write_atomic, write_config, write_results)
+                        clear_for_new_run, locked, read_results, remove_files, remove_leftovers, resume_config,
+                        truncate_metrics, unstarted_run, write_atomic, write_config, write_results)
 
 Log = Callable[..., None]
 
@@ -84,20 +85,31 @@ def train(
     if resume is not None and not (run_dir / LAST).is_file():
         raise CheckpointError(f"{run_dir / LAST}: checkpoint not found; nothing to resume")
     log = _TrainLog(run_dir, quiet, hold=resume is None)
-    with locked(run_dir):
-        if resume is not None and not overrides and (done := _finished(run_dir, log)) is not None:
-            if not quiet:  # the console only: resuming a finished run changes nothing in it
-                tqdm.write(f"{run_dir} is finished (results.json); nothing to resume")
-            return done
-        run = _setup(cfg, run_dir, resume is not None, overwrite, device, quiet, allow_other_data, log, model, data,
-                     overrides or [])
-        log.release()
-        try:
-            _loop(run, quiet, log)
-            return _finish(run, log)
-        except MSIError as e:  # the console's last line (the CLI prints it), kept with the others
-            append_log(run_dir, f"error: {e}")
-            raise
+    created = resume is None and not run_dir.exists()
+    try:
+        with locked(run_dir):
+            if resume is not None and not overrides and (done := _finished(run_dir, log)) is not None:
+                if not quiet:  # the console only: resuming a finished run changes nothing in it
+                    tqdm.write(f"{run_dir} is finished (results.json); nothing to resume")
+                return done
+            released = False
+            try:
+                run = _setup(cfg, run_dir, resume is not None, overwrite, device, quiet, allow_other_data, log,
+                             model, data, overrides or [])
+                log.release()
+                released = True
+                _loop(run, quiet, log)
+                return _finish(run, log)
+            except BaseException as e:
+                if resume is None and (names := unstarted_run(run_dir)) is not None:
+                    remove_files(run_dir, names)  # a new run that never finished an epoch leaves nothing behind
+                elif released and isinstance(e, MSIError):  # the console's last line (the CLI prints it), kept
+                    append_log(run_dir, f"error: {e}")
+                raise
+    except BaseException:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # nor the folder it made: the corrected command starts as if it had not run
+        raise
 
 
 class _TrainLog:
@@ -195,7 +207,7 @@ def _setup(
     else:
         removed = clear_for_new_run(run_dir, overwrite)
         if removed:
-            log(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
+            log(f"removed {', '.join(removed)} from {run_dir}{' (--overwrite)' if overwrite else ''}")
         seed_everything(cfg.train.seed)
         dataset = data if data is not None else dataset_for(cfg, progress=not quiet)
         if model is not None:
@@ -239,8 +251,11 @@ def _loop(run: _Run, quiet: bool, log: Log) -> None:
     start, seconds_before = time.time(), p["train_seconds"]
     epochs = range(p["epoch"], t.epochs) if not p["stopped"] else range(0)
     tensorboard = TensorBoardLog(run.dir, t.tensorboard)
+    if epochs:
+        log(f"one line per evaluated epoch: mean train loss, valid metrics, and * when valid {t.metric} is the "
+            "best so far (saved as best.pt)")
     try:
-        for epoch in tqdm(epochs, desc="epochs", disable=quiet, initial=p["epoch"], total=t.epochs):
+        for epoch in progress_bar(epochs, desc="epochs", show=not quiet, initial=p["epoch"], total=t.epochs):
             run.model.start_epoch(epoch)
             row = run_epoch(run.model, run.optimizer, run.pairs, t.batch_size, epoch, quiet, t.autocast == "bf16")
             terms = [k for k in row if k not in ("epoch", "epoch_seconds")]  # run_epoch's mean loss terms
@@ -264,6 +279,9 @@ def _loop(run: _Run, quiet: bool, log: Log) -> None:
                 log(f"early stop: no better valid {t.metric} for {t.patience} evaluations")
                 break
     except KeyboardInterrupt:
+        if run.saved_epoch == 0:  # no epoch row: the run's files go (train); rows without last.pt stay
+            raise Interrupted(f"interrupted before {run.dir / 'last.pt'} was first written, so there is nothing to "
+                              f"resume: start the run again{' with --overwrite' if p['epoch'] else ''}") from None
         raise Interrupted(
             f"interrupted; {run.dir / 'last.pt'} holds epoch {run.saved_epoch}: continue with "
             f"msi-train --resume {run.dir}"
@@ -321,7 +339,7 @@ def run_epoch(
     sums: dict[str, torch.Tensor] = {}
     n_batches = math.ceil(len(pairs) / batch_size)
     losses = torch.empty(n_batches, device=pairs.device)  # checked once per epoch: no GPU sync per step
-    for b in tqdm(range(n_batches), desc=f"epoch {epoch + 1}", leave=False, disable=quiet):
+    for b in progress_bar(range(n_batches), desc=f"epoch {epoch + 1}", leave=False, show=not quiet):
         batch = pairs[perm[b * batch_size : (b + 1) * batch_size]]
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(pairs.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -366,6 +384,7 @@ def _finish(run: _Run, log: Log) -> dict[str, Any]:
         "train_seconds": p["train_seconds"],
         "selected_by": f"valid {run.cfg.train.metric}",
         "run_dir": str(run.dir),  # absolute (train makes it so)
+        "popularity": popularity_metrics(run.evaluator),  # the floor: items ranked by their train count
     }
     write_results(run.dir, results)
     log(f"best epoch {results['best_epoch']}: valid {_fmt(results['valid'])} | test {_fmt(results['test'])}")

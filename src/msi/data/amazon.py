@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import numpy as np
-from tqdm import tqdm
 
+from msi.console import progress_bar
 from msi.errors import DataError
 
 IMAGE_DIM = 4096
@@ -104,7 +104,7 @@ def iter_records(
     one is given. Lines for which `pass_over(line)` is true are not parsed at all.
     """
     with open_binary(path) as f:
-        lines = tqdm(f, desc=desc, unit=" lines", disable=not progress, mininterval=1.0)
+        lines = progress_bar(f, desc=desc, unit=" lines", show=progress, mininterval=1.0)
         line_no = 0
         try:
             for line_no, line in enumerate(lines, start=1):
@@ -240,8 +240,8 @@ def read_image_features(
     features = np.zeros((len(item_index), IMAGE_DIM), dtype=np.float32)
     found = np.zeros(len(item_index), dtype=bool)
     total = None if is_gzip(path) else path.stat().st_size // IMAGE_RECORD.itemsize
-    with open_binary(path) as f, tqdm(
-        total=total, desc="reading images", unit=" records", disable=not progress, mininterval=1.0
+    with open_binary(path) as f, progress_bar(
+        total=total, desc="reading images", unit=" records", show=progress, mininterval=1.0
     ) as bar:
         start = 0
         while chunk := _read_chunk(f, path, start, chunk_records):

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from msi import __version__
+from msi.console import progress_bar
 from msi.data.amazon import read_image_features, read_item_texts, read_reviews
 from msi.data.dataset import INTER_HEADER, SPLIT_LABELS, check_data_set_name
 from msi.errors import ConfigError, DataError, MSIError
@@ -144,7 +144,7 @@ def text_features(texts: list[str], encode: Encoder, progress: bool) -> tuple[np
         raise DataError("no item has text (title, brand, categories or description) in the metadata")
     todo = [t for t in texts if t]
     chunks = []
-    with tqdm(total=len(todo), desc="encoding text", unit=" items", disable=not progress) as bar:
+    with progress_bar(total=len(todo), desc="encoding text", unit=" items", show=progress) as bar:
         for start in range(0, len(todo), ENCODE_CHUNK):
             batch = todo[start : start + ENCODE_CHUNK]
             vectors = np.asarray(encode(batch), dtype=np.float32)

@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from msi.console import progress_bar
 from msi.data.dataset import INTER_HEADER, check_data_set_name
 from msi.errors import ConfigError, DataError
 
@@ -285,7 +285,7 @@ def _interactions(p: SynthPreset, lat: Latents, seed: int, progress: bool) -> tu
     cols = (np.ascontiguousarray(lat.user_factors.T), np.ascontiguousarray(lat.item_factors.T))  # (k, U), (k, I)
     starts = range(0, p.n_users, _USER_CHUNK)
     users, items = [], []
-    for c, start in enumerate(tqdm(starts, desc="interactions", unit="chunk", disable=not progress)):
+    for c, start in enumerate(progress_bar(starts, desc="interactions", unit="chunk", show=progress)):
         chunk = np.arange(start, min(start + _USER_CHUNK, p.n_users))
         u, i = _sample_chunk(_rng(seed, _INTERACTIONS, c), cols, chunk, degrees[chunk], alias, p.affinity_scale)
         users.append(u)
@@ -360,8 +360,8 @@ def _write_inter(path: Path, users: np.ndarray, items: np.ndarray, stamps: np.nd
     rows = np.stack([users, items, stamps, labels], axis=1)  # (N, 4) int64
     with open(path, "w", encoding="ascii", newline="\n") as f:
         f.write(INTER_HEADER + "\n")
-        for start in tqdm(range(0, rows.shape[0], _INTER_CHUNK), desc=path.name, unit="chunk",
-                          disable=not progress):
+        for start in progress_bar(range(0, rows.shape[0], _INTER_CHUNK), desc=path.name, unit="chunk",
+                                  show=progress):
             f.writelines("%d\t%d\t1.0\t%d\t%d\n" % tuple(r) for r in rows[start:start + _INTER_CHUNK].tolist())
 
 
@@ -387,7 +387,7 @@ def _write_features(path: Path, lat: Latents, p: SynthPreset, seed: int, modalit
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, header)
         starts = range(0, p.n_items, rows)
-        for c, start in enumerate(tqdm(starts, desc=path.name, unit="chunk", disable=not progress)):
+        for c, start in enumerate(progress_bar(starts, desc=path.name, unit="chunk", show=progress)):
             x = _rng(seed, _NOISE, modality, c).standard_normal((min(rows, p.n_items - start), dim),
                                                                 dtype=np.float32)
             x *= np.float32(noise)
