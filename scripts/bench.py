@@ -14,11 +14,16 @@ preset, written once into ``--cache``.
 
 With ``--mmrec-bm3 DIR`` (``../shared/reference/mmrec-bm3`` or a copy) MMRec's own BM3 step is timed by its
 ``time_bm3.py`` in a subprocess on the same device, threads and graph, with random features of the same widths, and
-the ratios of our MSI and BM3 steps and epochs to it are written beside.
+the ratios of our MSI and BM3 steps and epochs to it are written beside. With ``--mmrec SRC`` each of our models that
+MMRec has (bpr, vbpr, lightgcn, bm3) is timed beside MMRec's own at its default point, through MMRec's data loader and
+trainer (time_mmrec.py, run by ``--mmrec-python``, a Python with MMRec's dependencies), on the same data and
+threads: the ratios of our step, epoch and evaluation to MMRec's are written beside.
 
 Example (the tables of docs/benchmarks.md):
     python scripts/bench.py --datasets baby sports tiktok elec --threads 2 --epoch-steps 20
     python scripts/bench.py --device cuda --datasets baby tiktok --mmrec-bm3 ../shared/reference/mmrec-bm3
+    python scripts/bench.py --datasets tiktok --models bpr vbpr --threads 1 --mmrec ../shared/reference/mmrec/src \
+        --mmrec-python /tmp/mmrec-venv/bin/python
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,7 +41,7 @@ import numpy as np
 import torch
 
 from bench_core import DATASETS, MODELS, bench_model, graph_products, load_bench_dataset, matmul_gflops
-from bench_mmrec import mmrec_bm3, mmrec_ratios
+from bench_mmrec import MMREC_NAMES, mmrec_bm3, mmrec_model, mmrec_model_ratios, mmrec_ratios
 from msi.config import load_config
 from msi.data.dataset import Dataset
 from msi.evaluate import Evaluator
@@ -76,7 +82,20 @@ def bench_dataset(dataset: Dataset, args: argparse.Namespace, device: torch.devi
         result["vs_mmrec_bm3"] = mmrec_ratios(result["models"], result["mmrec_bm3"])
         print(f"  MMRec BM3 {json.dumps(result['mmrec_bm3'])}\n  ratios {json.dumps(result['vs_mmrec_bm3'])}",
               flush=True)
+    if args.mmrec is not None:
+        _time_mmrec_models(result, dataset, args, device, cfg.eval.ks)
     return result
+
+
+def _time_mmrec_models(
+    result: dict[str, Any], dataset: Dataset, args: argparse.Namespace, device: torch.device, ks: list[int]
+) -> None:
+    """MMRec's own model beside each of ours that MMRec has, evaluated at our cut-offs ``ks``: result["mmrec"][name]
+    and result["vs_mmrec"][name]."""
+    for name in [n for n in result["models"] if n in MMREC_NAMES]:
+        mm = result.setdefault("mmrec", {})[name] = mmrec_model(name, dataset, args, device, ks)
+        ratios = result.setdefault("vs_mmrec", {})[name] = mmrec_model_ratios(result["models"][name], mm)
+        print(f"  MMRec {MMREC_NAMES[name]} {json.dumps(mm)}\n  ours / MMRec {json.dumps(ratios)}", flush=True)
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -124,7 +143,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [_table_row(ds, name, row) for name, row in r["models"].items()]
         if "step_ms" in r.get("mmrec_bm3", {}):
             lines.append(_mmrec_row(ds, r["mmrec_bm3"]))
-    lines += _mmrec_lines(res)
+        lines += [_mmrec_model_row(ds, name, mm) for name, mm in r.get("mmrec", {}).items() if "step_ms" in mm]
+    lines += _mmrec_lines(res) + _mmrec_model_lines(res)
     failed = [f"- {ds}: {name} FAILED: {why}" for ds, r in res["datasets"].items()
               for name, why in r.get("errors", {}).items()]
     lines += ["", *failed] if failed else []
@@ -156,6 +176,28 @@ def _mmrec_row(ds: str, mm: dict[str, Any]) -> str:
     peak = _f(mm["peak_gpu_mb"], 0) if mm.get("peak_gpu_mb") is not None else "-"
     return (f"| {ds} | MMRec BM3 | {_f(mm['step_ms'])} | - | {_f(mm['epoch_s'], 2)} | {_f(mm['full_eval_s'], 2)} | "
             f"{peak} | - | - | - |")
+
+
+def _mmrec_model_row(ds: str, name: str, mm: dict[str, Any]) -> str:
+    return (f"| {ds} | MMRec {MMREC_NAMES[name]} | {_f(mm['step_ms'])} | - | {_f(mm['epoch_s'], 2)} | "
+            f"{_f(mm['eval_s'], 2)} | - | - | - | - |")
+
+
+def _mmrec_model_lines(res: dict[str, Any]) -> list[str]:
+    """Per data set and model: our step, epoch and evaluation over MMRec's same model's, or why it is missing."""
+    out = []
+    for ds, r in res["datasets"].items():
+        for name, mm in r.get("mmrec", {}).items():
+            if "error" in mm:
+                out.append(f"- {ds}: MMRec {MMREC_NAMES[name]} not timed: {mm['error']}")
+                continue
+            ratios = ", ".join(f"{k} {_f(v, 2)}x" for k, v in r["vs_mmrec"][name].items())
+            out.append(f"- {ds}: ours / MMRec {MMREC_NAMES[name]} (below 1: faster): {ratios}")
+    if out:
+        out = ["", "MMRec's own models (time_mmrec.py: its data loader, model and trainer at its default point, same "
+               "device and threads; step: median of its loader's batches, epoch: its trainer's _train_epoch with "
+               "its negative sampling, eval: its trainer's evaluate of the valid users with its metrics):", "", *out]
+    return out
 
 
 def _mmrec_lines(res: dict[str, Any]) -> list[str]:
@@ -217,7 +259,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--mmrec-bm3", type=Path, help="folder with MMRec's time_bm3.py (../shared/reference/"
                                                   "mmrec-bm3 or a copy): time MMRec's BM3 in the same run")
-    p.add_argument("--mmrec-timeout", type=float, default=900, help="seconds allowed to one time_bm3.py run")
+    p.add_argument("--mmrec", type=Path, help="MMRec's src/ folder (../shared/reference/mmrec/src): time MMRec's "
+                                               "own model beside each of ours it has, in the same run")
+    p.add_argument("--mmrec-python", type=Path, default=Path(sys.executable),
+                   help="the Python that runs time_mmrec.py, with MMRec's dependencies (default: this one)")
+    p.add_argument("--mmrec-timeout", type=float, default=900, help="seconds allowed to one MMRec timing run")
     p.add_argument("--out-json", type=Path, default=Path("bench.json"))
     p.add_argument("--out-md", type=Path, default=Path("bench.md"))
     args = p.parse_args(argv)

@@ -28,7 +28,7 @@ from msi.data.dataset import Dataset, load_dataset
 from msi.data.graph import normalized_adjacency
 from msi.data.synth import generate
 from msi.evaluate import Evaluator
-from msi.models import MSI, Recommender, build_model
+from msi.models import MSI, VBPR, Recommender, build_model
 from msi.models.base import lightgcn_readout
 from msi.train import make_optimizer, run_epoch
 
@@ -37,6 +37,8 @@ MODELS = {  # bench name -> overrides of the Config defaults
     "msi": ["model.name=msi"],
     "bm3": ["model.name=msi", "model.use_ssd=false", "model.use_ip=false", "loss.w_align=2.0", "loss.w_mask=2.0"],
     "lightgcn": ["model.name=lightgcn"],
+    "bpr": ["model.name=bpr"],
+    "vbpr": ["model.name=vbpr"],
 }  # bm3 is SPEC §2's "w/o S & I" with BM3's loss weights
 REAL_FEATURES = {"baby": (7050, {"image": 4096, "text": 384}), "sports": (18357, {"image": 4096, "text": 384})}
 TIKTOK_MODALITIES = {"image": "image_feat.npy", "audio": "audio_feat.npy"}
@@ -144,6 +146,10 @@ def step_flops(model: Recommender, batch: int, n_unique: int) -> dict[str, float
     Dense (m, n) @ (n, p): 2 m n p forward; backward 2x that (grad of the weight and of the input), or 1x where the
     input needs no gradient (frozen raw features).
     """
+    if isinstance(model, VBPR):  # E over the 2B positive and negative rows; the features need no gradient
+        return {"projection": 2 * 2.0 * 2 * batch * model.proj.in_features * model.proj.out_features}
+    if not hasattr(model, "adj"):  # BPR-MF: row look-ups and row products, no product of matrices
+        return {}
     nnz, L = model.adj._nnz(), model.n_layers
     if not isinstance(model, MSI):  # LightGCN: one graph of d columns
         return {"sparse": 4.0 * nnz * model.emb.shape[1] * L}

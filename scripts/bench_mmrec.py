@@ -1,8 +1,12 @@
-"""The MMRec reference runner of scripts/bench.py: MMRec's own BM3 step, timed by its ``time_bm3.py``.
+"""The MMRec reference runners of scripts/bench.py, each in a subprocess on the same device and thread count.
 
-The script is read at run time from the folder given to ``--mmrec-bm3`` (``../shared/reference/mmrec-bm3`` or a
-copy of it; nothing of MMRec is kept in this repository) and runs in a subprocess on the same device, thread count
-and train graph, with random features of the same widths.
+- ``mmrec_bm3``: MMRec's own BM3 step, timed by its ``time_bm3.py``, read at run time from the folder given to
+  ``--mmrec-bm3`` (``../shared/reference/mmrec-bm3`` or a copy), on the same train graph with random features of the
+  same widths.
+- ``mmrec_model``: any model MMRec has (``MMREC_NAMES``), timed by our ``time_mmrec.py`` through MMRec's own data
+  loader, model and trainer, imported from the src/ folder given to ``--mmrec`` (``../shared/reference/mmrec/src``;
+  nothing of MMRec is kept in this repository) by the Python given to ``--mmrec-python`` (one with MMRec's
+  dependencies, pandas among them), on the same .inter file and the same feature values as our models.
 """
 
 from __future__ import annotations
@@ -12,11 +16,59 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from msi.data.dataset import Dataset
+
+
+MMREC_NAMES = {"bpr": "BPR", "vbpr": "VBPR", "lightgcn": "LightGCN", "bm3": "BM3"}  # our bench name -> MMRec class
+MMREC_FEATURES = ("image_feat.npy", "text_feat.npy")  # MMRec's v_feat and t_feat: our first and second modality
+TIME_MMREC = Path(__file__).resolve().parent / "time_mmrec.py"
+
+
+def _subprocess_json(cmd: list[str], timeout: float, what: str) -> dict[str, Any]:
+    """The last JSON line a command prints, with torch's thread count as OMP/MKL threads; or {"error": ...}."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), MKL_NUM_THREADS=str(torch.get_num_threads()))
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"{what} ran past {timeout} s"}
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        return {"error": f"{what} exit {out.returncode}: {out.stderr.strip()[-500:]}"}
+    return json.loads(lines[-1])
+
+
+def mmrec_model(
+    name: str, dataset: Dataset, args: argparse.Namespace, device: torch.device, ks: list[int]
+) -> dict[str, Any]:
+    """MMRec's own model of our bench model ``name`` at its default point, timed by ``time_mmrec.py`` with our
+    evaluation's cut-offs ``ks`` as its topk: its JSON (step_ms, epoch_s, eval_s), or {"error": ...}. MMRec reads
+    a data folder: one in a temporary directory holds a link to this data set's .inter file and its first two
+    modalities' features, as MMRec's v_feat and t_feat."""
+    with tempfile.TemporaryDirectory(prefix="bench-mmrec-") as root:
+        folder = Path(root) / dataset.name
+        folder.mkdir()
+        (folder / f"{dataset.name}.inter").symlink_to((dataset.path / f"{dataset.name}.inter").resolve())
+        for file, feats in zip(MMREC_FEATURES, dataset.features.values()):
+            np.save(folder / file, feats)
+        cmd = [str(args.mmrec_python), str(TIME_MMREC), str(args.mmrec), MMREC_NAMES[name], root, dataset.name,
+               str(device), str(max(args.repeats, 3)), f"train_batch_size={args.batch_size}", f"seed={args.seed}",
+               f"topk=[{','.join(map(str, ks))}]"]
+        return _subprocess_json(cmd, args.mmrec_timeout, f"time_mmrec.py {MMREC_NAMES[name]}")
+
+
+def mmrec_model_ratios(ours: dict[str, Any], mmrec: dict[str, Any]) -> dict[str, float]:
+    """Our step, epoch and evaluation over MMRec's same model's (below 1: we are faster); none when it failed."""
+    if "step_ms" not in mmrec:
+        return {}
+    return {"step": ours["step_ms"] / mmrec["step_ms"], "epoch": ours["epoch_s"] / mmrec["epoch_s"],
+            "eval": ours["eval_s"] / mmrec["eval_s"]}
 
 
 def mmrec_bm3(dataset: Dataset, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -24,18 +76,9 @@ def mmrec_bm3(dataset: Dataset, args: argparse.Namespace, device: torch.device) 
     on this data set's train graph with random features of its widths; its JSON, or {"error": ...}."""
     widths = [str(f.shape[1]) for f in dataset.features.values()]
     steps = str(max(args.repeats, 3))
-    script = args.mmrec_bm3 / "time_bm3.py"
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), MKL_NUM_THREADS=str(torch.get_num_threads()))
     inter = dataset.path / f"{dataset.name}.inter"
-    cmd = [sys.executable, str(script), str(inter), str(device), steps, *widths]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.mmrec_timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"time_bm3.py ran past {args.mmrec_timeout} s"}
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode != 0 or not lines:
-        return {"error": f"time_bm3.py exit {out.returncode}: {out.stderr.strip()[-500:]}"}
-    return json.loads(lines[-1])
+    cmd = [sys.executable, str(args.mmrec_bm3 / "time_bm3.py"), str(inter), str(device), steps, *widths]
+    return _subprocess_json(cmd, args.mmrec_timeout, "time_bm3.py")
 
 
 def mmrec_ratios(models: dict[str, dict], mmrec: dict[str, Any]) -> dict[str, float]:

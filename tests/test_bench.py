@@ -17,7 +17,7 @@ import torch
 from msi.data.graph import normalized_adjacency
 from msi.errors import ConfigError
 from msi.data.synth import generate
-from msi.models import MSI, LightGCN
+from msi.models import BPR, MSI, VBPR, LightGCN
 from tests.conftest import load_script
 
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
@@ -96,7 +96,7 @@ def test_main_writes_json_and_markdown(bench, shared: Path, tmp_path: Path, keep
     assert list(res["datasets"]) == ["baby", "tiktok", "elec"] and list(res["skipped"]) == ["sports"]
     assert (tmp_path / "cache" / "tiny" / "tiny.inter").is_file()
     for r in res["datasets"].values():
-        assert set(r["models"]) == {"msi", "bm3", "lightgcn"}
+        assert set(r["models"]) == set(core_models())
         assert {"fused_ms", "separate_ms", "fused_forward_ms"} <= set(r["graph_product"]["csr"])
         assert set(r["graph_product"]["coo"]) == set(r["graph_product"]["csr"])
         assert r["msi_bm3_epoch_ratio"] > 0
@@ -109,11 +109,47 @@ def test_main_writes_json_and_markdown(bench, shared: Path, tmp_path: Path, keep
     assert mm["step_ms"] == 2.0 and mm["argv"] == ["3", "4096", "384"]  # steps = max(repeats, 3), feature widths
     ratios = res["datasets"]["baby"]["vs_mmrec_bm3"]
     assert ratios["msi_step"] == res["datasets"]["baby"]["models"]["msi"]["step_ms"] / 2.0
-    assert set(ratios) == {f"{m}_{k}" for m in ("msi", "bm3", "lightgcn") for k in ("step", "epoch")}
+    assert set(ratios) == {f"{m}_{k}" for m in core_models() for k in ("step", "epoch")}
     md = out_md.read_text()
-    assert "| data set | model | step ms |" in md and md.count("| tiktok | ") == 4 and "Profile of one MSI step" in md
+    assert "| data set | model | step ms |" in md and md.count("| tiktok | ") == len(core_models()) + 1
+    assert "Profile of one MSI step" in md
     assert "Skipped sports" in md
     assert md.count("| MMRec BM3 | 2.0 |") == 3 and "- tiktok: ours / MMRec BM3 (below 1: faster): msi step" in md
+
+
+def core_models() -> list[str]:
+    return list(importlib.import_module("bench_core").MODELS)
+
+
+MMREC_SRC = Path(os.environ.get("MSI_MMREC_SRC", BENCH.parents[2] / "shared" / "reference" / "mmrec" / "src"))
+MMREC_PYTHON = Path(os.environ.get("MSI_MMREC_PYTHON", "/tmp/mmrec-venv/bin/python"))  # with pandas
+
+
+@pytest.mark.skipif(not (MMREC_SRC / "models" / "vbpr.py").is_file() or not MMREC_PYTHON.is_file(),
+                    reason="MMRec's src/ (MSI_MMREC_SRC) or a Python with its dependencies (MSI_MMREC_PYTHON) absent")
+def test_mmrec_models_are_timed_beside_ours(bench, shared: Path, tmp_path: Path, keep_threads) -> None:
+    """MMRec's own BPR and VBPR, through its loader and trainer, beside ours on the tiny stand-in for TikTok."""
+    res = bench.main([
+        "--datasets", "tiktok", "--models", "bpr", "vbpr", "--quick", "--device", "cpu", "--threads", "1",
+        "--repeats", "1", "--warmup", "0", "--matmul-size", "64", "--shared-data", str(shared),
+        "--mmrec", str(MMREC_SRC), "--mmrec-python", str(MMREC_PYTHON),
+        "--out-json", str(tmp_path / "b.json"), "--out-md", str(tmp_path / "b.md"),
+    ])
+    r = res["datasets"]["tiktok"]
+    for name, impl in (("bpr", "MMRec BPR"), ("vbpr", "MMRec VBPR")):
+        mm = r["mmrec"][name]
+        assert mm["impl"] == impl and mm["threads"] == 1 and mm["steps_timed"] == 3 and mm["steps_per_epoch"] == 1
+        assert r["vs_mmrec"][name]["step"] == r["models"][name]["step_ms"] / mm["step_ms"]
+        assert set(r["vs_mmrec"][name]) == {"step", "epoch", "eval"}
+    md = (tmp_path / "b.md").read_text()
+    assert "| tiktok | MMRec VBPR |" in md and "- tiktok: ours / MMRec VBPR (below 1: faster): step" in md
+
+
+def test_an_mmrec_model_that_fails_is_recorded_not_raised(bench, mmrec, tiny, tmp_path: Path) -> None:
+    args = bench.parse_args(["--mmrec", str(tmp_path), "--repeats", "1"])  # no MMRec there: its imports fail
+    out = mmrec.mmrec_model("vbpr", tiny, args, torch.device("cpu"), [10, 20])
+    assert "time_mmrec.py VBPR exit 1" in out["error"] and "No module named" in out["error"]
+    assert mmrec.mmrec_model_ratios({}, out) == {}
 
 
 def test_mmrec_failure_is_recorded_not_raised(bench, mmrec, tiny, tmp_path: Path) -> None:
@@ -148,6 +184,10 @@ def test_step_flops_by_hand(core) -> None:
     assert core.step_flops(frozen, batch=5, n_unique=2) == {"sparse": 4 * 8 * 4, "projection": 2 * 2 * 2 * 16 * 4,
                                                             "predictor": 3 * 2 * 4 * 5 * 16}
     assert core.step_flops(LightGCN(3, 2, adj, train, embedding_dim=4), 5, 2) == {"sparse": 4 * 8 * 4}
+    # VBPR: E (F = 16 -> d' = 3) over 2B rows, forward and the weight's gradient; BPR-MF: no product of matrices
+    assert core.step_flops(VBPR(3, 2, train, feats, embedding_dim=4, feature_dim=3), 5, 2) == {
+        "projection": 2 * 2 * 10 * 16 * 3}
+    assert core.step_flops(BPR(3, 2, train, embedding_dim=4), 5, 2) == {}
 
 
 def test_help_runs_without_measuring(tmp_path: Path) -> None:
@@ -155,5 +195,5 @@ def test_help_runs_without_measuring(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, str(BENCH), "--help"], capture_output=True, text=True, check=True, env=env,
                          cwd=tmp_path).stdout  # this checkout's msi; its sibling modules found from any folder
-    assert "--epoch-steps" in out and "--freeze-features" in out and "--mmrec-bm3" in out
+    assert "--epoch-steps" in out and "--freeze-features" in out and "--mmrec-bm3" in out and "--mmrec-python" in out
     assert "--cuda-graph" not in out

@@ -51,7 +51,7 @@ class _Run:
     dir: Path
     cfg: Config
     model: Recommender
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None: the model has no trainable parameters (popularity)
     evaluator: Evaluator
     pairs: torch.Tensor  # (n, 2) train (user, item) rows on the device
     signature: dict[str, Any]  # msi.run.data_signature, saved in every checkpoint
@@ -216,13 +216,15 @@ def _setup(
             model = build_model(cfg, dataset)
     dev = resolve_device(device or cfg.train.device)
     model = model.to(dev)  # a Module moves in place: a model passed in is the very object trained
-    optimizer = make_optimizer(model, cfg.train.lr)
-    if resume:
+    trainable = any(p.requires_grad for p in model.parameters())
+    optimizer = make_optimizer(model, cfg.train.lr) if trainable else None
+    if resume and optimizer is not None:
         try:
             optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:  # a state of other parameters or shapes
             raise CheckpointError(f"{run_dir / LAST}: not an msi checkpoint: its optimizer state does not fit "
                                   f"the model ({str(e).splitlines()[0]})") from None
+    if resume:
         progress.update(state["progress"])
         set_rng_state(state["rng"])
         dropped = truncate_metrics(run_dir, progress["epoch"])
@@ -250,6 +252,10 @@ def _loop(run: _Run, quiet: bool, log: Log) -> None:
     t, p = run.cfg.train, run.progress
     start, seconds_before = time.time(), p["train_seconds"]
     epochs = range(p["epoch"], t.epochs) if not p["stopped"] else range(0)
+    if run.optimizer is None:  # nothing to train: scored once, and a resumed run is only finished again
+        if p["best_metric"] == -math.inf:
+            _score_as_is(run, log)
+        return
     tensorboard = TensorBoardLog(run.dir, t.tensorboard)
     if epochs:
         log(f"one line per evaluated epoch: mean train loss, valid metrics, and * when valid {t.metric} is the "
@@ -306,12 +312,25 @@ def _validate(run: _Run, row: dict[str, Any], log: Log) -> None:
         f"({row['epoch_seconds']:.1f}s + {row['eval_seconds']:.1f}s eval)")
 
 
+def _score_as_is(run: _Run, log: Log) -> None:
+    """A model with no trainable parameters (popularity) trains no epoch: valid is scored once, as epoch 0, into
+    metrics.jsonl, best.pt and last.pt, and the run is over (train.epochs and train.patience do not apply)."""
+    p, t0 = run.progress, time.time()
+    valid = run.evaluator(run.model, "valid")
+    p.update(best_metric=valid[run.cfg.train.metric], best_epoch=0, stopped=True)
+    _save(run, BEST)
+    _save(run, LAST)
+    append_metrics(run.dir, {"epoch": 0, "eval_seconds": time.time() - t0, "valid": valid}, [])
+    log(f"{run.cfg.model.name} has no trainable parameters: no epoch to train; valid {_fmt(valid)} (scored as it is)")
+
+
 def _save(run: _Run, name: str) -> None:
     """last.pt can resume a run (optimizer and RNG states); best.pt holds what evaluation needs."""
     payload = {"config": run.cfg.to_dict(), "model": run.model.state_dict(), "epoch": run.progress["epoch"],
                "progress": dict(run.progress), "data": run.signature}
     if name == "last.pt":
-        payload.update(optimizer=run.optimizer.state_dict(), rng=rng_state())
+        optimizer = run.optimizer.state_dict() if run.optimizer is not None else {"state": {}, "param_groups": []}
+        payload.update(optimizer=optimizer, rng=rng_state())
     save_checkpoint(run.dir / name, payload)
     if name == "last.pt":
         run.saved_epoch = run.progress["epoch"]
