@@ -17,7 +17,7 @@ from msi.cli import TOOLS, data_main, eval_main, recommend_main, train_main
 from msi.config import load_config
 from msi.data.dataset import read_inter
 from msi.evaluate import Evaluator, popularity_metrics
-from msi.run import dataset_for
+from msi.runtime import dataset_for
 
 EPOCHS = 3
 

@@ -139,6 +139,14 @@ def test_union_selects_over_the_points_of_every_folder(fabricate_sweep, tmp_path
     assert "loss.alpha=0.1 model.dropout=0.3 (selected)" in capsys.readouterr().out
 
 
+def test_union_of_sweeps_differing_only_in_where_they_ran_has_the_points_of_one(fabricate_sweep, tmp_path):
+    """train.device (a key of msi.config.NOT_A_SETTING, the one list msi-plot groups runs by too) is not a setting."""
+    x = fabricate_sweep(tmp_path / "x", {"recall": X}, overrides=("train.device=cpu",))
+    y = fabricate_sweep(tmp_path / "y", {"recall": Z}, overrides=("train.device=cuda",))
+    trials, _, _ = union_trials([x, y])
+    assert len({t.point for t in trials}) == 4
+
+
 def test_union_names_the_point_of_a_folder_run_without_a_grid(fabricate_sweep, tmp_path):
     plain = fabricate_sweep(tmp_path / "plain", {"recall": {(): [(0.70, 0, True), (0.72, 0, True)]}}, grid=[])
     y = fabricate_sweep(tmp_path / "y", {"recall": Y}, overrides=("model.dropout=0.3",))
@@ -217,7 +225,7 @@ def test_a_results_json_without_the_selection_metric_is_one_line_naming_it(sweep
 def other_data_set(sweep: Path, name: str) -> None:
     """A copy of the tiny data set under another name beside ``sweep``'s configs (their data.root)."""
     from msi.config import load_config
-    from msi.run import dataset_for
+    from msi.runtime import dataset_for
 
     dataset_for(load_config(sweep.parent / "recall.yaml"), progress=False)  # generates data/tiny
     root = sweep.parent / "data"

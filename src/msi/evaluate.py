@@ -10,6 +10,8 @@ averaged over the users with at least one row in the split. Scores run in user b
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -68,6 +70,14 @@ class Evaluator:
         self.n_items = dataset.n_items
         self.seen = seen_masks(dataset, self.device, mask_valid_at_test)
         self._truth_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_config(cls, dataset: Dataset, device: torch.device | str, cfg: Any, ks: list[int] | None = None,
+                    mask_valid: bool = False) -> Evaluator:
+        """The evaluator a run's config describes (``cfg.eval``: ks, batch_users, mask_valid_at_test); ``ks``
+        replaces the cut-offs, ``mask_valid`` masks valid items at test also when the config does not."""
+        e = cfg.eval
+        return cls(dataset, device, e.ks if ks is None else ks, e.batch_users, e.mask_valid_at_test or mask_valid)
 
     def _truth(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Evaluated users (n,), their |T_u| (n,), and the sorted keys user * I + item of the split's rows."""

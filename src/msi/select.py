@@ -16,13 +16,15 @@ import csv
 import io
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from msi.config import Config
+from msi.config import NOT_A_SETTING, Config
 from msi.errors import MSIError, read_utf8
-from msi.rundir import DamagedRunFile, read_results, write_atomic
+from msi.files import check_replace, write_text
+from msi.rundir import DamagedRunFile, read_results
 from msi.sweepdir import SWEEP_FILE, Trial, plan_trials, read_sweep, trial_config, trial_state
 
 
@@ -94,11 +96,10 @@ def _selected(group: list[Trial]) -> dict[str, Any]:
 def popularity_floor(cfg: Config, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Valid and test metrics of the popularity baseline (items ranked by train count) on ``cfg``'s data."""
     from msi.evaluate import Evaluator, popularity_metrics
-    from msi.run import dataset_for, resolve_device
+    from msi.runtime import dataset_for, resolve_device
 
     data = dataset_for(cfg, progress=False)
-    return popularity_metrics(Evaluator(data, resolve_device(device), cfg.eval.ks, cfg.eval.batch_users,
-                                        cfg.eval.mask_valid_at_test))
+    return popularity_metrics(Evaluator.from_config(data, resolve_device(device), cfg))
 
 
 def split_rows(trials: list[Trial], data: dict[Path, str]) -> list[Trial]:
@@ -141,20 +142,26 @@ def load_sweep(out: Path, unstarted: bool = False) -> tuple[dict[str, Any], list
     return record, trials, row_configs(trials, configs)
 
 
-def report(out: Path, unstarted: bool = False) -> dict[str, Any]:
+Extra = Callable[[dict[str, Any]], str]  # a summary -> markdown that results.md ends with
+
+
+def report(out: Path, unstarted: bool = False, extra: Extra | None = None) -> dict[str, Any]:
     """Re-read ``<out>``'s run directories, select, and write results.md, results.csv and summary.json;
-    ``unstarted``: also when no trial has started (the end of a sweep stopped before any did)."""
+    ``unstarted``: also when no trial has started (the end of a sweep stopped before any did); ``extra``: a section
+    results.md ends with (msi.compare.baseline_section), made before any table is written."""
     out = Path(out)
     record, trials, cfgs = load_sweep(out, unstarted)
     head = {"out": str(out.resolve()), "seeds": record["seeds"], "grid": record["grid"], "set": record["set"]}
-    return _write_tables(out, head, trials, cfgs)
+    return _write_tables(out, head, trials, cfgs, extra)
 
 
 TABLES = ("summary.json", "results.md", "results.csv")
 
 
-def _write_tables(dest: Path, head: dict[str, Any], trials: list[Trial], cfgs: dict[str, Config]) -> dict[str, Any]:
-    """Select over ``trials``, add the popularity floor of each data set, and write the three tables to ``dest``."""
+def _write_tables(dest: Path, head: dict[str, Any], trials: list[Trial], cfgs: dict[str, Config],
+                  extra: Extra | None = None) -> dict[str, Any]:
+    """Select over ``trials``, add the popularity floor of each data set, and write the three tables to ``dest``
+    (the one writer of a sweep's tables; ``extra``'s section ends results.md)."""
     floors = {}
     for cfg in cfgs.values():
         if cfg.data.name not in floors:
@@ -162,27 +169,23 @@ def _write_tables(dest: Path, head: dict[str, Any], trials: list[Trial], cfgs: d
     metrics = {name: cfg.train.metric for name, cfg in cfgs.items()}
     summary = {**head, "configs": summarize(trials, metrics), "popularity": floors, "damaged": damaged_results(trials)}
     dest.mkdir(parents=True, exist_ok=True)
-    texts = (json.dumps(summary, indent=2) + "\n", render_markdown(summary), render_csv(summary))
+    markdown = render_markdown(summary) + ("\n" + extra(summary) if extra else "")
+    texts = (json.dumps(summary, indent=2) + "\n", markdown, render_csv(summary))
     for name, text in zip(TABLES, texts):
-        write_atomic(dest / name, text)
+        write_text(dest / name, text)
     return summary
-
-
-# --set keys that say where or how a trial ran, not what it trained: a union of sweeps ignores them
-RUN_ONLY_KEYS = frozenset({"data.root", "train.out_dir", "train.checkpoint_every",
-                           "train.tensorboard"})
 
 
 def union_trials(outs: list[Path]) -> tuple[list[Trial], dict[str, Config], list[int]]:
     """The trials of several sweep folders as one grid, for a grid run in parts (on several machines, or a part
     re-run later): each trial's point becomes its folder's ``--set`` overrides that not every folder shares (less
-    ``RUN_ONLY_KEYS``) plus its grid point, sorted by key. A trial found in several folders counts once: its
+    ``NOT_A_SETTING``) plus its grid point, sorted by key. A trial found in several folders counts once: its
     finished copy, else any copy; two finished copies are refused unless their results.json are the same (a copied
     run directory). The seeds must be the same everywhere. Folders of different data sets are selected apart, one
     row per config and data set (``split_rows``)."""
     loaded = [(Path(o), *_load(Path(o))) for o in outs]
     seeds = loaded[0][1]["seeds"]
-    sets = [[o for o in rec["set"] if o.partition("=")[0] not in RUN_ONLY_KEYS] for _, rec, _, _ in loaded]
+    sets = [[o for o in rec["set"] if o.partition("=")[0] not in NOT_A_SETTING] for _, rec, _, _ in loaded]
     shared = set.intersection(*(set(x) for x in sets))
     trials: dict[tuple[str, str, tuple[str, ...], int], Trial] = {}
     configs: dict[Path, Config] = {}
@@ -205,20 +208,19 @@ def union_trials(outs: list[Path]) -> tuple[list[Trial], dict[str, Config], list
     return merged, row_configs(merged, configs), seeds
 
 
-def union_report(outs: list[Path], dest: Path) -> dict[str, Any]:
+def union_report(outs: list[Path], dest: Path, extra: Extra | None = None) -> dict[str, Any]:
     """``report`` over the union of several sweep folders (``union_trials``), written to ``dest``: one selection,
     by the same rule, over every point of every folder; test is read for the selected point only. ``dest`` must be
     new, or hold no tables but an earlier union's."""
     dest = Path(dest)
     if (dest / SWEEP_FILE).is_file():
         raise MSIError(f"{dest}: holds a sweep; write the union to a folder of its own")
+    ours = _union_tables(dest)  # before any table of the new union replaces summary.json
     for name in TABLES:
-        if (dest / name).exists() and not _union_tables(dest):
-            raise MSIError(f"{dest / name}: exists and is not a union report's: not written over; choose another "
-                           "--out")
+        check_replace(dest / name, lambda _: ours, "msi-sweep --report (a union)")
     trials, cfgs, seeds = union_trials(outs)
     head = {"out": [str(Path(o).resolve()) for o in outs], "seeds": seeds, "grid": [], "set": []}
-    return _write_tables(dest, head, trials, cfgs)
+    return _write_tables(dest, head, trials, cfgs, extra)
 
 
 def read_summary(dest: Path) -> dict[str, Any] | None:

@@ -12,10 +12,11 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from msi.data.dataset import Dataset
 from msi.data.graph import interaction_csr
-from msi.errors import MSIError
+from msi.errors import MSIError, raised
 from msi.models.base import Recommender, grad_norms, lightgcn_readout, mask_rows
 from msi.models.bpr import BPR
 from msi.models.buir import BUIR
@@ -41,7 +42,12 @@ def build_model(cfg: Config, dataset: Dataset, with_features: bool = True) -> Re
         zeros = {m: np.zeros(f.shape, np.float32) for m, f in dataset.features.items()}
         dataset = dataclasses.replace(dataset, features=zeros)
     entry = get(cfg.model.name)
-    model = entry.build(cfg, dataset)
+    try:
+        model = entry.build(cfg, dataset)
+    except (MSIError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # a plugin's builder: one line naming it, not its traceback
+        raise MSIError(f"the builder of model {entry.name!r} ({entry.build.__module__}) raised {raised(e)}") from None
     if not isinstance(model, Recommender):
         raise MSIError(f"the builder of model {entry.name!r} returned a {type(model).__name__}, not a "
                        "msi.models.Recommender")
