@@ -1,4 +1,5 @@
-"""Models: MSI (and its ablations, BM3 among them) and the LightGCN baseline, behind one small interface.
+"""Models: MSI (and its ablations, BM3 among them) and the baselines (LightGCN, BPR, VBPR, DualGNN, BUIR, popularity),
+behind one small interface.
 
 Each model registers its builder under its name (``@register("msi")`` beside the class, msi.registry); importing
 this package registers the built-in ones. ``build_model`` asks the registry for ``cfg.model.name`` and knows no
@@ -18,6 +19,8 @@ from msi.data.graph import interaction_csr
 from msi.errors import MSIError, raised
 from msi.models.base import Recommender, grad_norms, lightgcn_readout, mask_rows
 from msi.models.bpr import BPR
+from msi.models.buir import BUIR
+from msi.models.dualgnn import DualGNN
 from msi.models.grcn import GRCN
 from msi.models.lightgcn import LightGCN
 from msi.models.mmgcn import MMGCN
@@ -60,5 +63,5 @@ def epoch_diagnostics(model: Recommender) -> dict[str, float]:
     return {**grad_norms(model), **model.code_stats()}
 
 
-__all__ = ["BPR", "GRCN", "MMGCN", "MSI", "LightGCN", "Popularity", "Recommender", "VBPR", "build_model",
-           "epoch_diagnostics", "grad_norms", "lightgcn_readout", "key", "mask_rows", "register"]
+__all__ = ["BPR", "BUIR", "DualGNN", "GRCN", "MMGCN", "MSI", "LightGCN", "Popularity", "Recommender", "VBPR",
+           "build_model", "epoch_diagnostics", "grad_norms", "lightgcn_readout", "key", "mask_rows", "register"]
