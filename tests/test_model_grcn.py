@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from msi.models import grad_norms
 from msi.models.grcn import GRCN
-from msi.train import make_optimizer, run_epoch
+from tests.conftest import pinned_rows
 
 # 2 users, 2 items: u0 - i0, i1; u1 - i1. Edges in this order (sorted by user, then item).
 TRAIN = torch.tensor([[0, 0], [0, 1], [1, 1]])
@@ -122,9 +122,7 @@ def _pinned_losses(tiny, n_routing: int) -> list[float]:
     feats = {m: torch.from_numpy(f) for m, f in tiny.features.items()}
     model = GRCN(tiny.n_users, tiny.n_items, tiny.train, feats, embedding_dim=16, content_dim=8, n_routing=n_routing,
                  gamma=0.1)
-    opt = make_optimizer(model, 1e-3)
-    torch.manual_seed(2)
-    return [run_epoch(model, opt, torch.from_numpy(tiny.train), 64, e)["loss"] for e in range(3)]
+    return [row["loss"] for row in pinned_rows(model, tiny, 1e-3)]
 
 
 @pytest.mark.parametrize("n_routing", [0, 3])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from msi.data.graph import mean_adjacency
 from msi.models import grad_norms
 from msi.models.mmgcn import MMGCN
-from msi.train import make_optimizer, run_epoch
+from tests.conftest import pinned_rows
 
 # 2 users, 3 items: u0 - i0, i1; u1 - i1, i2. Nodes u0, u1, i0 = 2, i1 = 3, i2 = 4.
 TRAIN = torch.tensor([[0, 0], [0, 1], [1, 1], [1, 2]])
@@ -122,9 +122,7 @@ def _pinned_losses(tiny, frozen: bool) -> list[float]:
     feats = {m: torch.from_numpy(f) for m, f in tiny.features.items()}
     model = MMGCN(tiny.n_users, tiny.n_items, mean_adjacency(tiny.train, tiny.n_users, tiny.n_items), feats,
                   tiny.train, embedding_dim=16, latent_dim=32, frozen_embeddings=frozen, gamma=1e-3)
-    opt = make_optimizer(model, 1e-3)
-    torch.manual_seed(2)
-    return [run_epoch(model, opt, torch.from_numpy(tiny.train), 64, e)["loss"] for e in range(3)]
+    return [row["loss"] for row in pinned_rows(model, tiny, 1e-3)]
 
 
 @pytest.mark.parametrize("frozen", [False, True])
