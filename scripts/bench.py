@@ -45,7 +45,7 @@ from bench_mmrec import MMREC_NAMES, mmrec_bm3, mmrec_model, mmrec_model_ratios,
 from msi.config import load_config
 from msi.data.dataset import Dataset
 from msi.evaluate import Evaluator
-from msi.run import resolve_device, seed_everything
+from msi.runtime import resolve_device, seed_everything
 
 
 # ----------------------------------------------------------------------------------------------- one data set
@@ -62,7 +62,7 @@ def bench_dataset(dataset: Dataset, args: argparse.Namespace, device: torch.devi
     csr = products["csr"]
     print(f"  graph product fwd+bwd: fused {csr['fused_ms']:.1f} ms, three separate {csr['separate_ms']:.1f} ms "
           f"(CSR); fused COO {products['coo']['fused_ms']:.1f} ms", flush=True)
-    evaluator = Evaluator(dataset, device, cfg.eval.ks, cfg.eval.batch_users)
+    evaluator = Evaluator.from_config(dataset, device, cfg)
     for model_name in args.models:
         try:
             row = bench_model(model_name, dataset, evaluator, args, device, matmul)

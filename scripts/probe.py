@@ -19,14 +19,14 @@ from pathlib import Path
 def probe(run_dirs: list[Path], device: str) -> dict[str, dict[str, list[float]]]:
     """Valid and test Recall@20 with items represented by each view, per seed."""
     from msi.evaluate import Evaluator
-    from msi.run import open_run, resolve_device
+    from msi.runtime import open_run, resolve_device
     from msi.rundir import BEST
 
     out: dict[str, dict[str, list[float]]] = {}
     dev = resolve_device(device)
     for run_dir in run_dirs:
         model, cfg, data, _ = open_run(run_dir / BEST, dev)
-        ev = Evaluator(data, dev, [20], cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
+        ev = Evaluator.from_config(data, dev, cfg, [20])
         for view in model.item_views:
             for split in ("valid", "test"):
                 out.setdefault(view, {}).setdefault(split, []).append(ev(model, split, view)["recall@20"])

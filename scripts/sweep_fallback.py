@@ -3,8 +3,9 @@
 Takes msi-sweep's arguments (``--config``, ``--grid``, ``--seeds``, ``--set``, ``--out``, ``--max-concurrent``,
 ``--deadline``; ``--gpus-per-trial`` only decides cpu or cuda) and runs each unfinished trial as a plain ``msi-train``
 process into the run directory msi-sweep would use (a trial with ``last.pt`` resumes), so the folder stays an
-ordinary msi-sweep folder: ``msi-sweep --report`` and the same ``msi-sweep`` command later both work on it. Planning
-and selection are msi-sweep's own (``msi.select``); nothing here chooses anything. Each trial's log,
+ordinary msi-sweep folder: ``msi-sweep --report`` and the same ``msi-sweep`` command later both work on it. The
+driver's skeleton (checks, lock, sweep.yaml, the tables) is msi-sweep's own (``msi.sweep.drive``), and so are
+planning and selection (``msi.select``); nothing here chooses anything. Each trial's log,
 ``<out>/logs/<run name>.log``, gets the lines its run's train.log gained (one per epoch), then what msi-train printed.
 """
 
@@ -21,11 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from msi.errors import Interrupted, MSIError
-from msi.rundir import locked, read_log
-from msi.select import report
-from msi.sweepdir import (check_free, check_sweep, copy_log, prepare_trial_dir, record_sweep,
-                          trial_state)
-from msi.sweep import check_limits
+from msi.rundir import read_log
+from msi.sweep import check_limits, drive
+from msi.sweepdir import copy_log, prepare_trial_dir, trial_state
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,14 +52,13 @@ def sweep(argv: list[str] | None) -> int:
     args = p.parse_args(argv)
     out = args.out.resolve()
     check_limits(1, args.gpus_per_trial, args.max_concurrent, args.deadline)
-    trials, _ = check_sweep(args.config, args.grid, args.seeds, out, args.set)  # before anything is written
     device = "cuda" if args.gpus_per_trial > 0 else "cpu"
     stop_at = time.time() + args.deadline if args.deadline else float("inf")
     interrupted, starting = threading.Event(), threading.Lock()
     running: set[subprocess.Popen] = set()
 
     def run(t) -> None:
-        if time.time() >= stop_at or trial_state(t.run_dir) not in ("new", "resumable"):
+        if time.time() >= stop_at:
             return
         cmd = [sys.executable, "-m", "msi.cli", "train", "--quiet", "--device", device]
         if prepare_trial_dir(t.run_dir):
@@ -86,15 +84,11 @@ def sweep(argv: list[str] | None) -> int:
             log.write(output)
         print(f"{t.name}: {trial_state(t.run_dir)}", flush=True)
 
-    with locked(out, "msi-sweep"):
-        record_sweep(out, args.config, args.grid, args.seeds, args.set)
-        for t in trials:
-            if trial_state(t.run_dir) in ("new", "resumable"):
-                check_free(t.run_dir)
+    def run_all(todo, cfgs, out: Path) -> None:
         (out / "logs").mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(args.max_concurrent) as pool:
             try:
-                list(pool.map(run, trials))
+                list(pool.map(run, todo))
             except KeyboardInterrupt:
                 with starting:  # no new trial starts; the running ones save their last.pt and end
                     interrupted.set()
@@ -103,7 +97,8 @@ def sweep(argv: list[str] | None) -> int:
                 command = shlex.join(["python3", __file__, *map(str, sys.argv[1:] if argv is None else argv)])
                 raise Interrupted(f"interrupted; finished trials are kept and the others resume from their last.pt: "
                                   f"continue with {command}") from None
-        report(out, unstarted=True)
+
+    drive(args.config, args.grid, args.seeds, out, args.set, run_all, lambda line: print(line, flush=True))
     print((out / "results.md").read_text(), end="")
     return 0
 

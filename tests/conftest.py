@@ -65,6 +65,21 @@ def recommended_train_pairs(recs: Path, inter: Path) -> tuple[list[dict[str, str
     return rows, [(r["userID"], r["itemID"]) for r in rows if (r["userID"], r["itemID"]) in train]
 
 
+def pinned_rows(model, tiny: Dataset, lr: float, epochs: int = 3) -> list[dict]:
+    """The rows of ``epochs`` epochs of msi.train.run_epoch over ``tiny``'s train pairs (batch 64, Adam at ``lr``,
+    torch's RNG seeded 2 first), each after ``model.start_epoch`` as the trainer calls it: what the models'
+    pinned-trajectory tests compare with recorded numbers."""
+    from msi.train import make_optimizer, run_epoch
+
+    opt = make_optimizer(model, lr)
+    torch.manual_seed(2)
+    rows = []
+    for e in range(epochs):
+        model.start_epoch(e)
+        rows.append(run_epoch(model, opt, torch.from_numpy(tiny.train), 64, e))
+    return rows
+
+
 def load_script(name: str):
     """``scripts/<name>.py`` imported as a module (scripts are not part of the package)."""
     import importlib.util

@@ -2,23 +2,28 @@
 
 Each case: the exit status, a one-line ``error: ...`` that names the file or key (no traceback), and nothing that
 was saved before is lost or misreported. The numbers are those of the catalogue once in the README; its summary is
-now docs/run_directories.md's "Bad input".
+now docs/run_directories.md's "Bad input". ``test_26_N`` are the defects of issue 26 (a refused resume changes
+nothing, a file a tool did not write is never replaced, ...), and ``test_26_classes_*`` keep its promises for whole
+classes of input.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import msi.models
 import msi.recommend
 import msi.rundir
 import msi.train
@@ -481,7 +486,7 @@ def test_i19_1_recommend_never_writes_over_a_checkpoint_a_run_file_or_data(workd
     before = {**snapshot(done), **snapshot(tmp_path / "data" / "tiny")}
     code, stdout, err = run(recommend_main, recommend_args(done / "best.pt", out), capsys)
     line = error_line(err)
-    problem = "is a folder, not a file" if target == "." else "exists and is not a recommendations TSV"
+    problem = "is a folder, not a file" if target == "." else "exists and was not written by msi-recommend"
     assert code == 2 and stdout == "" and line.startswith(f"error: {out}: {problem}")
     assert {**snapshot(done), **snapshot(tmp_path / "data" / "tiny")} == before
 
@@ -619,7 +624,7 @@ def test_i19_12_a_full_disk_while_recommend_writes_keeps_the_earlier_file(workdi
     small_file_limit()
     code, _, err = run(recommend_main, recommend_args(best, recs, "--k", 40), capsys)
     assert code == 2 and error_line(err) == (f"error: {recs}: could not write the recommendations (File too large); "
-                                             "nothing written")
+                                             "the earlier file, if any, is kept")
     assert recs.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["recs.tsv"]
 
 
@@ -701,7 +706,7 @@ def test_i19_x_recommend_to_a_pipe_or_device_is_refused(workdir, tmp_path, capsy
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     code, _, err = run(recommend_main, recommend_args(workdir / "runs" / "done" / "best.pt", fifo), capsys)
-    assert code == 2 and error_line(err) == f"error: {fifo}: is not a regular file; name a TSV file to write"
+    assert code == 2 and error_line(err) == f"error: {fifo}: is not a regular file; name a file to write"
     assert fifo.is_fifo()
 
 
@@ -772,7 +777,7 @@ def test_i19_x_feature_files_that_promise_more_than_they_hold_or_have_no_columns
 def test_i19_x_synth_names_that_are_not_plain_folder_names(tmp_path, capsys, name):
     code, _, err = run(data_main, ["synth", "--preset", "tiny", "--out", tmp_path / "d", "--name", name, "--quiet"],
                        capsys)
-    assert code == 2 and error_line(err) == f"error: data set name {name!r} must be a plain folder name"
+    assert code == 2 and error_line(err).startswith(f"error: data set name {name!r} must be a plain folder name")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -793,7 +798,7 @@ def test_i19_x_a_bad_id_mapping_names_its_line(workdir, tmp_path, capsys):
     ckpt["config"]["data"]["root"] = str(root)
     save_checkpoint(tmp_path / "moved.pt", {k: v for k, v in ckpt.items() if k not in ("format", "format_version")})
     code, _, err = run(recommend_main, recommend_args(tmp_path / "moved.pt", tmp_path / "recs.tsv"), capsys)
-    assert code == 2 and error_line(err) == f"error: {mapping}:41: expected '<raw id>\\t<itemID below 40>', got 'B39\\t-1'"
+    assert code == 2 and error_line(err) == f"error: {mapping}:41: itemID '-1' is negative"
     assert not (tmp_path / "recs.tsv").exists()
 
 
@@ -857,7 +862,7 @@ def test_i19_5_one_live_sweep_per_folder_and_a_trial_in_use_is_not_touched(workd
         code, _, err = run(sweep_main, sweep_args(workdir, out), capsys)
     assert code == 2 and error_line(err) == (f"error: {out}: in use by another live msi-sweep process (pid "
                                              f"{os.getpid()}); wait for it to end or choose another --out")
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # the lock's holder made the folder, and removed it empty
     record_sweep(out, [workdir / "tiny.yaml"], [], [1], [])
     run_dir = out / "tiny_s1"
     run_dir.mkdir()
@@ -935,7 +940,8 @@ def test_i19_x_sweep_folders_that_are_not_what_they_should_be(workdir, tmp_path,
     assert code == 2 and error_line(err) == "error: --baseline 'lightgcn': the sweep's configs are recall"
     (notes / "results.md").write_text("mine")  # a union's --out holding someone's results.md
     code, _, err = run(sweep_main, ["--report", sweep, sweep, "--out", notes], capsys)
-    assert code == 2 and error_line(err).startswith(f"error: {notes / 'results.md'}: exists and is not a union")
+    assert code == 2 and error_line(err).startswith(f"error: {notes / 'results.md'}: exists and was not written by "
+                                                    "msi-sweep --report (a union)")
     assert (notes / "results.md").read_text() == "mine"
     moved = tmp_path / "moved"
     moved.mkdir()
@@ -952,9 +958,348 @@ def test_i19_x_compare_never_writes_over_a_file_it_did_not_write(workdir, tmp_pa
     before = snapshot(done)
     for flag, target in (("--out", done / "best.pt"), ("--json", done / "results.json")):
         code, _, err = run(compare_main, ["--a", done, "--b", done, "--quiet", "--device", "cpu", flag, target], capsys)
-        assert code == 2 and error_line(err).startswith(f"error: {target}: exists and is not msi-compare's")
+        assert code == 2 and error_line(err).startswith(f"error: {target}: exists and was not written by msi-compare")
     assert snapshot(done) == before
     argv = ["--a", done, "--b", done, "--quiet", "--device", "cpu", "--out", tmp_path / "c.md", "--json",
             tmp_path / "c.json"]
     assert run(compare_main, argv, capsys)[0] == 0 and run(compare_main, argv, capsys)[0] == 0  # its own: rewritten
     assert json.loads((tmp_path / "c.json").read_text())["delta"] == 0.0
+
+
+# ---------------------------------------------------------------- issue 26: check everything before changing anything
+
+
+def finished_copy(workdir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(workdir / "runs" / "done", out)
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize("extra", [["--device", "cuda"], ["--device", "mps"], ["train.tensorboard=true"]])
+def test_26_1_a_refused_resume_changes_nothing(workdir, tmp_path, capsys, monkeypatch, extra):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as without the tensorboard extra
+    out = finished_copy(workdir, tmp_path)
+    before = snapshot(out)
+    code, _, err = run(train_main, ["--resume", out, "train.epochs=4", "--quiet", *extra], capsys)
+    expected = {"cuda": "error: device 'cuda' was asked for, but this torch build sees no CUDA GPU",
+                "mps": "error: device 'mps': msi runs on auto, cpu, cuda or cuda:N",
+                "train.tensorboard=true": "error: train.tensorboard: true needs TensorBoard: pip install -e "
+                                          "'.[tensorboard]'"}[extra[-1]]
+    assert code == 2 and error_line(err) == expected
+    assert snapshot(out) == before  # results.json kept, config.yaml still says the old epochs
+
+
+def test_26_2_plot_replaces_only_a_picture_it_wrote(workdir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from msi.cli import plot_main
+
+    done, notes = workdir / "runs" / "done", tmp_path / "notes.svg"
+    notes.write_text("<svg>my own drawing</svg>")
+    code, _, err = run(plot_main, [done, "--out", notes], capsys)
+    assert code == 2 and error_line(err) == (f"error: {notes}: exists and was not written by msi-plot: not written "
+                                             "over; choose another file, or pass --overwrite to replace it")
+    assert notes.read_text() == "<svg>my own drawing</svg>"
+    for suffix in ("svg", "png", "pdf"):  # a picture msi-plot wrote is replaced, in each format
+        picture = tmp_path / f"curves.{suffix}"
+        assert run(plot_main, [done, "--out", picture], capsys)[0] == 0
+        assert run(plot_main, [done, "--out", picture], capsys)[0] == 0
+    assert run(plot_main, [done, "--out", notes, "--overwrite"], capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.pdf", "curves.png", "curves.svg", "notes.svg"]
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/tmp/absolute", ".", "..", "a\\b"])
+def test_26_3_a_run_name_is_one_path_component(workdir, tmp_path, capsys, name):
+    out_dir = tmp_path / "deep" / "runs"
+    code, _, err = run(train_main, ["--config", workdir / "tiny.yaml", "--quiet", f"train.out_dir={out_dir}",
+                                    f"train.run_name={name}"], capsys)
+    assert code == 2 and error_line(err) == (f"error: config key 'train.run_name': {name!r} must be a plain folder "
+                                             "name (not empty, '.' or '..', no '/', '\\' or NUL byte)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_26_4_compare_refuses_a_run_still_training_or_never_finished(workdir, tmp_path, capsys):
+    from msi.cli import compare_main
+
+    done, other = workdir / "runs" / "done", finished_copy(workdir, tmp_path)
+    (other / "results.json").unlink()  # interrupted before its end
+    args = ["--a", done, "--b", other, "--device", "cpu", "--quiet"]
+    code, _, err = run(compare_main, args, capsys)
+    assert code == 2 and error_line(err) == (f"error: {other}: not finished (no results.json): its best.pt is of an "
+                                             "interrupted run; finish it with msi-train --resume, or pass "
+                                             "--unfinished to compare it as it is")
+    assert run(compare_main, [*args, "--unfinished"], capsys)[0] == 0
+    with msi.rundir.locked(other):  # a live msi-train on it (here: this process)
+        code, _, err = run(compare_main, [*args, "--unfinished"], capsys)
+    assert code == 2 and error_line(err) == (f"error: {other}: still training (msi-train pid {os.getpid()} holds "
+                                             "it); compare it once it has finished")
+
+
+def test_26_5_sigterm_is_handled_as_ctrl_c(workdir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "msi.cli", "train", "--config", str(workdir / "tiny.yaml"),
+                             "--out", str(out), "train.epochs=100000", "train.patience=100000", "--quiet"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        while not (out / "last.pt").exists():  # the run is in its epochs
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    line = error_line(err)
+    assert line.startswith("error: interrupted; ") and line.endswith(f"continue with msi-train --resume {out}")
+    assert not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("valid, best", [([0.1, 0.3, float("nan"), 0.2], 2), ([float("nan")] * 3, None),
+                                         ([0.1, None, 0.3, 0.3], 3), ([0.2, 0.1, 0.2], 1)])
+def test_26_6_plot_marks_the_epoch_the_trainer_chose(tmp_path, capsys, valid, best):
+    """The trainer's rule (msi.rundir.improves): strictly better than the best so far; NaN and null never are."""
+    from msi.plot import best_epoch, read_run
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("train: {seed: 1}\n")
+    rows = [{"loss": 1.0, "epoch": e, "valid": {"recall@20": v}, "terms": ["loss"]} for e, v in enumerate(valid, 1)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert best_epoch(rows, "recall@20") == best
+    read_run(run_dir)
+    bad = [str(e) for e, v in enumerate(valid, 1) if not isinstance(v, float) or v != v]
+    warning = (f"warning: {run_dir / 'metrics.jsonl'}: valid recall@20 is not a finite number at epoch(s) "
+               f"{', '.join(bad)}; left out of the curve (the trainer never selects such an epoch)")
+    assert capsys.readouterr().err.splitlines() == ([warning] if bad else [])
+    if importlib.util.find_spec("matplotlib") is not None:
+        from msi.cli import plot_main
+
+        assert run(plot_main, [run_dir, "--out", tmp_path / "c.png"], capsys)[0] == 0
+
+
+class _Plugin(msi.models.Recommender):
+    """A plugin's model whose faults a test chooses: ``fault`` in "no loss", "non-scalar", "embeddings"."""
+
+    def __init__(self, n_users: int, n_items: int, fault: str) -> None:
+        super().__init__()
+        self.n_users, self.fault = n_users, fault
+        self.user = torch.nn.Parameter(torch.randn(n_users, 4))
+        self.item = torch.nn.Parameter(torch.randn(n_items, 4))
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        items = self.item[:-1] if self.fault == "embeddings" else self.item
+        return {"user": self.user.detach(), "id": items.detach()}
+
+    def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        score = (self.user[users] * self.item[items]).sum(-1)
+        if self.fault == "no loss":
+            return {"bpr": -score.mean()}
+        return {"loss": -score if self.fault == "non-scalar" else -score.mean()}
+
+
+@pytest.fixture
+def plugin(monkeypatch):
+    """Register ``plugin-<fault>`` models for this test only; "builder" is one whose builder raises."""
+    from msi import registry
+
+    monkeypatch.setattr(registry, "_ENTRIES", dict(registry._ENTRIES))
+    for fault in ("no loss", "non-scalar", "embeddings", "none"):
+        registry.register(f"plugin-{fault.replace(' ', '-')}", item_features=False)(
+            lambda cfg, data, fault=fault: _Plugin(data.n_users, data.n_items, fault))
+
+    def broken(cfg, data):
+        raise ValueError("the plugin's own bug")
+
+    registry.register("plugin-builder")(broken)
+    return registry
+
+
+@pytest.mark.parametrize("fault, problem", [
+    ("builder", f"the builder of model 'plugin-builder' ({__name__}) raised ValueError: the plugin's own bug"),
+    ("no-loss", f"model 'plugin-no-loss' ({__name__}._Plugin): loss() must return a dict holding 'loss', "
+                "got ['bpr'] (docs/adding_a_model.md gives the interface)"),
+    ("non-scalar", f"model 'plugin-non-scalar' ({__name__}._Plugin): loss() term 'loss' must be a scalar "
+                   "tensor, got (20,) (docs/adding_a_model.md gives the interface)"),
+    ("embeddings", f"model 'plugin-embeddings' ({__name__}._Plugin): embeddings()['id'] must be (40, d) "
+                   "with one d for all, got (39, 4) (docs/adding_a_model.md gives the interface)"),
+])
+def test_26_7_a_plugin_that_breaks_its_contract_is_one_line_before_the_run_starts(workdir, tmp_path, capsys,
+                                                                                  plugin, fault, problem):
+    out, config = tmp_path / "run", tmp_path / "plugin.yaml"
+    config.write_text((workdir / "tiny.yaml").read_text().replace("model:\n  embedding_dim: 8\n", ""))
+    code, _, err = run(train_main, ["--config", config, "--quiet", "--out", out, f"model.name=plugin-{fault}",
+                                    "train.batch_size=20"], capsys)
+    assert code == 2 and error_line(err) == f"error: {problem}"
+    assert not out.exists()  # no half-started run folder
+
+
+def test_26_7_a_plugin_builder_that_raises_is_one_line_in_eval_too(workdir, tmp_path, capsys, plugin):
+    ckpt = load_checkpoint(workdir / "runs" / "done" / "best.pt")
+    ckpt["config"]["model"]["name"] = "plugin-builder"
+    save_checkpoint(tmp_path / "p.pt", {k: v for k, v in ckpt.items() if k not in ("format", "format_version")})
+    code, _, err = run(eval_main, ["--checkpoint", tmp_path / "p.pt", "--device", "cpu"], capsys)
+    assert code == 2 and error_line(err) == (f"error: the builder of model 'plugin-builder' ({__name__}) "
+                                             "raised ValueError: the plugin's own bug")
+
+
+def test_26_7_a_plugin_rule_across_keys_that_raises_is_one_line(workdir, tmp_path, capsys, plugin):
+    from dataclasses import dataclass
+
+    @dataclass
+    class Keys:
+        def validate(self, cfg):
+            return cfg.model.missing  # the plugin's own bug
+
+    plugin.register("plugin-rule", item_features=False, model=Keys)(lambda cfg, data: None)
+    config = tmp_path / "plugin.yaml"
+    config.write_text((workdir / "tiny.yaml").read_text().replace("model:\n  embedding_dim: 8\n", ""))
+    code, _, err = run(train_main, ["--config", config, "--out", tmp_path / "run", "model.name=plugin-rule"], capsys)
+    assert code == 2 and error_line(err).startswith("error: model 'plugin-rule': ")
+    assert "Keys.validate raised AttributeError: " in error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_26_8_an_override_given_twice_on_resume_is_warned(workdir, tmp_path, capsys):
+    out = finished_copy(workdir, tmp_path)
+    code, _, err = run(train_main, ["--resume", out, "train.epochs=5", "train.epochs=4", "--quiet"], capsys)
+    assert code == 0 and "warning: override train.epochs is given twice ('5', then '4'); the last is used" in err
+    assert json.loads((out / "results.json").read_text())["epochs_run"] == 4
+
+
+@pytest.mark.parametrize("edit", ["change", "delete"])
+def test_26_9_a_hand_edit_to_config_yaml_is_warned_on_resume(workdir, tmp_path, capsys, edit):
+    out = finished_copy(workdir, tmp_path)
+    config = out / "config.yaml"
+    if edit == "delete":
+        config.unlink()
+        warning = f"warning: {config}: missing; the run goes on with last.pt's config and writes it there again"
+    else:
+        config.write_text(config.read_text().replace("lr: 0.001", "lr: 0.5"))
+        warning = (f"warning: {config}: train.lr differs from last.pt's config (edited by hand?); the run goes on "
+                   "with last.pt's, and config.yaml is written from it again: change how long or how often with "
+                   "--resume RUN key=value")
+    code, _, err = run(train_main, ["--resume", out, f"train.epochs={EPOCHS + 1}", "--quiet"], capsys)
+    assert code == 0 and warning in err.splitlines()
+    assert "lr: 0.001" in config.read_text()
+
+
+def test_26_10_a_flat_dotted_key_in_yaml_is_told_that_keys_nest(tmp_path, capsys):
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("train.epochs: 1\n")
+    code, _, err = run(train_main, ["--config", flat, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and error_line(err) == ("error: unknown config section 'train.epochs': keys nest under their "
+                                             "section; write 'train:' and under it '  epochs: ...'")
+
+
+def test_26_11_an_oversized_config_file_or_value_is_refused_at_once(tmp_path, capsys):
+    big = tmp_path / "big.yaml"
+    big.write_text("data:\n  name: tiny\n" + "# padding\n" * 200_000)
+    code, _, err = run(train_main, ["--config", big, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and error_line(err) == (f"error: {big}: {big.stat().st_size:,} bytes is not a config file (msi "
+                                             "reads at most 1,048,576)")
+    small = tmp_path / "small.yaml"
+    small.write_text("data:\n  name: tiny\n")
+    code, _, err = run(train_main, ["--config", small, "data.name=" + "x" * 5000], capsys)
+    assert code == 2 and error_line(err) == ("error: config key 'data.name' holds a text of 5,000 characters; at most "
+                                             "4,096")
+    code, _, err = run(train_main, ["--config", small, f"eval.ks=[{','.join(['5'] * 2000)}]"], capsys)
+    assert code == 2 and error_line(err) == "error: config key 'eval.ks' holds 2,000 entries; at most 1,000"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.yaml", "small.yaml"]
+
+
+def test_26_12_a_yaml_boolean_is_not_text(workdir, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text((workdir / "tiny.yaml").read_text().replace("name: tiny", "name: yes"))
+    code, _, err = run(train_main, ["--config", cfg, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and error_line(err) == ("error: config key 'data.name': YAML reads True as a boolean, not text; "
+                                             "quote it: 'true'")
+
+
+def test_26_13_a_full_stdout_is_named(workdir, capsys, monkeypatch):
+    from msi.cli import compare_main
+
+    class Full:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+    done = workdir / "runs" / "done"
+    monkeypatch.setattr(sys, "stdout", Full())
+    code = compare_main([str(a) for a in ["--a", done, "--b", done, "--device", "cpu", "--quiet"]])
+    monkeypatch.undo()
+    _, err = capsys.readouterr()
+    assert code == 2 and error_line(err) == "error: stdout: could not write the output (No space left on device)"
+
+
+def test_26_14_the_in_use_refusal_of_a_resume_does_not_suggest_out(workdir, tmp_path, capsys):
+    out = finished_copy(workdir, tmp_path)
+    with msi.rundir.locked(out):
+        code, _, err = run(train_main, ["--resume", out, "train.epochs=4", "--quiet"], capsys)
+    assert code == 2 and error_line(err) == (f"error: {out}: in use by another live msi-train process (pid "
+                                             f"{os.getpid()}); wait for it to end; a run is resumed by one process "
+                                             "at a time")
+
+
+def test_26_15_compare_of_a_plugin_run_without_the_plugin_names_the_run(workdir, tmp_path, capsys):
+    from msi.cli import compare_main
+
+    out = finished_copy(workdir, tmp_path)
+    ckpt = load_checkpoint(out / "best.pt")
+    ckpt["config"]["model"]["name"] = "not-installed"
+    save_checkpoint(out / "best.pt", {k: v for k, v in ckpt.items() if k not in ("format", "format_version")})
+    code, _, err = run(compare_main, ["--a", workdir / "runs" / "done", "--b", out, "--device", "cpu"], capsys)
+    line = error_line(err)
+    assert code == 2 and line.startswith(f"error: {out / 'best.pt'}: its config does not load here (config key "
+                                         "'model.name': no model named 'not-installed'")
+
+
+# ---------------------------------------------------------------- issue 26: the promise kept for whole classes
+
+HUGE = "9" * 100_000
+
+
+def class_cases(workdir: Path, tmp_path: Path) -> dict[str, tuple]:
+    """One hostile value per surface: (tool, argv)."""
+    from msi.cli import compare_main, sweep_main
+
+    best, done = workdir / "runs" / "done" / "best.pt", workdir / "runs" / "done"
+    users = tmp_path / "users.txt"
+    users.write_text(HUGE + "\n")
+    return {
+        "eval --ks": (eval_main, ["--checkpoint", best, "--device", "cpu", "--ks", HUGE + "x"]),
+        "train --device": (train_main, train_args(workdir, tmp_path / "r", "--device", HUGE)),
+        "recommend --users": (recommend_main, recommend_args(best, tmp_path / "r.tsv", "--users", "x" * 100_000)),
+        "recommend --users file": (recommend_main, recommend_args(best, tmp_path / "r.tsv", "--users", users)),
+        "recommend --k": (recommend_main, recommend_args(best, tmp_path / "r.tsv", "--k", HUGE)),
+        "compare --metric": (compare_main, ["--a", done, "--b", done, "--metric", "recall@" + HUGE]),
+        "sweep --grid": (sweep_main, ["--config", workdir / "tiny.yaml", "--out", tmp_path / "s", "--grid", HUGE]),
+        "sweep --seeds": (sweep_main, ["--config", workdir / "tiny.yaml", "--out", tmp_path / "s", "--seeds",
+                                       str(2**64)]),
+        "synth --seed": (data_main, ["synth", "--preset", "tiny", "--out", tmp_path / "d", "--seed", str(2**64)]),
+        "NUL in a path": (recommend_main, recommend_args(best, f"{tmp_path}/r\0.tsv")),
+    }
+
+
+@pytest.mark.parametrize("case", ["eval --ks", "train --device", "recommend --users", "recommend --users file",
+                                  "recommend --k", "compare --metric", "sweep --grid", "sweep --seeds", "synth --seed",
+                                  "NUL in a path"])
+def test_26_classes_any_hostile_value_is_one_short_line_and_nothing_is_written(workdir, tmp_path, capsys, case):
+    main, argv = class_cases(workdir, tmp_path)[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run(main, argv, capsys)
+    line = error_line(err)
+    assert code == 2 and out == "" and len(line) < 400 and "\0" not in line, line[:300]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_26_classes_ids_in_text_files_follow_the_inter_readers_rules(workdir, tmp_path, capsys):
+    best = workdir / "runs" / "done" / "best.pt"
+    users = tmp_path / "users.txt"
+    for text, problem in (("1_0", "is not an integer"), ("\u0661", "is not an integer"), ("-1", "is negative"),
+                          ("1e30", "is far out of range"), ("2.5", "is not an integer")):
+        users.write_text(f"0\n{text}\n")
+        code, _, err = run(recommend_main, recommend_args(best, tmp_path / "r.tsv", "--users", users), capsys)
+        assert code == 2 and error_line(err).startswith(f"error: {users}:2: userID {text!r} {problem}")
+    assert not (tmp_path / "r.tsv").exists()

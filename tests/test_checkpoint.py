@@ -1,4 +1,5 @@
-"""msi/checkpoint.py and msi.run.open_run: weights-only loading, clear errors, atomic saves, RNG state, foreign data."""
+"""msi/checkpoint.py and msi.runtime.open_run: weights-only loading, clear errors, atomic saves, RNG state, foreign
+data."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from msi.checkpoint import (
 from msi.config import load_config
 from msi.data.synth import generate
 from msi.errors import CheckpointError
-from msi.run import open_run
+from msi.runtime import open_run
 from msi.train import train
 
 

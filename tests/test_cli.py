@@ -17,7 +17,7 @@ from msi.cli import TOOLS, data_main, eval_main, recommend_main, train_main
 from msi.config import load_config
 from msi.data.dataset import read_inter
 from msi.evaluate import Evaluator, popularity_metrics
-from msi.run import dataset_for
+from msi.runtime import dataset_for
 
 EPOCHS = 3
 
@@ -118,6 +118,18 @@ def test_eval_item_view_and_ks(run_dir, capsys):
     assert code == 2 and "audio" in one_line_error(err)
     code, _, err = run(eval_main, ["--checkpoint", run_dir / "best.pt", "--ks", "ten", "--device", "cpu"], capsys)
     assert code == 2 and "--ks" in one_line_error(err)
+
+
+def test_eval_items_warm_and_cold(run_dir, capsys):
+    argv = ["--checkpoint", run_dir / "best.pt", "--device", "cpu"]
+    code, out, _ = run(eval_main, argv, capsys)
+    every = json.loads(out)
+    code, out, _ = run(eval_main, [*argv, "--items", "warm"], capsys)
+    warm = json.loads(out)  # every valid item of the tiny set has a train row: the same users, the same numbers
+    assert code == 0 and (every["items"], warm["items"]) == ("all", "warm")
+    assert {k: v for k, v in warm.items() if k != "items"} == {k: v for k, v in every.items() if k != "items"}
+    code, _, err = run(eval_main, [*argv, "--items", "cold"], capsys)
+    assert code == 2 and "no users to evaluate with cold items (--items cold)" in one_line_error(err)
 
 
 def test_recommend_writes_k_rows_per_user_without_train_items(run_dir, workdir, tmp_path, capsys):

@@ -19,7 +19,7 @@ from msi.compare import (JSON_KEYS, bootstrap_ci, compare, paired_stats, read_ru
                          setting_differences)
 from msi.config import load_config
 from msi.data.synth import generate
-from msi.errors import MSIError
+from msi.errors import DataError, MSIError
 from msi.select import load_sweep, summarize
 from msi.sweepdir import plan_trials, record_sweep, trial_config
 from msi.train import train
@@ -130,6 +130,17 @@ def test_runs_against_themselves_give_delta_0_and_each_seed_its_own_valid_metric
     # the per-user metric averages to the evaluator's own: the runs' results.json
     results = [json.loads((d / "results.json").read_text())["valid"]["recall@20"] for d in runs]
     assert c.a_seeds == pytest.approx(results, abs=1e-12)
+
+
+def test_items_warm_scores_the_warm_rows_and_says_so(sweep):
+    runs = point_dirs(sweep, "msi", "0.1")
+    c = compare(runs, point_dirs(sweep, "msi", "0.01"), device="cpu", progress=False)
+    warm = compare(runs, point_dirs(sweep, "msi", "0.01"), device="cpu", progress=False, items="warm")
+    assert (warm.delta, warm.n_users) == (c.delta, c.n_users)  # every valid item of the tiny set has a train row
+    assert warm.to_json()["items"] == "warm" and c.to_json()["items"] == "all"
+    assert render_markdown(warm).startswith("recall@20 on valid (warm items only): 60 users")
+    with pytest.raises(DataError, match="no users to evaluate with cold items"):
+        compare(runs, runs, device="cpu", progress=False, items="cold")
 
 
 @pytest.mark.parametrize("metric", ["hit@5", "mrr@20"])

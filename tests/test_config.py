@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from msi.config import Config, config_from_dict, load_config, parse_overrides, valid_keys
+from msi.config import (Config, changed_keys, config_from_dict, load_config, parse_overrides, resume_config,
+                        valid_keys)
 from msi.rundir import write_config
 from msi.data.dataset import Dataset
 from msi import registry
@@ -235,3 +236,23 @@ def test_a_declared_check_and_choices_are_enforced():
         load_config(None, ["model.code_placement=both"])
     with pytest.raises(ConfigError, match=r"config key 'loss\.gamma' must be >= 0 \(got -0\.5\)"):
         load_config(None, ["model.name=lightgcn", "loss.gamma=-0.5"])
+
+
+# ---------------------------------------------------------------- resume overrides
+
+
+def test_resume_config_changes_only_how_long_and_how_often():
+    cfg = load_config(None, ["train.epochs=4"])
+    new, changes = resume_config(cfg, ["train.epochs=8", "train.patience=3", "train.tensorboard=true"])
+    assert (new.train.epochs, new.train.patience, new.train.tensorboard) == (8, 3, True)
+    assert new.model == cfg.model and new.train.lr == cfg.train.lr
+    assert changes == ["train.epochs=8 (was 4)", "train.patience=3 (was 20)", "train.tensorboard=True (was False)"]
+    assert resume_config(cfg, []) == (cfg, [])
+    for bad in ("train.lr=0.1", "model.dropout=0.1", "data.name=x"):
+        with pytest.raises(ConfigError, match=f"--resume cannot change '{bad.partition('=')[0]}'"):
+            resume_config(cfg, [bad])
+    with pytest.raises(ConfigError, match="train.epochs"):
+        resume_config(cfg, ["train.epochs=0"])
+    with pytest.raises(ConfigError, match="train.patience"):
+        resume_config(cfg, ["train.patience=many"])
+    assert changed_keys(cfg, new) == ["train.epochs", "train.patience", "train.tensorboard"]

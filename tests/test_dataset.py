@@ -259,7 +259,7 @@ def test_utf8_bom_before_the_header_is_read(tmp_path):
 
 def test_a_missing_paper_data_set_points_to_the_readme_section(tmp_path):
     from msi.config import load_config
-    from msi.run import dataset_for
+    from msi.runtime import dataset_for
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "baby.yaml", [f"data.root={tmp_path}"])
     with pytest.raises(DataError, match="see the README's 'Using MMRec's data': data.root=PATH"):

@@ -171,6 +171,25 @@ def test_valid_items_stay_candidates_at_test_by_default_and_mask_option_removes_
     assert e(model, "valid") == Evaluator(hand_data, "cpu", ks=[2])(model, "valid")
 
 
+def test_warm_and_cold_items_restrict_the_ground_truth_not_the_candidates(hand_data):
+    # train items {0, 1, 5}. Test rows: user 0 {1 warm, 3 cold, 13 cold}, user 1 {2 cold}. Id order for user 0
+    # (0, 5 masked): 1, 2, 3, 4, 6, ...: 1 at rank 1, 3 at rank 3, 13 at rank 12; user 1 (0 masked): 2 at rank 2
+    model = FixedScores(3)
+    warm = Evaluator(hand_data, "cpu", ks=[2, 5], items="warm")
+    users, values = warm.per_user(model, "test")
+    assert users.tolist() == [0] and values["recall@2"].tolist() == [1.0]  # user 1 has no warm test item
+    cold = Evaluator(hand_data, "cpu", ks=[2, 5], items="cold")
+    users, values = cold.per_user(model, "test")
+    assert users.tolist() == [0, 1]
+    assert values["recall@2"].tolist() == [0.0, 1.0]  # rank 3 is outside 2 though warm item 1 is not the truth
+    assert values["recall@5"].tolist() == [0.5, 1.0]
+    everything = Evaluator(hand_data, "cpu", ks=[2, 5])(model, "test")
+    assert everything == Evaluator(hand_data, "cpu", ks=[2, 5], items="all")(model, "test")
+    with pytest.raises(DataError, match=r"no users to evaluate with warm items \(--items warm\)"):
+        Evaluator(Dataset("hand", Path("."), 3, N_ITEMS, pairs((0, 0)), pairs((0, 2)), pairs((1, 3))), "cpu",
+                  ks=[2], items="warm")(model, "test")
+
+
 def test_item_view_probe_scores_with_the_modality(hand_data):
     # image view: s(u, i) = +i, so the order is 29, 28, ...: user 0's items 13, 3, 1 sit at ranks 17, 26, 28
     # (5 is masked above 3 and 1); user 1's item 2 at rank 28 (0 masked, below it)

@@ -13,7 +13,7 @@ import torch
 
 from msi import registry
 from msi.cli import eval_main, recommend_main, train_main
-from msi.run import open_run
+from msi.runtime import open_run
 from tests.conftest import recommended_train_pairs
 
 BUILTINS = sorted(n for n in registry.names() if registry.get(n).build.__module__.startswith("msi.models."))

@@ -1,4 +1,5 @@
-"""msi.data.graph: the normalized bipartite adjacency (exact numbers) and the interaction mask."""
+"""msi.data.graph: the normalized bipartite adjacency and the mean-aggregation graph (exact numbers), and the
+interaction mask."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from msi.data.graph import interaction_csr, normalized_adjacency
+from msi.data.graph import interaction_csr, mean_adjacency, normalized_adjacency
 
 # 3 users, 2 items; user 2 has no train row. (0, 0) appears twice and must count once.
 # Degrees: u0 = 2, u1 = 1, u2 = 0, i0 = 2, i1 = 1. Nodes: u0, u1, u2, i0 = 3, i1 = 4.
@@ -31,6 +32,23 @@ def test_exact_values_on_a_three_user_two_item_graph():
     torch.testing.assert_close(dense, EXPECTED, rtol=0, atol=1e-7)
     assert torch.isfinite(dense).all()
     assert adj.values().numel() == 6  # the duplicate (0, 0) row is one edge, stored in both directions
+
+
+def test_mean_adjacency_averages_each_nodes_neighbours():
+    """D^-1 A on TRAIN: row v holds 1/deg(v) at each neighbour; the isolated u2 a zero row; the second tensor is
+    the transpose."""
+    adj, adj_t = mean_adjacency(TRAIN, 3, 2)
+    expected = torch.tensor([
+        #  u0   u1   u2   i0   i1
+        [0.0, 0.0, 0.0, 0.5, 0.5],  # u0: deg 2
+        [0.0, 0.0, 0.0, 1.0, 0.0],  # u1: deg 1
+        [0.0, 0.0, 0.0, 0.0, 0.0],  # u2: isolated
+        [0.5, 0.5, 0.0, 0.0, 0.0],  # i0: deg 2
+        [1.0, 0.0, 0.0, 0.0, 0.0],  # i1: deg 1
+    ])
+    assert adj.layout == adj_t.layout == torch.sparse_csr and adj.values().numel() == 6
+    torch.testing.assert_close(adj.to_dense(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(adj_t.to_dense(), expected.T, rtol=0, atol=0)
 
 
 def test_symmetric_without_self_loops_and_bipartite():

@@ -11,7 +11,7 @@ import torch
 from msi.config import load_config
 from msi.models import build_model
 from msi.models.bpr import BPR
-from msi.train import make_optimizer, run_epoch
+from tests.conftest import pinned_rows
 
 
 def _hand_model() -> BPR:
@@ -75,10 +75,7 @@ REFERENCE_LOSSES = [
 
 
 def test_pinned_trajectory(tiny):
-    model = _tiny_bpr(tiny)
-    opt = make_optimizer(model, 1e-2)
-    torch.manual_seed(2)
-    rows = [run_epoch(model, opt, torch.from_numpy(tiny.train), 64, e) for e in range(3)]
+    rows = pinned_rows(_tiny_bpr(tiny), tiny, 1e-2)
     got = [{k: r[k] for k in ("bpr", "reg", "loss")} for r in rows]
     assert len(got) == len(REFERENCE_LOSSES)
     for row, want in zip(got, REFERENCE_LOSSES):

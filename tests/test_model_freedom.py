@@ -15,7 +15,7 @@ from msi.data.graph import normalized_adjacency
 from msi.models import build_model
 from msi.models.freedom import FREEDOM, frozen_item_graph, pruning_weights
 from msi.models.knn import to_csr
-from msi.train import make_optimizer, run_epoch
+from tests.conftest import pinned_rows
 
 # 4 users, 3 items: degrees users (2, 1, 1, 2), items (2, 2, 2)
 TRAIN = np.array([[0, 0], [0, 1], [1, 1], [2, 2], [3, 0], [3, 2]])
@@ -142,12 +142,7 @@ def test_pinned_trajectory(tiny) -> None:
     torch.manual_seed(0)
     feats = {m: torch.from_numpy(f) for m, f in tiny.features.items()}
     model = FREEDOM(tiny.n_users, tiny.n_items, tiny.train, feats, embedding_dim=8, knn_k=3, modality_weight=0.1)
-    opt = make_optimizer(model, 1e-3)
-    torch.manual_seed(2)
-    rows = []
-    for e in range(3):
-        model.start_epoch(e)
-        rows.append(run_epoch(model, opt, torch.from_numpy(tiny.train), 64, e))
+    rows = pinned_rows(model, tiny, 1e-3)
     for row, want in zip(rows, REFERENCE_LOSSES):
         assert {k: row[k] for k in want} == pytest.approx(want, rel=1e-5)
 

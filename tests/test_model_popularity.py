@@ -15,8 +15,8 @@ import torch
 from msi.cli import compare_main, eval_main, recommend_main, train_main
 from msi.models import Popularity
 from msi.rundir import read_metrics
-from msi.run import open_run
-from msi.train import train
+from msi.runtime import open_run
+from msi.train import resume, train
 
 SEEDS = (1, 2)
 
@@ -56,8 +56,8 @@ def test_train_scores_it_as_epoch_zero(runs):
 def test_resume_of_a_finished_run_and_with_more_epochs(runs, tmp_path):
     run = runs["popularity"][0]
     before = json.loads((run / "results.json").read_text())
-    assert train(None, resume=run, quiet=True) == before
-    again = train(None, resume=run, quiet=True, overrides=["train.epochs=5"])
+    assert resume(run, quiet=True) == before
+    again = resume(run, ["train.epochs=5"], quiet=True)
     assert again["test"] == before["test"] and again["epochs_run"] == 0
     assert [r["epoch"] for r in read_metrics(run)] == [0]  # finished again, not scored twice
 

@@ -16,7 +16,7 @@ from msi.config import load_config
 from msi.data.graph import interaction_csr, normalized_adjacency
 from msi.models import MSI, LightGCN, build_model, grad_norms, lightgcn_readout
 from msi.models.base import bipartite_blocks
-from msi.run import open_run
+from msi.runtime import open_run
 from msi.train import train
 
 # The paper's variants as constructor arguments (SPEC §2 table).

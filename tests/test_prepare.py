@@ -291,8 +291,8 @@ def test_command_line(files: dict[str, Path], tmp_path: Path, monkeypatch: pytes
     out = capsys.readouterr().out
     assert "toy: 3 users, 3 items, 9 interactions (train 3 / valid 3 / test 3)" in out
     assert f"wrote {tmp_path / 'toy'}" in out
-    with pytest.raises(SystemExit):
-        data_main(["prepare", "--reviews", "r", "--meta", "m", "--name", "x", "--out", "o", "--k-core", "0"])
+    assert data_main(["prepare", "--reviews", "r", "--meta", "m", "--name", "x", "--out", "o", "--k-core", "0"]) == 2
+    assert capsys.readouterr().err == "error: --k-core 0: must be in [1, 2**63 - 1]\n"
 
 
 def test_real_minilm_encoder() -> None:

@@ -23,7 +23,7 @@ from msi.config import load_config
 from msi.data.dataset import Dataset
 from msi.errors import ConfigError, MSIError
 from msi.models import LightGCN, build_model, register
-from msi.run import dataset_for
+from msi.runtime import dataset_for
 from tests.conftest import recommended_train_pairs
 
 TRAIN = np.array([[0, 0], [0, 1], [1, 1], [2, 2]])  # 3 users, 3 items

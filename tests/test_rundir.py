@@ -1,4 +1,4 @@
-"""msi/rundir.py: atomic writes, the lock, and one rule for partial and damaged run-directory files."""
+"""msi/rundir.py: the run files, the lock, and one rule for partial and damaged run-directory files."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import msi.rundir
 from msi.config import load_config
 from msi.errors import ConfigError, MSIError
-from msi.rundir import (DamagedRunFile, append_log, append_metrics, clear_for_new_run, is_leftover, locked,
+from msi.rundir import (DamagedRunFile, append_log, append_metrics, check_new_run_dir, locked,
                         loss_terms, read_config, read_env, read_log, read_metrics, read_results, record_env,
-                        remove_leftovers, resume_config, truncate_metrics, unstarted_run, write_atomic, write_config,
+                        remove_files, remove_leftovers, truncate_metrics, unstarted_run, write_config,
                         write_results)
 
 RESULTS = {"best_epoch": 3, "epochs_run": 5, "valid": {"recall@20": 0.5}, "test": {"recall@20": 0.4},
@@ -22,30 +22,6 @@ ROWS = '{"loss": 1.0, "rec": 0.5, "epoch": 1, "terms": ["loss", "rec"]}\n{"loss"
 
 def only_file(folder):
     return sorted(p.name for p in folder.iterdir())
-
-
-# ---------------------------------------------------------------- writing
-
-
-def test_write_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path):
-    path = tmp_path / "results.json"
-    write_atomic(path, "one")
-    write_atomic(path, "two")
-    assert path.read_text() == "two" and only_file(tmp_path) == ["results.json"]
-
-
-@pytest.mark.parametrize("fails", ["fsync", "replace"])
-def test_a_failed_write_names_the_file_keeps_the_old_one_and_removes_its_temporary(tmp_path, monkeypatch, fails):
-    path = tmp_path / "results.json"
-    path.write_text("old")
-
-    def disk_full(*args):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, fails, disk_full)
-    with pytest.raises(MSIError, match=f"^{path}: could not write \\(No space left on device\\)"):
-        write_atomic(path, "new")
-    assert path.read_text() == "old" and only_file(tmp_path) == ["results.json"]
 
 
 def test_metrics_rows_name_their_loss_terms(tmp_path):
@@ -144,25 +120,6 @@ def test_truncating_metrics_keeps_the_rows_last_pt_holds(tmp_path):
     assert truncate_metrics(tmp_path / "none", 2) == 0
 
 
-# ---------------------------------------------------------------- resume overrides
-
-
-def test_resume_config_changes_only_how_long_and_how_often(tmp_path):
-    cfg = load_config(None, ["train.epochs=4"])
-    new, changes = resume_config(cfg, ["train.epochs=8", "train.patience=3", "train.tensorboard=true"])
-    assert (new.train.epochs, new.train.patience, new.train.tensorboard) == (8, 3, True)
-    assert new.model == cfg.model and new.train.lr == cfg.train.lr
-    assert changes == ["train.epochs=8 (was 4)", "train.patience=3 (was 20)", "train.tensorboard=True (was False)"]
-    assert resume_config(cfg, []) == (cfg, [])
-    for bad in ("train.lr=0.1", "model.dropout=0.1", "data.name=x"):
-        with pytest.raises(ConfigError, match=f"--resume cannot change '{bad.partition('=')[0]}'"):
-            resume_config(cfg, [bad])
-    with pytest.raises(ConfigError, match="train.epochs"):
-        resume_config(cfg, ["train.epochs=0"])
-    with pytest.raises(ConfigError, match="train.patience"):
-        resume_config(cfg, ["train.patience=many"])
-
-
 # ---------------------------------------------------------------- the directory
 
 
@@ -174,11 +131,12 @@ def test_lock_refuses_a_second_holder_and_is_removed_when_the_run_ends(tmp_path)
             with locked(run):
                 pass
         assert (run / ".lock").is_file()  # the refused one leaves the holder's lock alone
-    assert only_file(run) == []
+    assert not run.exists()  # made by the lock and left empty: removed with it
+    run.mkdir()
     with pytest.raises(RuntimeError):
         with locked(run):
             raise RuntimeError("the run failed")
-    assert only_file(run) == []
+    assert only_file(run) == []  # a folder that was there stays
 
 
 def test_a_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
@@ -203,19 +161,21 @@ def test_a_lock_file_removed_while_waiting_for_it_is_not_trusted(tmp_path, monke
 
 
 def test_a_new_run_refuses_files_unless_overwrite_and_never_removes_foreign_ones(tmp_path):
-    assert clear_for_new_run(tmp_path, overwrite=False) == []
+    assert check_new_run_dir(tmp_path, overwrite=False) == []
     for name in ("results.json", "train.log", ".best.pt.tmp-12"):
         (tmp_path / name).write_text("x")
     (tmp_path / "tensorboard").mkdir()
     with pytest.raises(MSIError, match="already holds .best.pt.tmp-12, results.json, tensorboard, train.log; pass "
                                        "--resume"):
-        clear_for_new_run(tmp_path, overwrite=False)
-    assert clear_for_new_run(tmp_path, overwrite=True) == [".best.pt.tmp-12", "results.json", "tensorboard",
-                                                           "train.log"]
+        check_new_run_dir(tmp_path, overwrite=False)
+    present = check_new_run_dir(tmp_path, overwrite=True)
+    assert present == [".best.pt.tmp-12", "results.json", "tensorboard", "train.log"]
+    assert len(only_file(tmp_path)) == 4  # checking removes nothing
+    remove_files(tmp_path, present)
     assert only_file(tmp_path) == []
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(MSIError, match="did not write \\(notes.txt\\)"):
-        clear_for_new_run(tmp_path, overwrite=True)
+        check_new_run_dir(tmp_path, overwrite=True)
     assert only_file(tmp_path) == ["notes.txt"]
 
 
@@ -235,7 +195,6 @@ def test_an_unstarted_run_is_one_without_an_epoch_row_or_a_checkpoint(tmp_path):
 def test_leftovers_of_interrupted_writes_are_removed(tmp_path):
     for name in (".best.pt.tmp-12", ".results.json.tmp-12-ab12cd34", "best.pt", ".lock"):
         (tmp_path / name).write_text("x")
-    assert is_leftover(".last.pt.tmp-1") and not is_leftover("last.pt") and not is_leftover(".lock")
     assert sorted(p.name for p in remove_leftovers(tmp_path)) == [".best.pt.tmp-12", ".results.json.tmp-12-ab12cd34"]
     assert only_file(tmp_path) == [".lock", "best.pt"]
 

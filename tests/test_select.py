@@ -80,6 +80,25 @@ def test_report_writes_the_tables_and_the_popularity_floor(sweep):
     assert {(r["config"], r["point"]) for r in test_rows} == {("recall", " ".join(B)), ("ndcg", " ".join(B))}
 
 
+def test_mmrec_rule_reports_the_point_best_on_test_beside_the_one_chosen_on_valid(fabricate_sweep, tmp_path):
+    # A is below B on valid (0.31 against 0.51) but above it on test (0.40 against 0.255): valid selects B, the
+    # point best on test is A; C and D miss a seed and are eligible for neither
+    valid = {"recall": {A: [(0.30, 0.9, True), (0.32, 0.9, True)], **{p: VALID["recall"][p] for p in (B, C, D)}}}
+    out = fabricate_sweep(tmp_path / "s", valid)
+    for run in [t.run_dir for t in load_sweep(out)[1] if t.point == A]:
+        results = json.loads((run / "results.json").read_text())
+        results["test"]["recall@20"] = 0.40
+        (run / "results.json").write_text(json.dumps(results))
+    assert "chosen_on_test" not in report(out)  # read only when asked for
+    summary = report(out, by_test=True)
+    assert summary["configs"]["recall"]["selected"]["point"] == list(B)  # the selection is valid's, unchanged
+    assert summary["chosen_on_test"]["recall"]["point"] == list(A)
+    assert summary["chosen_on_test"]["recall"]["test"]["mean"] == pytest.approx(0.40)
+    md = (out / "results.md").read_text()
+    assert "| chosen on test (MMRec's rule) |" in md
+    assert "| 2 | 0.2550 ± 0.0071 |" in md and "recall@20 0.4000 ± 0.0000 at loss.alpha=0.1 eval.ks=[10,20] |" in md
+
+
 def test_the_table_adds_a_column_for_a_selection_metric_beyond_recall_and_ndcg():
     from msi.select import render_markdown
 
@@ -137,6 +156,14 @@ def test_union_selects_over_the_points_of_every_folder(fabricate_sweep, tmp_path
     # the same through the command line, which prints the union's table
     assert sweep_main(["--report", str(x), str(y), "--out", str(tmp_path / "xy2")]) == 0
     assert "loss.alpha=0.1 model.dropout=0.3 (selected)" in capsys.readouterr().out
+
+
+def test_union_of_sweeps_differing_only_in_where_they_ran_has_the_points_of_one(fabricate_sweep, tmp_path):
+    """train.device (a key of msi.config.NOT_A_SETTING, the one list msi-plot groups runs by too) is not a setting."""
+    x = fabricate_sweep(tmp_path / "x", {"recall": X}, overrides=("train.device=cpu",))
+    y = fabricate_sweep(tmp_path / "y", {"recall": Z}, overrides=("train.device=cuda",))
+    trials, _, _ = union_trials([x, y])
+    assert len({t.point for t in trials}) == 4
 
 
 def test_union_names_the_point_of_a_folder_run_without_a_grid(fabricate_sweep, tmp_path):
@@ -217,7 +244,7 @@ def test_a_results_json_without_the_selection_metric_is_one_line_naming_it(sweep
 def other_data_set(sweep: Path, name: str) -> None:
     """A copy of the tiny data set under another name beside ``sweep``'s configs (their data.root)."""
     from msi.config import load_config
-    from msi.run import dataset_for
+    from msi.runtime import dataset_for
 
     dataset_for(load_config(sweep.parent / "recall.yaml"), progress=False)  # generates data/tiny
     root = sweep.parent / "data"

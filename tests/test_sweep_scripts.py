@@ -98,3 +98,19 @@ def test_fallback_ctrl_c_says_the_command_that_continues_it(sweep, tmp_path, cap
     assert err.count("\n") == 1 and err.startswith("error: interrupted; ")
     assert err.strip().endswith(f"continue with python3 {fallback.__file__} {' '.join(args)}")
     assert (tmp_path / "s" / "sweep.yaml").is_file() and not (tmp_path / "s" / ".lock").exists()
+
+
+def test_table2_top_prints_the_eligible_points_best_on_valid(fabricate_sweep, tmp_path, capsys):
+    a, b = ("loss.alpha=0.1", "eval.ks=[10,20]"), ("loss.alpha=0.1", "eval.ks=[10,20,50]")
+    c, d = ("loss.alpha=0.01", "eval.ks=[10,20]"), ("loss.alpha=0.01", "eval.ks=[10,20,50]")
+    valid = {"recall": {a: [(0.30, 0.9, True), (0.32, 0.9, True)], b: [(0.50, 0.1, True), (0.52, 0.1, True)],
+                        c: [(0.90, 0.9, False), "partial"], d: [(0.20, 0.9, True), (0.20, 0.9, True)]}}
+    out = fabricate_sweep(tmp_path / "screen", valid)
+    top = load("table2_top")
+    assert top.main([str(out)]) == 2 and "no summary.json" in capsys.readouterr().err  # not reported yet
+    report(out)  # its popularity floor generates the tiny data set and says so
+    capsys.readouterr()
+    assert top.top_points(out, 2) == [list(b), list(a)]  # c scores higher but misses a seed
+    assert top.top_points(out, 9, "recall") == [list(b), list(a), list(d)]
+    assert top.main([str(out), "1"]) == 0 and capsys.readouterr().out == "loss.alpha=0.1 eval.ks=[10,20,50]\n"
+    assert top.main([str(out), "1", "other"]) == 2 and "no config 'other'" in capsys.readouterr().err

@@ -1,12 +1,13 @@
-"""Checkpoints: plain versioned dicts, written atomically, read with ``weights_only=True`` (never run code)."""
+"""Checkpoints: plain versioned dicts, written atomically, read with ``weights_only=True`` (never run code); the
+signature of the data set a checkpoint was trained on, made (``data_signature``) and checked
+(``check_matches_data``)."""
 
 from __future__ import annotations
 
-import os
+import hashlib
 import pickle
 import random
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ import numpy as np
 import torch
 
 from msi import __version__
-from msi.errors import CheckpointError
+from msi.data.dataset import Dataset
+from msi.errors import CheckpointError, shown
+from msi.files import owned, writing
 
 FORMAT = "msi-checkpoint"
 FORMAT_VERSION = 1
@@ -51,23 +54,13 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 
     A failed write (a full disk) is a CheckpointError naming ``path``; the file there before stays as it was.
     """
-    path = Path(path)
     obj = {"format": FORMAT, "format_version": FORMAT_VERSION, "msi_version": __version__, **payload}
-    tmp = temporary_path(path)
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
-        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("\n")[0]
-        raise CheckpointError(f"{path}: could not write the checkpoint ({cause}); the earlier one is kept") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def temporary_path(path: Path) -> Path:
-    """Where a file is written before the rename into ``path``: ``.<name>.tmp-<pid>-<random hex>`` beside it, a name
-    no other writer of ``path`` (another process, or another thread of this one) picks."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        with writing(path, owned, "msi-train", error=CheckpointError, what="checkpoint") as tmp:
+            torch.save(obj, tmp)
+    except RuntimeError as e:  # torch's zip writer reports a full disk as a RuntimeError
+        raise CheckpointError(f"{path}: could not write the checkpoint ({str(e).splitlines()[0]}); the earlier file, "
+                              "if any, is kept") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -102,7 +95,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: incomplete msi checkpoint, missing {', '.join(missing)}")
     version = obj["format_version"]
     if type(version) is not int or version < 1:
-        raise CheckpointError(f"{path}: not an msi checkpoint: format_version is {version!r}, not a positive integer")
+        raise CheckpointError(f"{path}: not an msi checkpoint: format_version is {shown(version)}, not a positive "
+                              "integer")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {version} is newer than this msi ({__version__}) reads")
     problem = _malformed(obj)
@@ -135,18 +129,18 @@ def _malformed(obj: dict[str, Any]) -> str | None:
         return "model holds no weights"
     for name, value in obj["model"].items():
         if not isinstance(value, torch.Tensor):
-            return f"model weight {name!r} is {_kind(value)}, not a tensor"
+            return f"model weight {shown(name)} is {_kind(value)}, not a tensor"
     if type(obj["epoch"]) is not int or obj["epoch"] < 0:
-        return f"epoch is {obj['epoch']!r}, not a count of epochs"
+        return f"epoch is {shown(obj['epoch'])}, not a count of epochs"
     data = obj["data"]
     for key in ("n_users", "n_items"):
         if key not in data:
             return f"data has no {key}"
         if type(data[key]) is not int or data[key] < 1:
-            return f"data.{key} is {data.get(key)!r}, not a positive integer"
+            return f"data.{key} is {shown(data.get(key))}, not a positive integer"
     features = data.get("features")
     if not isinstance(features, dict) or not all(isinstance(m, str) and type(w) is int for m, w in features.items()):
-        return f"data.features is {features!r}, not a mapping of modality names to widths"
+        return f"data.features is {shown(features)}, not a mapping of modality names to widths"
     if not isinstance(data.get("fingerprint", ""), str):
         return f"data.fingerprint is {_kind(data['fingerprint'])}, not a string"
     return _malformed_resume_state(obj)
@@ -160,7 +154,7 @@ def _malformed_resume_state(obj: dict[str, Any]) -> str | None:
     progress = obj.get("progress", {})
     for key in ("epoch", "best_epoch", "bad_evals"):
         if key in progress and (type(progress[key]) is not int or progress[key] < 0):
-            return f"progress.{key} is {progress[key]!r}, not a count"
+            return f"progress.{key} is {shown(progress[key])}, not a count"
     optimizer = obj.get("optimizer", {"state": {}, "param_groups": []})
     if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
         return "optimizer is not an optimizer's state (a mapping of state and param_groups)"
@@ -182,10 +176,10 @@ def check_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tens
     ``state_dict()``): a weight missing, one too many, or one of another shape."""
     for name, tensor in expected.items():
         if name not in state:
-            raise CheckpointError(f"{path}: not an msi checkpoint: model has no weight {name!r}")
+            raise CheckpointError(f"{path}: not an msi checkpoint: model has no weight {shown(name)}")
         if state[name].shape != tensor.shape or state[name].is_floating_point() != tensor.is_floating_point():
             raise CheckpointError(
-                f"{path}: not an msi checkpoint: model weight {name!r} is {state[name].dtype} of shape "
+                f"{path}: not an msi checkpoint: model weight {shown(name)} is {state[name].dtype} of shape "
                 f"{tuple(state[name].shape)}, its config's model needs {tensor.dtype} of shape {tuple(tensor.shape)}"
             )
     extra = [name for name in state if name not in expected]
@@ -194,12 +188,32 @@ def check_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tens
                               f"have ({', '.join(extra)})")
 
 
+def data_signature(dataset: Dataset) -> dict[str, Any]:
+    """Sizes, feature widths and a fingerprint of a data set, stored in every checkpoint.
+
+    The fingerprint is a SHA-256 over the train/valid/test rows and the feature shapes (not the feature values:
+    hashing Elec's 1 GB of image features would cost seconds at every open).
+    """
+    h = hashlib.sha256()
+    for split in (dataset.train, dataset.valid, dataset.test):
+        h.update(np.ascontiguousarray(split, dtype=np.int64).tobytes())
+        h.update(b"|")
+    h.update(repr(sorted((m, f.shape) for m, f in dataset.features.items())).encode())
+    return {
+        "name": dataset.name,
+        "n_users": dataset.n_users,
+        "n_items": dataset.n_items,
+        "features": {m: int(f.shape[1]) for m, f in dataset.features.items()},
+        "fingerprint": h.hexdigest(),
+    }
+
+
 def check_matches_data(
     ckpt: dict[str, Any], path: str | Path, signature: dict[str, Any], allow_other_data: bool = False
 ) -> None:
     """Refuse a checkpoint trained on another data set.
 
-    ``signature`` is the data set's (``msi.run.data_signature``). Other sizes or feature widths are always an
+    ``signature`` is the data set's (``data_signature``). Other sizes or feature widths are always an
     error (the weights cannot fit); another fingerprint (the same shapes, other rows) is one unless
     ``allow_other_data``. Checkpoints written before fingerprints existed are compared by shape only.
     """

@@ -25,18 +25,18 @@ import scipy.stats
 import torch
 
 from msi.checkpoint import load_checkpoint
-from msi.config import METRICS, Config, config_from_dict, settings
+from msi.config import MAX_INT, METRICS, Config, config_from_dict, settings
 from msi.console import progress_bar
 from msi.data.dataset import Dataset
-from msi.errors import MSIError
+from msi.errors import MSIError, shown
 from msi.evaluate import Evaluator
-from msi.run import dataset_for, open_run
-from msi.rundir import BEST, write_atomic
+from msi.runtime import dataset_for, open_run
+from msi.rundir import BEST, lock_holder, read_results
 from msi.select import load_sweep, summarize
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
-JSON_KEYS = ("metric", "split", "n_users", "n_seeds", "a_mean", "b_mean", "delta", "ci95", "p_wilcoxon",
+JSON_KEYS = ("metric", "split", "items", "n_users", "n_seeds", "a_mean", "b_mean", "delta", "ci95", "p_wilcoxon",
              "p_ttest_seeds")
 
 
@@ -58,9 +58,10 @@ class Comparison:
     p_ttest_seeds: float | None
     ttest_note: str = ""  # why p_ttest_seeds is None
     differ: tuple[str, ...] = ()  # the settings A and B differ in: "key: A's value(s) -> B's"
+    items: str = "all"  # the split's rows scored: all, warm or cold items (msi.evaluate.ITEM_SETS)
 
     def to_json(self) -> dict[str, Any]:
-        return {"metric": self.metric, "split": self.split, "n_users": self.n_users, "n_seeds": len(self.seeds),
+        return {"metric": self.metric, "split": self.split, "items": self.items, "n_users": self.n_users, "n_seeds": len(self.seeds),
                 "a_mean": self.a_mean, "b_mean": self.b_mean, "delta": self.delta, "ci95": list(self.ci95),
                 "p_wilcoxon": self.p_wilcoxon, "p_ttest_seeds": self.p_ttest_seeds}
 
@@ -122,8 +123,9 @@ class RunHead:
     cfg: Config
 
 
-def read_runs(specs: list[str | Path]) -> list[RunHead]:
-    """The runs of ``RUN_DIR`` and ``SWEEP_DIR:CONFIG`` specs (the latter: that config's selected point)."""
+def read_runs(specs: list[str | Path], unfinished: bool = False) -> list[RunHead]:
+    """The runs of ``RUN_DIR`` and ``SWEEP_DIR:CONFIG`` specs (the latter: that config's selected point). A run still
+    training (its lock held) is refused; so is one that never finished (no results.json) unless ``unfinished``."""
     dirs: list[Path] = []
     for spec in map(str, specs):
         head, sep, config = spec.rpartition(":")
@@ -133,8 +135,17 @@ def read_runs(specs: list[str | Path]) -> list[RunHead]:
             dirs.append(Path(spec))
     heads = []
     for d in dirs:
+        pid = lock_holder(d)
+        if pid is not None:
+            raise MSIError(f"{d}: still training (msi-train pid {pid} holds it); compare it once it has finished")
+        if not unfinished and read_results(d) is None:
+            raise MSIError(f"{d}: not finished (no results.json): its best.pt is of an interrupted run; finish it "
+                           "with msi-train --resume, or pass --unfinished to compare it as it is")
         ckpt = load_checkpoint(d / BEST)
-        cfg = config_from_dict(ckpt["config"])
+        try:
+            cfg = config_from_dict(ckpt["config"])
+        except MSIError as e:  # e.g. a plugin's model that is not installed here
+            raise MSIError(f"{d / BEST}: its config does not load here ({e})") from None
         heads.append(RunHead(d, cfg.train.seed, ckpt["data"].get("fingerprint", ""), cfg))
     return heads
 
@@ -143,7 +154,7 @@ def selected_run_dirs(sweep_dir: Path, config: str) -> list[Path]:
     """The run directories of ``config``'s selected point in the sweep folder ``sweep_dir`` (``msi.select``'s rule)."""
     _, trials, cfgs = load_sweep(sweep_dir)
     if config not in cfgs:
-        raise MSIError(f"{sweep_dir}:{config}: the sweep has no config {config!r}; it has {', '.join(cfgs)}")
+        raise MSIError(f"{sweep_dir}:{config}: the sweep has no config {shown(config)}; it has {', '.join(cfgs)}")
     chosen = summarize([t for t in trials if t.row == config], {config: cfgs[config].train.metric})
     selected = chosen[config]["selected"]
     if selected is None:
@@ -190,14 +201,15 @@ def load_data(heads: list[RunHead], datasets: dict[str, Dataset] | None = None) 
 def check_metric(metric: str) -> int:
     """The cut-off of a metric name such as ``recall@20``."""
     name, _, k = metric.partition("@")
-    if name not in METRICS or not k.isdigit() or int(k) < 1:
-        raise MSIError(f"--metric {metric!r}: expected {'|'.join(METRICS)} and a cut-off, e.g. recall@20")
+    if name not in METRICS or not (k.isascii() and k.isdigit() and len(k) < 20) or not 1 <= int(k) <= MAX_INT:
+        raise MSIError(f"--metric {shown(metric)}: expected {'|'.join(METRICS)} and a cut-off, e.g. recall@20")
     return int(k)
 
 
 def score_runs(heads: list[RunHead], datasets: dict[str, Dataset], metric: str, split: str,
-               device: torch.device | str = "cpu", progress: bool = True) -> np.ndarray:
-    """The per-user ``metric`` on ``split`` of each run's best.pt: (runs, users), users ascending."""
+               device: torch.device | str = "cpu", progress: bool = True, items: str = "all") -> np.ndarray:
+    """The per-user ``metric`` on ``split`` (its rows of ``items``: all, warm or cold) of each run's best.pt:
+    (runs, users), users ascending."""
     k = check_metric(metric)
     evaluators: dict[tuple[str, bool], Evaluator] = {}
     rows = []
@@ -205,7 +217,7 @@ def score_runs(heads: list[RunHead], datasets: dict[str, Dataset], metric: str, 
         model, cfg, dataset, _ = open_run(h.run_dir / BEST, device, dataset=datasets[h.fingerprint])
         key = (h.fingerprint, cfg.eval.mask_valid_at_test)
         if key not in evaluators:
-            evaluators[key] = Evaluator(dataset, device, [k], cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
+            evaluators[key] = Evaluator.from_config(dataset, device, cfg, [k], items=items)
         _, values = evaluators[key].per_user(model, split)
         rows.append(values[metric].cpu().numpy())
     return np.stack(rows)
@@ -220,14 +232,17 @@ def check_same_candidates(heads: list[RunHead], split: str) -> None:
 
 
 def compare(a_specs: list[str | Path], b_specs: list[str | Path], metric: str = "recall@20", split: str = "valid",
-            device: torch.device | str = "cpu", progress: bool = True) -> Comparison:
-    """Score A's and B's runs per user and compare them paired by seed (see the module doc)."""
+            device: torch.device | str = "cpu", progress: bool = True, unfinished: bool = False,
+            items: str = "all") -> Comparison:
+    """Score A's and B's runs per user and compare them paired by seed (see the module doc); ``unfinished``: also
+    runs without results.json (``read_runs``); ``items``: only the split's rows of warm or cold items
+    (msi.evaluate's module doc)."""
     check_metric(metric)
-    a, b = pair_by_seed(read_runs(a_specs), read_runs(b_specs))
+    a, b = pair_by_seed(read_runs(a_specs, unfinished), read_runs(b_specs, unfinished))
     check_same_candidates(a + b, split)
-    values = score_runs(a + b, load_data(a + b), metric, split, device, progress)
+    values = score_runs(a + b, load_data(a + b), metric, split, device, progress, items)
     c = paired_stats(values[: len(a)], values[len(a) :], [h.seed for h in a], metric, split)
-    return replace(c, differ=setting_differences([h.cfg for h in a], [h.cfg for h in b]))
+    return replace(c, differ=setting_differences([h.cfg for h in a], [h.cfg for h in b]), items=items)
 
 
 def setting_differences(a: list[Config], b: list[Config]) -> tuple[str, ...]:
@@ -239,24 +254,24 @@ def setting_differences(a: list[Config], b: list[Config]) -> tuple[str, ...]:
     return tuple(f"{k}: {va} -> {vb}" for k, (va, vb) in values.items() if va != vb)
 
 
-def check_output(path: Path, kind: str) -> None:
-    """Refuse to write over an existing file that is not msi-compare's own ``kind`` ("markdown" or "json") output: a
-    checkpoint, a run's results.json or anyone's notes stay as they are."""
-    if not path.exists():
-        return
+def ours_markdown(path: Path) -> bool:
+    """Whether ``path`` holds msi-compare's markdown summary (``render_markdown``'s first line)."""
+    return re.match(r"\w+@\d+ on (valid|test): \d+ users", _text(path)) is not None
+
+
+def ours_json(path: Path) -> bool:
+    """Whether ``path`` holds msi-compare's JSON statistics (exactly ``JSON_KEYS``)."""
     try:
-        text = path.read_text(encoding="utf-8") if path.is_file() else ""
+        return list(json.loads(_text(path))) == list(JSON_KEYS)
+    except (ValueError, TypeError):
+        return False
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
-        text = ""
-    if kind == "json":
-        try:
-            ours = list(json.loads(text)) == list(JSON_KEYS)
-        except (ValueError, TypeError):
-            ours = False
-    else:
-        ours = re.match(r"\w+@\d+ on (valid|test): \d+ users", text) is not None
-    if not ours:
-        raise MSIError(f"{path}: exists and is not msi-compare's {kind} output: not written over; choose another file")
+        return ""
 
 
 def _p(p: float | None, note: str = "") -> str:
@@ -272,7 +287,8 @@ def _differ_lines(differ: tuple[str, ...]) -> list[str]:
 
 def render_markdown(c: Comparison, a_label: str = "A", b_label: str = "B") -> str:
     """A per-seed table and the statistics, for a terminal or a .md file."""
-    lines = [f"{c.metric} on {c.split}: {c.n_users} users, {len(c.seeds)} seeds (paired by seed)", "",
+    which = "" if c.items == "all" else f" ({c.items} items only)"
+    lines = [f"{c.metric} on {c.split}{which}: {c.n_users} users, {len(c.seeds)} seeds (paired by seed)", "",
              f"A: {a_label}", f"B: {b_label}", *_differ_lines(c.differ), "", "| seed | A | B | B - A |",
              "|---:|---:|---:|---:|"]
     lines += [f"| {s} | {x:.4f} | {y:.4f} | {y - x:+.4f} |" for s, x, y in zip(c.seeds, c.a_seeds, c.b_seeds)]
@@ -293,7 +309,7 @@ def baseline_section(summary: dict[str, Any], baseline: str, device: torch.devic
     """
     configs = summary["configs"]
     if baseline not in configs:
-        raise MSIError(f"--baseline {baseline!r}: the sweep's configs are {', '.join(configs)}")
+        raise MSIError(f"--baseline {shown(baseline)}: the sweep's configs are {', '.join(configs)}")
     if configs[baseline]["selected"] is None:
         raise MSIError(f"--baseline {baseline}: none of its points is selected (no point has all its seeds finished)")
     metric = configs[baseline]["metric"]
@@ -326,10 +342,3 @@ def baseline_section(summary: dict[str, Any], baseline: str, device: torch.devic
         lines.append(f"| {name} | {cmp.n_users} | {len(cmp.seeds)} | {cmp.a_mean:.4f} | {cmp.b_mean:.4f} | "
                      f"{cmp.delta:+.4f} | [{cmp.ci95[0]:+.4f}, {cmp.ci95[1]:+.4f}] | {cmp.p_wilcoxon:.3g} | {p_t} |")
     return "\n".join(lines) + "\n"
-
-
-def add_baseline(dest: Path, summary: dict[str, Any], baseline: str, device: torch.device | str = "cpu",
-                 progress: bool = True) -> None:
-    """Append ``baseline_section`` to ``dest``/results.md, just written by ``msi.select``'s report."""
-    path = Path(dest) / "results.md"
-    write_atomic(path, path.read_text() + "\n" + baseline_section(summary, baseline, device, progress))

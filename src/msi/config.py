@@ -2,8 +2,9 @@
 
 The ``data``, ``train`` and ``eval`` sections are declared here; the ``model`` and ``loss`` sections are the ones
 the chosen model declares in the registry (``msi.registry.register(name, model=..., loss=...)``), so this module
-names no model: ``model.name`` is read first and decides which keys exist. It imports only the bottom layer: the
-error type and the registry (which finds the models' declarations on first lookup). Rules:
+names no model: ``model.name`` is read first and decides which keys exist. It imports the bottom layer (the error
+type and the registry) and ``msi.models``, whose import registers the built-in models (plugins register on their
+first lookup); no model module imports this one. Rules:
 - an unknown key (in YAML or an override) is an error that names it and suggests the closest valid key (for a
   model key, also the models that do declare it);
 - values are converted by the field's declared type (PyYAML reads ``1e-4`` as a string);
@@ -23,14 +24,24 @@ from typing import Any
 
 import yaml
 
+import msi.models  # noqa: F401  (registers the built-in models)
 from msi import registry
-from msi.errors import ConfigError, read_utf8, warn
+from msi.errors import ConfigError, raised, read_utf8, shown, warn
+from msi.files import check_name
 from msi.registry import key
 
 METRICS = ("recall", "ndcg", "precision", "map", "hit", "mrr")
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 MAX_INT = 2**63 - 1  # torch's int64: an integer setting above it (train.batch_size=1e30) never reaches a tensor
 MAX_LR = 1.0  # Adam moves every weight by about lr per step: above 1 the weights overflow within a few steps
+MAX_FILE = 1 << 20  # bytes of a config file: msi's are about 1 KB; a bigger one is not a config
+MAX_TEXT = 4096  # characters of a string value (a path, a name)
+MAX_ITEMS = 1000  # entries of a list or mapping value (eval.ks, data.modalities)
+# what a resume may change: how long and how often, never the model or the data
+RESUME_KEYS = ("train.epochs", "train.patience", "train.eval_every", "train.checkpoint_every", "train.tensorboard")
+# keys that say where or how a run ran, not what it trained: runs differing only in them are seeds of one setting
+NOT_A_SETTING = frozenset({"train.seed", "train.run_name", "train.out_dir", "data.root", "train.device",
+                           "train.checkpoint_every", "train.tensorboard"})
 
 
 @dataclass
@@ -189,6 +200,9 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
                 raise ValueError
             return float(value)
         if tp is str:
+            if isinstance(value, bool):  # YAML's yes/no/on/off/true: quote it for the text
+                raise ConfigError(f"config key '{key}': YAML reads {shown(value)} as a boolean, not text; quote "
+                                  f"it: '{str(value).lower()}'")
             if isinstance(value, (dict, list)):
                 raise ValueError
             return "" if value is None else str(value)
@@ -208,7 +222,7 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
     except (TypeError, ValueError):
         pass
     name = getattr(tp, "__name__", str(tp))
-    raise ConfigError(f"config key '{key}': cannot read {value!r} as {name}")
+    raise ConfigError(f"config key '{key}': cannot read {shown(value)} as {name}")
 
 
 def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
@@ -248,7 +262,7 @@ def _model_name(raw: dict[str, Any], overrides: list[tuple[str, str, str]], wher
         if (section, key) == ("model", "name"):
             name = value
     if not isinstance(name, str) or not name:
-        raise ConfigError(f"config key 'model.name' must be a registered model's name (got {name!r}; {where})")
+        raise ConfigError(f"config key 'model.name' must be a registered model's name (got {shown(name)}; {where})")
     return name
 
 
@@ -282,6 +296,9 @@ class _Loader(yaml.SafeLoader):
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    size = path.stat().st_size
+    if size > MAX_FILE:
+        raise ConfigError(f"{path}: {size:,} bytes is not a config file (msi reads at most {MAX_FILE:,})")
     loader = _Loader(read_utf8(path, ConfigError))
     try:
         raw = loader.get_single_data() or {}
@@ -314,16 +331,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     parsed = parse_overrides(overrides or [])
     cfg = Config.for_model(_model_name(raw, parsed, str(path) if path is not None else "overrides"))
     _apply_mapping(cfg, raw, str(path))
-    from_cli: dict[tuple[str, str], str] = {}
-    for section, key, value in parsed:
-        if section not in SECTIONS:
-            raise _unknown(f"{section}.{key}", cfg.model.name)
-        if (section, key) in from_cli:
-            warn(f"override {section}.{key} is given twice ({from_cli[section, key]!r}, then {value!r}); "
-                  "the last is used")
-        declared = _section_types(cfg, section).get(key)
-        _apply(cfg, section, key, value if declared is str or not value else _yaml_value(section, key, value))
-        from_cli[section, key] = value
+    from_cli = _apply_overrides(cfg, parsed)
     for section, key in _PATH_KEYS:  # a path from the command line is relative to the working directory
         p = Path(getattr(getattr(cfg, section), key)).expanduser()
         root = Path.cwd() if (section, key) in from_cli else base
@@ -332,11 +340,49 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def _apply_overrides(cfg: Config, parsed: list[tuple[str, str, str]]) -> set[tuple[str, str]]:
+    """Apply parsed ``key=value`` overrides to ``cfg`` (a key given twice: a warning, the last wins); returns the
+    keys given."""
+    from_cli: dict[tuple[str, str], str] = {}
+    for section, key, value in parsed:
+        if section not in SECTIONS:
+            raise _unknown(f"{section}.{key}", cfg.model.name)
+        if (section, key) in from_cli:
+            warn(f"override {section}.{key} is given twice ({shown(from_cli[section, key])}, then {shown(value)}); "
+                 "the last is used")
+        declared = _section_types(cfg, section).get(key)
+        _apply(cfg, section, key, value if declared is str or not value else _yaml_value(section, key, value))
+        from_cli[section, key] = value
+    return set(from_cli)
+
+
+def resume_config(saved: Config, overrides: list[str]) -> tuple[Config, list[str]]:
+    """``saved`` (a run's config) with the overrides a resume allows (``RESUME_KEYS``), applied as ``load_config``
+    applies them and validated; and the changes, as ``train.epochs=8 (was 4)``. Any other key is a ConfigError."""
+    parsed = parse_overrides(overrides)
+    for section, key, _ in parsed:
+        if f"{section}.{key}" not in RESUME_KEYS:
+            raise ConfigError(f"--resume cannot change '{section}.{key}' (only {', '.join(RESUME_KEYS)}: how long "
+                              "and how often, never the model or the data); start a new run for it")
+    new = config_from_dict(saved.to_dict())
+    _apply_overrides(new, parsed)
+    validate(new)
+    changes = [f"{name}={_get(new, name)} (was {_get(saved, name)})" for name in changed_keys(saved, new)]
+    return new, changes
+
+
+def changed_keys(a: Config, b: Config) -> list[str]:
+    """The ``section.key`` names whose values differ between two configs."""
+    da, db = a.to_dict(), b.to_dict()
+    keys = [(s, k) for s in da for k in [*da[s], *(k for k in db[s] if k not in da[s])]]
+    return [f"{s}.{k}" for s, k in keys if da[s].get(k) != db[s].get(k)]
+
+
 def _yaml_value(section: str, key: str, text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
-        raise ConfigError(f"config key '{section}.{key}': cannot read {text!r}") from None
+        raise ConfigError(f"config key '{section}.{key}': cannot read {shown(text)}") from None
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -367,28 +413,44 @@ def validate(cfg: Config) -> None:
     ]
     for ok, key, msg in checks:
         if not ok:
-            raise ConfigError(f"config key '{key}' {msg} (got {_get(cfg, key)!r})")
+            raise ConfigError(f"config key '{key}' {msg} (got {shown(_get(cfg, key))})")
     metric, _, k = t.metric.partition("@")
-    if metric not in METRICS or not k.isdigit() or int(k) <= 0:
-        raise ConfigError(f"config key 'train.metric' must look like recall@20 ({'|'.join(METRICS)}), got {t.metric!r}")
+    if metric not in METRICS or not (k.isascii() and k.isdigit() and len(k) < 20) or int(k) <= 0:
+        raise ConfigError(f"config key 'train.metric' must look like recall@20 ({'|'.join(METRICS)}), got "
+                          f"{shown(t.metric)}")
     if int(k) not in e.ks:
-        raise ConfigError(f"config key 'train.metric' is {t.metric!r} but eval.ks is {e.ks}: add {k} to eval.ks")
+        raise ConfigError(f"config key 'train.metric' is {shown(t.metric)} but eval.ks is {e.ks}: add {k} to eval.ks")
+    if t.run_name:
+        check_name(t.run_name, "config key 'train.run_name':", ConfigError)
     for section in (cfg.model, cfg.loss):
         if hasattr(section, "validate"):
-            section.validate(cfg)
+            try:
+                section.validate(cfg)
+            except ConfigError:
+                raise
+            except Exception as e:  # a plugin's own rule that fails otherwise: one line naming it
+                raise ConfigError(f"model {shown(cfg.model.name)}: {type(section).__qualname__}.validate raised "
+                                  f"{raised(e)}") from None
 
 
 def _check_value(key: str, value: Any, meta: Any) -> None:
-    """One key's value against the whole-class rules (finite floats, integers within int64) and its declaration."""
+    """One key's value against the whole-class rules (finite floats, integers within int64, texts and collections of
+    a bounded size) and its declaration."""
     if isinstance(value, float) and not math.isfinite(value):  # inf or nan in any float key (train.lr=.inf)
-        raise ConfigError(f"config key '{key}' must be a finite number (got {value!r})")
-    if any(type(v) is int and abs(v) > MAX_INT for v in (value if isinstance(value, list) else [value])):
-        raise ConfigError(f"config key '{key}' must lie within ±(2**63 - 1) (got {value!r})")
+        raise ConfigError(f"config key '{key}' must be a finite number (got {shown(value)})")
+    if isinstance(value, (list, dict)) and len(value) > MAX_ITEMS:
+        raise ConfigError(f"config key '{key}' holds {len(value):,} entries; at most {MAX_ITEMS:,}")
+    items = list(value.items()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
+    for v in (x for item in items for x in (item if isinstance(item, tuple) else (item,))):
+        if type(v) is int and abs(v) > MAX_INT:
+            raise ConfigError(f"config key '{key}' must lie within ±(2**63 - 1) (got {shown(value)})")
+        if isinstance(v, str) and len(v) > MAX_TEXT:
+            raise ConfigError(f"config key '{key}' holds a text of {len(v):,} characters; at most {MAX_TEXT:,}")
     check, choices = meta.get("check"), meta.get("choices")
     if check is not None and not registry.CHECKS[check][0](value):
-        raise ConfigError(f"config key '{key}' {registry.CHECKS[check][1]} (got {value!r})")
+        raise ConfigError(f"config key '{key}' {registry.CHECKS[check][1]} (got {shown(value)})")
     if choices and value not in choices:
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))} (got {value!r})")
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))} (got {shown(value)})")
 
 
 def describe_keys(overrides: list[str] | None = None) -> str:
@@ -416,15 +478,19 @@ def _get(cfg: Config, key: str) -> Any:
 
 
 __all__ = [
+    "NOT_A_SETTING",
+    "RESUME_KEYS",
     "Config",
     "DataConfig",
     "EvalConfig",
     "TrainConfig",
     "section_fields",
+    "changed_keys",
     "config_from_dict",
     "describe_keys",
     "load_config",
     "parse_overrides",
+    "resume_config",
     "valid_keys",
     "validate",
 ]

@@ -36,6 +36,18 @@ def read_utf8(path: str | Path, error: type[MSIError] = DataError) -> str:
         raise error(f"{path}:{line}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at offset {e.start})") from None
 
 
+def shown(value: object, limit: int = 200) -> str:
+    """``value``'s repr cut to ``limit`` characters: an error line quoting it stays short whatever it holds."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def raised(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of an exception someone else's code raised, on one line and cut to ``limit`` characters."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 def warn(message: str) -> None:
     """A ``warning: ...`` line on stderr: something the user should know that does not stop the run."""
     print(f"warning: {message}", file=sys.stderr)

@@ -6,9 +6,15 @@ For a user u with ground truth T_u (its items in the split) and a top-K list wit
     MAP@K    = (1 / min(K, |T_u|)) * sum_r h_r * Precision@r
     Hit@K    = 1 if sum h > 0 else 0   MRR@K = 1 / (rank of the first hit), 0 without a hit in the top K
 averaged over the users with at least one row in the split. Scores run in user batches on the model's device.
+
+``items`` restricts the ground truth, never the candidates: "warm" keeps the split's rows whose item has a train
+row, "cold" those whose item has none (only a model that reads item features can rank such an item), "all" every
+row; a user left with no row is not evaluated. Every item stays a candidate in every case.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +25,8 @@ from msi.data.graph import interaction_csr
 from msi.errors import DataError, MSIError
 from msi.models.base import Recommender
 from msi.models.popularity import Popularity
+
+ITEM_SETS = ("all", "warm", "cold")  # Evaluator(items=...), msi-eval and msi-compare --items
 
 
 def topk_metrics(hits: torch.Tensor, n_true: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:
@@ -58,16 +66,29 @@ class Evaluator:
     """Holds the masks and ground truth of a data set on a device; call it with a model and a split.
 
     ``mask_valid_at_test``: also mask each user's valid items when scoring test (MMRec keeps them as candidates).
+    ``items``: whose rows are the ground truth: "all", "warm" (items with a train row) or "cold" (the module doc).
     """
 
     def __init__(
         self, dataset: Dataset, device: torch.device | str = "cpu", ks: list[int] | tuple[int, ...] = (10, 20),
-        batch_users: int = 4096, mask_valid_at_test: bool = False,
+        batch_users: int = 4096, mask_valid_at_test: bool = False, items: str = "all",
     ) -> None:
+        if items not in ITEM_SETS:
+            raise MSIError(f"items {items!r}: expected one of {', '.join(ITEM_SETS)}")
         self.dataset, self.device, self.ks, self.batch_users = dataset, torch.device(device), list(ks), batch_users
-        self.n_items = dataset.n_items
+        self.n_items, self.items = dataset.n_items, items
         self.seen = seen_masks(dataset, self.device, mask_valid_at_test)
         self._truth_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_config(cls, dataset: Dataset, device: torch.device | str, cfg: Any, ks: list[int] | None = None,
+                    mask_valid: bool = False, items: str = "all") -> Evaluator:
+        """The evaluator a run's config describes (``cfg.eval``: ks, batch_users, mask_valid_at_test); ``ks``
+        replaces the cut-offs, ``mask_valid`` masks valid items at test also when the config does not, ``items``
+        restricts the ground truth (the module doc)."""
+        e = cfg.eval
+        return cls(dataset, device, e.ks if ks is None else ks, e.batch_users, e.mask_valid_at_test or mask_valid,
+                   items)
 
     def _truth(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Evaluated users (n,), their |T_u| (n,), and the sorted keys user * I + item of the split's rows."""
@@ -77,6 +98,9 @@ class Evaluator:
 
     def _build_truth(self, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pairs = np.unique(self.dataset.split(split), axis=0)
+        if self.items != "all":
+            warm = np.bincount(self.dataset.train[:, 1], minlength=self.n_items) > 0  # (I,) has a train row
+            pairs = pairs[warm[pairs[:, 1]] == (self.items == "warm")]
         users, counts = np.unique(pairs[:, 0], return_counts=True)
         keys = pairs[:, 0] * self.n_items + pairs[:, 1]  # sorted, as pairs are sorted by (user, item)
         as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
@@ -99,7 +123,8 @@ class Evaluator:
         model.eval()
         users, n_true, keys = self._truth(split)
         if len(users) == 0:
-            raise DataError(f"{self.dataset.path}: the {split} split has no users to evaluate")
+            which = "" if self.items == "all" else f" with {self.items} items (--items {self.items})"
+            raise DataError(f"{self.dataset.path}: the {split} split has no users to evaluate{which}")
         emb = model.embeddings()
         parts: dict[str, list[torch.Tensor]] = {f"{m}@{k}": [] for m in METRICS for k in self.ks}
         kmax = min(max(self.ks), self.n_items)

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from msi.config import Config, settings
-from msi.errors import MSIError
-from msi.rundir import CONFIG, METRICS, loss_terms, read_config, read_metrics
+from msi.config import NOT_A_SETTING, Config, settings
+from msi.errors import MSIError, shown, warn
+from msi.files import check_replace, writing
+from msi.rundir import CONFIG, METRICS, finite, improves, loss_terms, read_config, read_metrics
 from msi.select import load_sweep, read_summary, summarize
 from msi.sweepdir import SWEEP_FILE, grid_points, split_values
 
@@ -41,6 +41,8 @@ FORMATS = ("png", "pdf", "svg")
 PANEL = (4.0, 3.0)  # inches per panel
 LEGEND = (0.15, 0.2)  # inches below the panels for the legend: a margin, and one row of 8 pt text
 DPI = 100
+MARK = "written by msi-plot"  # in every picture's metadata: a file holding it may be replaced
+MAX_PICTURE = 64 * 2**20  # bytes of a file read to find MARK: msi-plot's pictures are far smaller
 TITLES = {
     "loss": "loss: the total minimised",
     "nce": "nce: InfoNCE estimate of I(z^a; z^b)\n(higher = more shared)",
@@ -48,25 +50,32 @@ TITLES = {
 }
 
 
-def plot(dirs: list[Path], out: Path) -> tuple[int, int]:
+def plot(dirs: list[Path], out: Path, overwrite: bool = False) -> tuple[int, int]:
     """A sweep folder (with sweep.yaml) or run directories -> the file ``out``; returns its (width, height) in
-    pixels at ``DPI``. ``out`` must end in .png, .pdf or .svg."""
+    pixels at ``DPI``. ``out`` must end in .png, .pdf or .svg, and be new or a picture msi-plot wrote (``ours``)
+    unless ``overwrite``."""
     out = Path(out)
     if out.suffix.lower().lstrip(".") not in FORMATS:
-        what = f"unsupported extension {out.suffix!r}" if out.suffix else "no extension"
+        what = f"unsupported extension {shown(out.suffix)}" if out.suffix else "no extension"
         raise MSIError(f"{out}: {what}; msi-plot writes {', '.join('.' + f for f in FORMATS)}: end the name in one")
+    check_replace(out, ours, "msi-plot", "--overwrite", overwrite)  # before the inputs are read
     dirs = [Path(d) for d in dirs]
     is_sweep = len(dirs) == 1 and (dirs[0] / SWEEP_FILE).is_file()
     fig = sweep_figure(dirs[0]) if is_sweep else runs_figure(dirs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:  # beside, then renamed: ``out`` is never a half-written picture
-        fig.savefig(tmp, format=out.suffix.lower().lstrip("."), dpi=DPI)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    fmt = out.suffix.lower().lstrip(".")
+    with writing(out, ours, "msi-plot", "--overwrite", overwrite, what="picture") as tmp:
+        fig.savefig(tmp, format=fmt, dpi=DPI, metadata={"Software" if fmt == "png" else "Creator": MARK})
     width, height = fig.get_size_inches() * DPI
     return round(width), round(height)
+
+
+def ours(path: Path) -> bool:
+    """Whether ``path`` is a picture msi-plot wrote: its metadata (PNG Software, SVG and PDF Creator) holds ``MARK``."""
+    try:
+        with open(path, "rb") as f:
+            return MARK.encode() in f.read(MAX_PICTURE)
+    except OSError:
+        return False
 
 
 def require_matplotlib() -> None:
@@ -120,7 +129,14 @@ def read_run(run_dir: Path) -> tuple[Config, list[dict[str, Any]]]:
     rows = read_metrics(run_dir)
     if not rows:
         raise MSIError(f"{run_dir / METRICS}: no complete epoch yet; nothing to plot")
-    return read_config(run_dir), rows
+    cfg = read_config(run_dir)
+    metric = cfg.train.metric
+    bad = [r["epoch"] for r in rows if metric in _valid(r) and not finite(_valid(r)[metric])]
+    if bad:
+        shown_epochs = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warn(f"{run_dir / METRICS}: valid {metric} is not a finite number at epoch(s) {shown_epochs}; left out of "
+             "the curve (the trainer never selects such an epoch)")
+    return cfg, rows
 
 
 def _group_labels(groups: list[list[tuple[Path, Config, list]]]) -> list[str]:
@@ -197,16 +213,26 @@ def _draw(ax: Any, quantity: str, metric: str, colour: str, runs: list[list], ea
 
 
 def best_epoch(rows: list[dict[str, Any]], metric: str) -> int | None:
-    """The first epoch with the best valid ``metric``, as the trainer selects; None before any evaluation."""
-    scored = [(r["valid"][metric], -r["epoch"]) for r in rows if metric in r.get("valid", {})]
-    return -max(scored)[1] if scored else None
+    """The epoch the trainer selects (``msi.rundir.improves``: the first with the best valid ``metric``; NaN never
+    is); None before any evaluation, or when no valid metric was a number."""
+    best, epoch = -math.inf, None
+    for r in rows:
+        value = _valid(r).get(metric)
+        if improves(value, best):
+            best, epoch = value, r["epoch"]
+    return epoch
+
+
+def _valid(row: dict[str, Any]) -> dict[str, Any]:
+    return row["valid"] if isinstance(row.get("valid"), dict) else {}
 
 
 def _curve(rows: list[dict], quantity: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The (epoch, value) points of ``quantity`` that are finite numbers (``read_run`` warned about the others)."""
     if quantity.startswith("valid "):
-        pts = [(r["epoch"], r["valid"][metric]) for r in rows if metric in r.get("valid", {})]
+        pts = [(r["epoch"], _valid(r)[metric]) for r in rows if finite(_valid(r).get(metric))]
     else:
-        pts = [(r["epoch"], r[quantity]) for r in rows if quantity in r]
+        pts = [(r["epoch"], r[quantity]) for r in rows if finite(r.get(quantity))]
     return np.array([p[0] for p in pts], dtype=int), np.array([p[1] for p in pts], dtype=float)
 
 

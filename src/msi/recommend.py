@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from msi.checkpoint import temporary_path
 from msi.console import progress_bar
-from msi.data.dataset import Dataset
-from msi.errors import DataError, MSIError, read_utf8
+from msi.data.dataset import Dataset, parse_id
+from msi.errors import DataError, MSIError, read_utf8, shown
 from msi.evaluate import non_finite_users, seen_masks
+from msi.files import check_replace, starts_with, writing
 from msi.models import Recommender
 
 MAPPING_FILES = {"userID": "u_id_mapping.csv", "itemID": "i_id_mapping.csv"}
 HEADER = "userID\trank\titemID\tscore"
+OURS = starts_with(f"{HEADER}\n".encode())  # a file msi-recommend wrote: its header line
 
 
 def read_id_mapping(path: Path, column: str, size: int) -> np.ndarray | None:
@@ -36,16 +36,14 @@ def read_id_mapping(path: Path, column: str, size: int) -> np.ndarray | None:
         if not line.strip():
             continue
         parts = line.split("\t")
-        try:
-            index = int(parts[col])
-            if not 0 <= index < size:  # numpy would take -1 for the last index
-                raise IndexError
-            raw_id = parts[1 - col]
-        except (ValueError, IndexError):
-            raise DataError(f"{path}:{lineno}: expected '<raw id>\\t<{column} below {size}>', got {line!r}") from None
+        if len(parts) != 2:
+            raise DataError(f"{path}:{lineno}: expected '<raw id>\\t<{column} below {size}>', got {shown(line)}")
+        index, raw_id = parse_id(parts[col], column, f"{path}:{lineno}"), parts[1 - col]
+        if index >= size:
+            raise DataError(f"{path}:{lineno}: {column} {index} is outside 0..{size - 1}")
         if raw[index] is not None:
-            raise DataError(f"{path}:{lineno}: {column} {index} is given a second raw id ({raw_id!r} after "
-                            f"{raw[index]!r})")
+            raise DataError(f"{path}:{lineno}: {column} {index} is given a second raw id ({shown(raw_id)} after "
+                            f"{shown(raw[index])})")
         raw[index] = raw_id
     missing = np.flatnonzero(raw == None)  # noqa: E711 (elementwise on an object array)
     if len(missing):
@@ -61,16 +59,13 @@ def select_users(spec: str, dataset: Dataset, split: str) -> np.ndarray:
         return np.unique(dataset.split(split)[:, 0])
     path = Path(spec)
     if not path.is_file():
-        raise MSIError(f"--users {spec!r}: not 'all', 'split' or an existing file of userIDs")
+        raise MSIError(f"--users {shown(spec)}: not 'all', 'split' or an existing file of userIDs")
     users: dict[int, int] = {}  # userID -> its line, in file order
     for lineno, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            u = int(line.strip())
-        except ValueError:
-            raise DataError(f"{path}:{lineno}: {line.strip()!r} is not an integer userID") from None
-        if not 0 <= u < dataset.n_users:
+        u = parse_id(line, "userID", f"{path}:{lineno}")
+        if u >= dataset.n_users:
             raise DataError(f"{path}:{lineno}: userID {u} is outside 0..{dataset.n_users - 1}")
         if u in users:  # its rows would be written twice
             raise DataError(f"{path}:{lineno}: userID {u} is listed again (first on line {users[u]})")
@@ -82,22 +77,8 @@ def select_users(spec: str, dataset: Dataset, split: str) -> np.ndarray:
 
 def check_output(out: str | Path) -> None:
     """Refuse an output path holding anything but a recommendations TSV (one that starts with ``HEADER``): a
-    checkpoint, a run's results.json, a data file or a folder is never written over."""
-    out = Path(out)
-    folder = next(p for p in out.absolute().parents if p.exists())
-    if not folder.is_dir():
-        raise MSIError(f"{out}: {folder} is a file, not a folder")
-    if not out.exists():
-        return
-    if out.is_dir():
-        raise MSIError(f"{out}: is a folder, not a file: name the TSV to write (e.g. {out / 'recs.tsv'})")
-    if not out.is_file():  # a device, a pipe: the rename would replace it, not write to it
-        raise MSIError(f"{out}: is not a regular file; name a TSV file to write")
-    with open(out, "rb") as f:
-        first = f.read(len(HEADER) + 2).replace(b"\r", b"").split(b"\n")[0]
-    if first != HEADER.encode():
-        raise MSIError(f"{out}: exists and is not a recommendations TSV (its first line is not msi-recommend's header "
-                       "userID, rank, itemID, score): not written over; choose another --out")
+    checkpoint, a run's results.json, a data file or a folder is never written over (``msi.files``' policy)."""
+    check_replace(out, OURS, "msi-recommend")
 
 
 @torch.no_grad()
@@ -119,26 +100,15 @@ def write_recommendations(
     raw_u = read_id_mapping(dataset.path / MAPPING_FILES["userID"], "userID", dataset.n_users)
     raw_i = read_id_mapping(dataset.path / MAPPING_FILES["itemID"], "itemID", dataset.n_items)
     emb = model.embeddings()
-    out = Path(out)
-    tmp = temporary_path(out)
     n_rows = 0
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "x") as f:
-            f.write(HEADER + "\n")
-            for start in progress_bar(range(0, len(user_ids), batch_users), desc="recommend", leave=False):
-                u = torch.from_numpy(user_ids[start : start + batch_users]).to(device)
-                scores, items = model.recommend(u, k, exclude=exclude, emb=emb)
-                if non_finite_users(scores):
-                    raise MSIError("the model's scores are NaN or inf (a diverged model): nothing written to "
-                                   f"{out}")
-                n_rows += _write_rows(f, u.cpu().numpy(), items.cpu().numpy(), scores.cpu().numpy(), raw_u, raw_i)
-        tmp.replace(out)
-    except OSError as e:
-        raise MSIError(f"{out}: could not write the recommendations ({e.strerror or e}); nothing written") from None
-    finally:
-        with contextlib.suppress(OSError):  # not there, or its folder cannot exist: nothing to remove
-            tmp.unlink()
+    with writing(out, OURS, "msi-recommend", what="recommendations") as tmp, open(tmp, "x") as f:
+        f.write(HEADER + "\n")
+        for start in progress_bar(range(0, len(user_ids), batch_users), desc="recommend", leave=False):
+            u = torch.from_numpy(user_ids[start : start + batch_users]).to(device)
+            scores, items = model.recommend(u, k, exclude=exclude, emb=emb)
+            if non_finite_users(scores):
+                raise MSIError(f"the model's scores are NaN or inf (a diverged model): nothing written to {out}")
+            n_rows += _write_rows(f, u.cpu().numpy(), items.cpu().numpy(), scores.cpu().numpy(), raw_u, raw_i)
     return len(user_ids), n_rows
 
 

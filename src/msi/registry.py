@@ -15,16 +15,14 @@ checks every key by these declarations (``key``'s ``check`` and ``choices``, the
 ``msi-train --list-keys model.name=NAME`` and written to a run's config.yaml like the built-in ones.
 
 The rest of the library asks only this module: ``msi.config.validate`` checks ``model.name`` here (with a
-did-you-mean), ``msi.run.dataset_for`` asks whether the model reads item features, ``msi.models.build_model`` calls
+did-you-mean), ``msi.runtime.dataset_for`` asks whether the model reads item features, ``msi.models.build_model`` calls
 the builder. A third-party package adds a model by declaring an entry point in the group ``msi.models`` whose name
 is the model's name and whose value is the module that registers it (``mf = "msi_mf.model"``); once it is
 installed, ``model.name=mf`` works in every tool. docs/adding_a_model.md walks through it.
 
-Layering. This module sits on the bottom layer beside ``msi.errors`` and imports no other msi module at module
-level, so ``msi.config`` may import it without a cycle. The builders live above it and are found on the first
-lookup (``get``, ``names``), never at import:
-- the built-in models register when ``msi.models`` is imported; ``_load_builtins`` does that import late, inside
-  the function, the one place where this module reaches up a layer;
+Layering. This module sits on the bottom layer beside ``msi.errors`` and imports no other msi module, so the
+models may import it (to register) and ``msi.config`` may import both without a cycle:
+- the built-in models register when ``msi.models`` is imported, which ``msi.config`` does;
 - a plugin's entry point is loaded (imported) once, when its name is first looked up: a plugin that is never asked
   for is never imported, and one that fails to import breaks only its own name, with a one-line ``MSIError``
   naming the entry point.
@@ -35,13 +33,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import importlib
 import typing
 from functools import lru_cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Callable, NamedTuple
 
-from msi.errors import ConfigError, MSIError
+from msi.errors import ConfigError, MSIError, raised, shown
 
 GROUP = "msi.models"  # the entry-point group of model plugins
 DEFAULT = "msi"  # model.name when a config names none
@@ -119,7 +116,7 @@ def register(
 
     def decorate(build: Builder) -> Builder:
         if name in _ENTRIES:
-            raise MSIError(f"model {name!r} is registered twice: by {_where(_ENTRIES[name].build)} and by "
+            raise MSIError(f"model {shown(name)} is registered twice: by {_where(_ENTRIES[name].build)} and by "
                            f"{_where(build)}")
         _ENTRIES[name] = ModelEntry(name, build, item_features, _section(name, "model", model),
                                     _section(name, "loss", loss))
@@ -130,32 +127,25 @@ def register(
 
 def names() -> list[str]:
     """Every model name: the registered ones and those that installed plugins declare (not imported here)."""
-    _load_builtins()
     return sorted(set(_ENTRIES) | set(_plugin_points()))
 
 
 def get(name: str) -> ModelEntry:
     """The model registered as ``name``, importing its plugin on first use; an unknown name is a ConfigError about
     ``model.name`` with the closest registered name."""
-    _load_builtins()
     points = _plugin_points().get(name, [])
     if len(points) > 1:
-        raise MSIError(f"model {name!r} is declared by {len(points)} plugins: {', '.join(map(_describe, points))}; "
-                       "uninstall all but one")
+        raise MSIError(f"model {shown(name)} is declared by {len(points)} plugins: "
+                       f"{', '.join(map(_describe, points))}; uninstall all but one")
     if points and name not in _LOADED:
         _load_plugin(points[0])
     if name not in _ENTRIES:
         known = {n.lower(): n for n in names()}
         close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.5)
-        hint = f"; did you mean {known[close[0]]!r}?" if close else ""
-        raise ConfigError(f"config key 'model.name': no model named {name!r}{hint} (models: {', '.join(names())}; "
+        hint = f"; did you mean {shown(known[close[0]])}?" if close else ""
+        raise ConfigError(f"config key 'model.name': no model named {shown(name)}{hint} (models: {', '.join(names())}; "
                           f"a plugin adds one through the entry-point group '{GROUP}')")
     return _ENTRIES[name]
-
-
-def _load_builtins() -> None:
-    # late import: msi.models is a layer above and registers the built-in models as it is imported
-    importlib.import_module("msi.models")
 
 
 @lru_cache(maxsize=None)
@@ -173,12 +163,11 @@ def _load_plugin(point: EntryPoint) -> None:
     except MSIError:
         raise
     except Exception as e:  # any failure inside a third party's import: one line that names the entry point
-        detail = " ".join(f"{type(e).__name__}: {e}".split())
-        raise MSIError(f"model plugin {_describe(point)} failed to import ({detail})") from None
+        raise MSIError(f"model plugin {_describe(point)} failed to import ({raised(e)})") from None
     _LOADED.add(point.name)
     if point.name not in _ENTRIES:
-        raise MSIError(f"model plugin {_describe(point)} registered no model named {point.name!r}: decorate its "
-                       f"builder with @msi.models.register({point.name!r})")
+        raise MSIError(f"model plugin {_describe(point)} registered no model named {shown(point.name)}: decorate its "
+                       f"builder with @msi.models.register({shown(point.name)})")
 
 
 def _describe(point: EntryPoint) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -25,8 +24,9 @@ from typing import Any
 
 import yaml
 
-from msi.config import Config, config_from_dict, load_config, parse_overrides
-from msi.errors import ConfigError, MSIError, read_utf8
+from msi.config import Config, load_config
+from msi.errors import ConfigError, MSIError, read_utf8, shown
+from msi.files import is_temporary, write_text
 
 try:
     import fcntl
@@ -37,8 +37,6 @@ CONFIG, METRICS, RESULTS, ENV, LOG = "config.yaml", "metrics.jsonl", "results.js
 BEST, LAST, TENSORBOARD, STOPPED, LOCK = "best.pt", "last.pt", "tensorboard", "stopped.json", ".lock"
 RUN_FILES = (CONFIG, METRICS, BEST, LAST, RESULTS, ENV, LOG, TENSORBOARD, STOPPED)
 RESULT_KEYS = ("best_epoch", "epochs_run", "valid", "test", "train_seconds", "selected_by", "run_dir")
-# what a resume may change: how long and how often, never the model or the data
-RESUME_KEYS = ("train.epochs", "train.patience", "train.eval_every", "train.checkpoint_every", "train.tensorboard")
 
 
 class DamagedRunFile(MSIError):
@@ -48,28 +46,12 @@ class DamagedRunFile(MSIError):
 # ---------------------------------------------------------------- writing
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` beside ``path`` under a unique temporary name, fsync, rename over ``path``. On any OSError
-    (a full disk) the temporary file is removed and the error names ``path``; the file there before is kept."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise MSIError(f"{path}: could not write ({e.strerror or e}); the earlier file, if any, is kept") from None
-
-
 def write_json(path: str | Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
-    write_atomic(run_dir / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(run_dir / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def write_results(run_dir: Path, results: dict[str, Any]) -> None:
@@ -142,14 +124,14 @@ def _results_problem(results: Any) -> str | None:
         return f"missing {', '.join(missing)}"
     for key in ("best_epoch", "epochs_run"):
         if not isinstance(results[key], int) or isinstance(results[key], bool):
-            return f"{key} is {results[key]!r}, not a whole number"
+            return f"{key} is {shown(results[key])}, not a whole number"
     for split in ("valid", "test"):
         metrics = results[split]
         if not isinstance(metrics, dict):
             return f"{split} is not a mapping of metric to number"
         for name, value in metrics.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                return f"{split} {name} is {value!r}, not a finite number"
+                return f"{split} {name} is {shown(value)}, not a finite number"
     return None
 
 
@@ -169,9 +151,9 @@ def _metric_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
         try:
             row = json.loads(line)
         except ValueError:
-            raise DamagedRunFile(f"{path}:{number}: damaged, not a JSON row ({line[:40]!r})") from None
+            raise DamagedRunFile(f"{path}:{number}: damaged, not a JSON row ({shown(line[:40])})") from None
         if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
-            raise DamagedRunFile(f"{path}:{number}: damaged, a row without its epoch ({line[:40]!r})")
+            raise DamagedRunFile(f"{path}:{number}: damaged, a row without its epoch ({shown(line[:40])})")
         out.append((line, row))
     return out
 
@@ -186,8 +168,19 @@ def truncate_metrics(run_dir: Path, epoch: int) -> int:
     kept = [line for line, row in lines if row["epoch"] <= epoch]
     total = len(path.read_bytes().splitlines())
     if len(kept) != total:
-        write_atomic(path, "".join(line + "\n" for line in kept))
+        write_text(path, "".join(line + "\n" for line in kept))
     return total - len(kept)
+
+
+def improves(value: Any, best: float) -> bool:
+    """The trainer's rule for a better valid metric: a number strictly above the best so far (NaN, null or a tie
+    never is); the best epoch is the first to reach the best value."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > best
+
+
+def finite(value: Any) -> bool:
+    """Whether a metrics row's value is a finite number (not NaN, inf, null or text)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def loss_terms(row: dict[str, Any]) -> list[str]:
@@ -236,40 +229,17 @@ def read_log(run_dir: Path, start: int = 0) -> tuple[str, int]:
     return data.decode("utf-8", errors="replace"), start + len(data)
 
 
-# ---------------------------------------------------------------- resume
-
-
-def resume_config(cfg: Config, overrides: list[str]) -> tuple[Config, list[str]]:
-    """``cfg`` with the overrides a resume allows (``RESUME_KEYS``), validated; and the changes, as
-    ``train.epochs=8 (was 4)``. Any other key is a ConfigError naming it."""
-    raw = cfg.to_dict()
-    for section, key, value in parse_overrides(overrides):
-        name = f"{section}.{key}"
-        if name not in RESUME_KEYS:
-            raise ConfigError(f"--resume cannot change '{name}' (only {', '.join(RESUME_KEYS)}: how long and how "
-                              "often, never the model or the data); start a new run for it")
-        try:
-            raw[section][key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"config key '{name}': cannot read {value!r}") from None
-    new = config_from_dict(raw)
-    changes = []
-    for name in RESUME_KEYS:
-        key = name.partition(".")[2]
-        before, after = getattr(cfg.train, key), getattr(new.train, key)
-        if before != after:
-            changes.append(f"{name}={after} (was {before})")
-    return new, changes
-
-
 # ---------------------------------------------------------------- the directory
 
 
 @contextmanager
-def locked(run_dir: Path, tool: str = "msi-train") -> Iterator[None]:
+def locked(run_dir: Path, tool: str = "msi-train",
+           advice: str = "wait for it to end or choose another --out") -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir/.lock`` while the run lives (its pid inside); the OS drops it when the
-    process dies, and the file is removed when the block ends. A second live process is refused (the error says it
-    is another ``tool``: msi-sweep locks its sweep folder the same way)."""
+    process dies, and the file is removed when the block ends, with ``run_dir`` itself when this call made it and it is
+    still empty (a refused run leaves no folder behind). A second live process is refused (the error says it
+    is another ``tool``, and what to do: ``advice``; msi-sweep locks its sweep folder the same way)."""
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK
     while True:
@@ -282,8 +252,7 @@ def locked(run_dir: Path, tool: str = "msi-train") -> Iterator[None]:
             f.seek(0)
             pid = f.read().strip() or "?"
             f.close()
-            raise MSIError(f"{run_dir}: in use by another live {tool} process (pid {pid}); wait for it to end "
-                           "or choose another --out") from None
+            raise MSIError(f"{run_dir}: in use by another live {tool} process (pid {pid}); {advice}") from None
         try:
             if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
                 break
@@ -298,6 +267,8 @@ def locked(run_dir: Path, tool: str = "msi-train") -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)  # still held: no other process can have locked this file
         f.close()
+        if created and not any(run_dir.iterdir()):
+            run_dir.rmdir()
 
 
 def lock_holder(run_dir: Path) -> str | None:
@@ -317,14 +288,9 @@ def lock_holder(run_dir: Path) -> str | None:
     return None
 
 
-def is_leftover(name: str) -> bool:
-    """A temporary file of an interrupted write (``.best.pt.tmp-PID``, ``.results.json.tmp-PID-XXXX``)."""
-    return name.startswith(".") and ".tmp-" in name
-
-
 def remove_leftovers(run_dir: Path) -> list[Path]:
     """Remove the temporary files of interrupted writes; returns them."""
-    gone = [p for p in run_dir.iterdir() if is_leftover(p.name)]
+    gone = [p for p in run_dir.iterdir() if is_temporary(p.name)]
     for p in gone:
         p.unlink()
     return gone
@@ -342,22 +308,22 @@ def unstarted_run(run_dir: Path) -> list[str] | None:
 
 
 def remove_files(run_dir: Path, names: list[str]) -> None:
+    """Remove the run files ``names`` (``check_new_run_dir``'s or ``unstarted_run``'s) from ``run_dir``."""
     for name in names:
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def clear_for_new_run(run_dir: Path, overwrite: bool) -> list[str]:
-    """Refuse a run directory holding files, unless ``overwrite`` or they are an unstarted run's
-    (``unstarted_run``): then remove its run files (and leftovers) and return their names. Files msi-train did not
-    write are always refused."""
+def check_new_run_dir(run_dir: Path, overwrite: bool) -> list[str]:
+    """The names of the files a new run in ``run_dir`` removes (``remove_files``) before it starts: none in an
+    empty directory. Files there are refused unless ``overwrite`` or they are an unstarted run's
+    (``unstarted_run``); files msi-train did not write are always refused."""
     present = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)
     if present and not overwrite and unstarted_run(run_dir) is None:
         raise MSIError(f"{run_dir}: already holds {', '.join(present)}; pass --resume {run_dir} to continue that "
                        "run, or --overwrite to start over")
-    foreign = [n for n in present if n not in RUN_FILES and not is_leftover(n)]
+    foreign = [n for n in present if n not in RUN_FILES and not is_temporary(n)]
     if foreign:
         raise MSIError(f"{run_dir}: holds files msi-train did not write ({', '.join(foreign)}); --overwrite "
                        "removes only run files: choose another --out")
-    remove_files(run_dir, present)
     return present

@@ -16,13 +16,15 @@ import csv
 import io
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from msi.config import Config
+from msi.config import NOT_A_SETTING, Config
 from msi.errors import MSIError, read_utf8
-from msi.rundir import DamagedRunFile, read_results, write_atomic
+from msi.files import check_replace, write_text
+from msi.rundir import DamagedRunFile, read_results
 from msi.sweepdir import SWEEP_FILE, Trial, plan_trials, read_sweep, trial_config, trial_state
 
 
@@ -82,6 +84,22 @@ def summarize(trials: list[Trial], metrics: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def chosen_on_test(trials: list[Trial], metrics: dict[str, str]) -> dict[str, Any]:
+    """What MMRec's rule would report (it selects the grid point best on test, MMRec issue #64): per table row, the
+    eligible point with the best mean test ``metric`` and that mean. It reads test at every point, so it is never a
+    selection here: it only measures how optimistic selecting on test is, beside the point chosen on valid."""
+    by_point: dict[str, dict[tuple[str, ...], list[Trial]]] = {}
+    for t in trials:
+        by_point.setdefault(t.row, {}).setdefault(t.point, []).append(t)
+    out: dict[str, Any] = {}
+    for name, points in by_point.items():
+        eligible = [(p, g) for p, g in points.items() if all(trial_state(t.run_dir) == "done" for t in g)]
+        scored = [(stats(_values(g, "test", metrics[name])), p) for p, g in eligible]
+        best = max(scored, key=lambda x: x[0]["mean"], default=None)  # first of equals: grid order
+        out[name] = best and {"point": list(best[1]), "metric": metrics[name], "test": best[0]}
+    return out
+
+
 def _selected(group: list[Trial]) -> dict[str, Any]:
     """Valid and test metrics of the selected point, the only place test numbers are read."""
     keys = list(_results(group[0].run_dir)["test"])
@@ -94,11 +112,10 @@ def _selected(group: list[Trial]) -> dict[str, Any]:
 def popularity_floor(cfg: Config, device: str = "cpu") -> dict[str, dict[str, float]]:
     """Valid and test metrics of the popularity baseline (items ranked by train count) on ``cfg``'s data."""
     from msi.evaluate import Evaluator, popularity_metrics
-    from msi.run import dataset_for, resolve_device
+    from msi.runtime import dataset_for, resolve_device
 
     data = dataset_for(cfg, progress=False)
-    return popularity_metrics(Evaluator(data, resolve_device(device), cfg.eval.ks, cfg.eval.batch_users,
-                                        cfg.eval.mask_valid_at_test))
+    return popularity_metrics(Evaluator.from_config(data, resolve_device(device), cfg))
 
 
 def split_rows(trials: list[Trial], data: dict[Path, str]) -> list[Trial]:
@@ -141,48 +158,53 @@ def load_sweep(out: Path, unstarted: bool = False) -> tuple[dict[str, Any], list
     return record, trials, row_configs(trials, configs)
 
 
-def report(out: Path, unstarted: bool = False) -> dict[str, Any]:
+Extra = Callable[[dict[str, Any]], str]  # a summary -> markdown that results.md ends with
+
+
+def report(out: Path, unstarted: bool = False, extra: Extra | None = None, by_test: bool = False) -> dict[str, Any]:
     """Re-read ``<out>``'s run directories, select, and write results.md, results.csv and summary.json;
-    ``unstarted``: also when no trial has started (the end of a sweep stopped before any did)."""
+    ``unstarted``: also when no trial has started (the end of a sweep stopped before any did); ``extra``: a section
+    results.md ends with (msi.compare.baseline_section), made before any table is written; ``by_test``: also the
+    column of what selecting on test would report (``chosen_on_test``)."""
     out = Path(out)
     record, trials, cfgs = load_sweep(out, unstarted)
     head = {"out": str(out.resolve()), "seeds": record["seeds"], "grid": record["grid"], "set": record["set"]}
-    return _write_tables(out, head, trials, cfgs)
+    return _write_tables(out, head, trials, cfgs, extra, by_test)
 
 
 TABLES = ("summary.json", "results.md", "results.csv")
 
 
-def _write_tables(dest: Path, head: dict[str, Any], trials: list[Trial], cfgs: dict[str, Config]) -> dict[str, Any]:
-    """Select over ``trials``, add the popularity floor of each data set, and write the three tables to ``dest``."""
+def _write_tables(dest: Path, head: dict[str, Any], trials: list[Trial], cfgs: dict[str, Config],
+                  extra: Extra | None = None, by_test: bool = False) -> dict[str, Any]:
+    """Select over ``trials``, add the popularity floor of each data set, and write the three tables to ``dest``
+    (the one writer of a sweep's tables; ``extra``'s section ends results.md)."""
     floors = {}
     for cfg in cfgs.values():
         if cfg.data.name not in floors:
             floors[cfg.data.name] = popularity_floor(cfg)
     metrics = {name: cfg.train.metric for name, cfg in cfgs.items()}
     summary = {**head, "configs": summarize(trials, metrics), "popularity": floors, "damaged": damaged_results(trials)}
+    if by_test:
+        summary["chosen_on_test"] = chosen_on_test(trials, metrics)
     dest.mkdir(parents=True, exist_ok=True)
-    texts = (json.dumps(summary, indent=2) + "\n", render_markdown(summary), render_csv(summary))
+    markdown = render_markdown(summary) + ("\n" + extra(summary) if extra else "")
+    texts = (json.dumps(summary, indent=2) + "\n", markdown, render_csv(summary))
     for name, text in zip(TABLES, texts):
-        write_atomic(dest / name, text)
+        write_text(dest / name, text)
     return summary
-
-
-# --set keys that say where or how a trial ran, not what it trained: a union of sweeps ignores them
-RUN_ONLY_KEYS = frozenset({"data.root", "train.out_dir", "train.checkpoint_every",
-                           "train.tensorboard"})
 
 
 def union_trials(outs: list[Path]) -> tuple[list[Trial], dict[str, Config], list[int]]:
     """The trials of several sweep folders as one grid, for a grid run in parts (on several machines, or a part
     re-run later): each trial's point becomes its folder's ``--set`` overrides that not every folder shares (less
-    ``RUN_ONLY_KEYS``) plus its grid point, sorted by key. A trial found in several folders counts once: its
+    ``NOT_A_SETTING``) plus its grid point, sorted by key. A trial found in several folders counts once: its
     finished copy, else any copy; two finished copies are refused unless their results.json are the same (a copied
     run directory). The seeds must be the same everywhere. Folders of different data sets are selected apart, one
     row per config and data set (``split_rows``)."""
     loaded = [(Path(o), *_load(Path(o))) for o in outs]
     seeds = loaded[0][1]["seeds"]
-    sets = [[o for o in rec["set"] if o.partition("=")[0] not in RUN_ONLY_KEYS] for _, rec, _, _ in loaded]
+    sets = [[o for o in rec["set"] if o.partition("=")[0] not in NOT_A_SETTING] for _, rec, _, _ in loaded]
     shared = set.intersection(*(set(x) for x in sets))
     trials: dict[tuple[str, str, tuple[str, ...], int], Trial] = {}
     configs: dict[Path, Config] = {}
@@ -205,20 +227,19 @@ def union_trials(outs: list[Path]) -> tuple[list[Trial], dict[str, Config], list
     return merged, row_configs(merged, configs), seeds
 
 
-def union_report(outs: list[Path], dest: Path) -> dict[str, Any]:
+def union_report(outs: list[Path], dest: Path, extra: Extra | None = None, by_test: bool = False) -> dict[str, Any]:
     """``report`` over the union of several sweep folders (``union_trials``), written to ``dest``: one selection,
     by the same rule, over every point of every folder; test is read for the selected point only. ``dest`` must be
     new, or hold no tables but an earlier union's."""
     dest = Path(dest)
     if (dest / SWEEP_FILE).is_file():
         raise MSIError(f"{dest}: holds a sweep; write the union to a folder of its own")
+    ours = _union_tables(dest)  # before any table of the new union replaces summary.json
     for name in TABLES:
-        if (dest / name).exists() and not _union_tables(dest):
-            raise MSIError(f"{dest / name}: exists and is not a union report's: not written over; choose another "
-                           "--out")
+        check_replace(dest / name, lambda _: ours, "msi-sweep --report (a union)")
     trials, cfgs, seeds = union_trials(outs)
     head = {"out": [str(Path(o).resolve()) for o in outs], "seeds": seeds, "grid": [], "set": []}
-    return _write_tables(dest, head, trials, cfgs)
+    return _write_tables(dest, head, trials, cfgs, extra, by_test)
 
 
 def read_summary(dest: Path) -> dict[str, Any] | None:
@@ -258,21 +279,27 @@ def _columns(summary: dict[str, Any]) -> list[str]:
 def render_markdown(summary: dict[str, Any]) -> str:
     cols = _columns(summary)
     seeds = ", ".join(map(str, summary["seeds"]))
+    on_test = summary.get("chosen_on_test")  # msi-sweep --report --mmrec-rule
     lines = [f"Selected per config on the mean valid metric over seeds {seeds} (only points whose seeds all "
              "finished are eligible); test is read for the selected point only. Mean ± sample std over n seeds.",
+             *(["The last column reads test at every point: what MMRec's rule (the point best on test) would "
+                "report; it selects nothing here and shows how optimistic that rule is."] if on_test else []),
              "", "| config | selected point | n | " + " | ".join(f"test {c}" for c in cols)
-             + " | valid (selection metric) | best epochs |", "|---" * (len(cols) + 5) + "|"]
+             + " | valid (selection metric) | best epochs |" + (" chosen on test (MMRec's rule) |" if on_test else ""),
+             "|---" * (len(cols) + 5 + bool(on_test)) + "|"]
     for name, c in summary["configs"].items():
         s = c["selected"]
+        rule = f" {_on_test(on_test[name])} |" if on_test else ""
         if s is None:
-            lines.append(f"| {name} | none eligible | 0 |" + " |" * len(cols) + " | |")
+            lines.append(f"| {name} | none eligible | 0 |" + " |" * len(cols) + " | |" + rule)
             continue
         cells = [_ms(s["test"][k]) if k in s["test"] else "" for k in cols]
         lines.append(f"| {name} | {_point(s['point'])} | {len(s['run_dirs'])} | " + " | ".join(cells)
-                     + f" | {c['metric']} {_ms(s['valid'][c['metric']])} | {'/'.join(map(str, s['best_epoch']))} |")
+                     + f" | {c['metric']} {_ms(s['valid'][c['metric']])} | {'/'.join(map(str, s['best_epoch']))} |"
+                     + rule)
     for data, floor in summary["popularity"].items():
         cells = [f"{floor['test'][k]:.4f}" if k in floor["test"] else "" for k in cols]
-        lines.append(f"| popularity, {data} | - | - | " + " | ".join(cells) + " | | - |")
+        lines.append(f"| popularity, {data} | - | - | " + " | ".join(cells) + " | | - |" + (" |" if on_test else ""))
     for name, c in summary["configs"].items():
         if len(c["grid"]) > 1:
             lines += ["", f"Grid of {name}: valid {c['metric']}, mean ± std over seeds (test not read)", "",
@@ -283,6 +310,11 @@ def render_markdown(summary: dict[str, Any]) -> str:
     if summary.get("damaged"):
         lines += ["", "Damaged run files:", "", *(f"- {d}" for d in summary["damaged"])]
     return "\n".join(lines) + "\n"
+
+
+def _on_test(chosen: dict[str, Any] | None) -> str:
+    """The MMRec-rule cell: test metric mean ± std at the point best on test, and that point."""
+    return "-" if chosen is None else f"{chosen['metric']} {_ms(chosen['test'])} at {_point(chosen['point'])}"
 
 
 def render_csv(summary: dict[str, Any]) -> str:

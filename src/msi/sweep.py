@@ -129,22 +129,34 @@ def join_cluster(init: Callable[[], Any], address: str) -> None:
 
 
 def run_sweep(
-    configs: list[Path], grid: list[str], seeds: list[int], out: Path, overrides: list[str] | None = None,
+    configs: list[Path], grid: list[str], seeds: list[int], out: Path, *, overrides: list[str] | None = None,
     cpus_per_trial: int = 1, gpus_per_trial: float = 0.0, max_concurrent: int | None = None,
     address: str | None = None, deadline: float | None = None, asha: bool = False,
     log: Callable[[str], None] = tqdm.write,
 ) -> dict[str, Any]:
-    """Run every unfinished trial of the sweep, then select on valid and write the tables; returns the summary.
-
-    Everything is checked before a file is written (``check_limits``, ``msi.select.check_sweep``, Ray Tune
-    installed); the driver then holds ``<out>/.lock`` (one live sweep per folder) and refuses a
-    trial directory a live process holds.
-    """
-    out = Path(out).resolve()
-    overrides = list(overrides or [])
+    """Run every unfinished trial of the sweep on Ray Tune, then select on valid and write the tables; returns the
+    summary. Everything is checked before a file is written (``check_limits``, then ``drive``'s checks, then Ray
+    Tune installed: without the extra, a refusal that leaves --out as it was)."""
     check_limits(cpus_per_trial, gpus_per_trial, max_concurrent, deadline)
+
+    def run(todo: list[Trial], cfgs: dict[str, Any], out: Path) -> None:
+        _tune(todo, cfgs, out, cpus_per_trial, gpus_per_trial, max_concurrent, address, deadline, asha, log)
+
+    return drive(configs, grid, seeds, out, list(overrides or []), run, log, needs=import_ray)
+
+
+def drive(configs: list[Path], grid: list[str], seeds: list[int], out: Path, overrides: list[str],
+          run: Callable[[list[Trial], dict[str, Any], Path], None], log: Callable[[str], None],
+          needs: Callable[[], object] | None = None) -> dict[str, Any]:
+    """The skeleton every sweep driver shares (msi-sweep on Ray, scripts/sweep_fallback.py without): check the sweep
+    (``msi.sweepdir.check_sweep``) and what the driver ``needs`` (Ray Tune) before a file is written, hold
+    ``<out>/.lock`` (one live sweep per folder), record sweep.yaml, refuse a trial directory a live process holds,
+    ``run(todo, configs, out)`` the unfinished trials, say which are left, and write the tables
+    (``msi.select.report``); returns the summary."""
+    out = Path(out).resolve()
     trials, cfgs = check_sweep(configs, grid, seeds, out, overrides)
-    import_ray()  # without the extra, a refusal that leaves --out as it was: the corrected command can start there
+    if needs is not None:
+        needs()  # a refusal that leaves --out as it was: the corrected command can start there
     with locked(out, "msi-sweep"):
         record_sweep(out, configs, grid, seeds, overrides)
         todo = [t for t in trials if trial_state(t.run_dir) in ("new", "resumable")]
@@ -152,7 +164,7 @@ def run_sweep(
             check_free(t.run_dir)
         log(f"{trials_word(len(trials))}: {len(trials) - len(todo)} already finished or stopped, {len(todo)} to run")
         if todo:
-            _tune(todo, cfgs, out, cpus_per_trial, gpus_per_trial, max_concurrent, address, deadline, asha, log)
+            run(todo, cfgs, out)
         left = [t for t in trials if trial_state(t.run_dir) in ("new", "resumable")]
         for t in left:
             try:
@@ -163,6 +175,24 @@ def run_sweep(
             log(f"{trials_word(len(left))} unfinished; run the same command again to continue "
                 f"{'it' if len(left) == 1 else 'them'}")
         return report(out, unstarted=True)
+
+
+def report_sweeps(folders: list[Path], out: Path | None = None, baseline: str | None = None,
+                  by_test: bool = False) -> Path:
+    """``msi-sweep --report``: re-render a sweep folder's tables (into ``out`` when given), or select once over the
+    points of several folders (a grid run in parts) into ``out``. ``baseline``: results.md also holds each config's
+    selected point against this config's, on test (``msi.compare.baseline_section``), made before any table is
+    written; ``by_test``: also the column of what selecting on test would report (``msi.select.chosen_on_test``).
+    Returns the folder written."""
+    from msi.compare import baseline_section
+    from msi.select import union_report
+
+    if len(folders) > 1 and out is None:
+        raise MSIError("--report with several folders writes the union's tables to --out DIR")
+    extra = (lambda summary: baseline_section(summary, baseline)) if baseline else None
+    dest = Path(out or folders[0])
+    union_report(folders, dest, extra, by_test) if out else report(dest, extra=extra, by_test=by_test)
+    return dest
 
 
 def trials_word(n: int) -> str:
@@ -327,12 +357,12 @@ def run_trial(params: dict[str, Any]) -> None:
     tune.report({"epoch": res["epochs_run"], "valid": res["valid"][spec["metric"]], "node": node, "finished": True})
 
 
-def _train_into(spec: dict[str, Any], resume: bool, outcome: dict[str, Any]) -> None:
-    from msi.train import train
+def _train_into(spec: dict[str, Any], resumed: bool, outcome: dict[str, Any]) -> None:
+    from msi.train import resume, train
 
     try:
-        if resume:
-            outcome["results"] = train(None, resume=spec["run_dir"], quiet=True, device=spec["device"])
+        if resumed:
+            outcome["results"] = resume(spec["run_dir"], quiet=True, device=spec["device"])
         else:
             cfg = config_from_dict(spec["config"])
             outcome["results"] = train(cfg, out=spec["run_dir"], quiet=True, device=spec["device"])

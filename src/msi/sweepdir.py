@@ -20,8 +20,9 @@ from typing import Any
 import yaml
 
 from msi.config import Config, load_config
-from msi.errors import MSIError, read_utf8
-from msi.rundir import LAST, LOCK, STOPPED, DamagedRunFile, lock_holder, read_log, read_results, write_atomic
+from msi.errors import MSIError, read_utf8, shown
+from msi.files import write_text
+from msi.rundir import LAST, LOCK, STOPPED, DamagedRunFile, lock_holder, read_log, read_results
 
 SWEEP_FILE = "sweep.yaml"
 NAME_MAX = 255  # bytes in a file name on Linux and macOS file systems
@@ -64,12 +65,12 @@ def grid_points(grid: list[str]) -> list[tuple[str, ...]]:
         key, sep, values = item.partition("=")
         key, parts = key.strip(), split_values(values)
         if not sep or "." not in key or not all(parts):
-            raise MSIError(f"--grid {item!r}: expected section.key=v1,v2 (e.g. loss.alpha=0.1,0.01)")
+            raise MSIError(f"--grid {shown(item)}: expected section.key=v1,v2 (e.g. loss.alpha=0.1,0.01)")
         twice = next((v for i, v in enumerate(parts) if v in parts[:i]), None)
         if twice is not None:
-            raise MSIError(f"--grid {item!r}: {key}={twice} is given twice; give each value once")
+            raise MSIError(f"--grid {shown(item)}: {key}={twice} is given twice; give each value once")
         if key in axes:
-            raise MSIError(f"--grid {item!r}: {key} is already an axis; give all its values in one --grid item")
+            raise MSIError(f"--grid {shown(item)}: {key} is already an axis; give all its values in one --grid item")
         axes[key] = [f"{key}={v}" for v in parts]
     return list(itertools.product(*axes.values()))
 
@@ -179,7 +180,7 @@ def check_sweep(configs: list[Path], grid: list[str], seeds: list[int], out: Pat
         if same is not t:
             raise MSIError(f"--grid: {' '.join(same.point)} and {' '.join(t.point)} give {t.config.name} the same "
                            "config; give each value once")
-    from msi.run import dataset_for
+    from msi.runtime import dataset_for
 
     for cfg in {(c.data.root, c.data.name, c.model.name): c for c in cfgs.values()}.values():
         dataset_for(cfg, progress=False)
@@ -216,7 +217,7 @@ def record_sweep(out: Path, configs: list[Path], grid: list[str], seeds: list[in
     check_sweep_folder(out, record)
     if not (out / SWEEP_FILE).is_file():
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / SWEEP_FILE, yaml.safe_dump(record, sort_keys=False))
+        write_text(out / SWEEP_FILE, yaml.safe_dump(record, sort_keys=False))
 
 
 RECORD_ITEMS = {"configs": (str, "paths"), "grid": (str, "key=v1,v2 texts"), "seeds": (int, "whole numbers"),
@@ -240,5 +241,5 @@ def read_sweep(out: Path) -> dict[str, Any]:
     for key, (kind, what) in RECORD_ITEMS.items():
         wrong = [v for v in record[key] if not isinstance(v, kind) or isinstance(v, bool)]
         if wrong:
-            raise MSIError(f"{path}: {key} must be a list of {what}; {wrong[0]!r} is not")
+            raise MSIError(f"{path}: {key} must be a list of {what}; {shown(wrong[0])} is not")
     return record

@@ -1,4 +1,4 @@
-"""The training loop (SPEC §3): Adam over shuffled positive pairs, validation, early stopping, checkpoints.
+"""The training run (SPEC §3): epochs (``msi.epoch.run_epoch``), validation, early stopping, checkpoints.
 
 A run directory holds ``config.yaml``, ``metrics.jsonl`` (one line per epoch), ``best.pt`` (the best valid
 metric so far), ``last.pt`` (the end of the last finished epoch, for ``--resume``), ``results.json`` (the test
@@ -8,7 +8,10 @@ shows, also when quiet). Nothing is ever chosen by a test score. Its files are r
 A run directory is never clobbered: one that holds files is refused unless the run resumes it or is told to
 overwrite it, and ``.lock`` (an exclusive ``flock`` held while the run lives, removed at its end) refuses a second
 live process.
-``train`` reads as three steps: ``_setup`` (directory, data, model), ``_loop`` (epochs) and ``_finish`` (test).
+
+Two entry points: ``train`` (a new run) and ``resume`` (a run continued from its last.pt). Each reads and checks
+everything (``_new_run``, ``_resumed_run``: the directory, the device, the extras, the data, the model) before it
+changes the first file; both then share ``_run``: ``_loop`` (epochs) and ``_finish`` (test).
 """
 
 from __future__ import annotations
@@ -24,24 +27,23 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from msi.checkpoint import first_non_finite, rng_state, save_checkpoint, set_rng_state
-from msi.config import Config
+from msi.checkpoint import data_signature, first_non_finite, rng_state, save_checkpoint, set_rng_state
+from msi.config import Config, changed_keys, resume_config
 from msi.console import progress_bar
 from msi.data.dataset import Dataset
-from msi.errors import CheckpointError, ConfigError, DataError, Interrupted, MSIError
+from msi.errors import CheckpointError, ConfigError, DataError, Interrupted, MSIError, warn
+from msi.epoch import TrainingDiverged, make_optimizer, run_epoch
 from msi.evaluate import Evaluator, popularity_metrics
+from msi.files import check_file_name, write_text
 from msi.models import Recommender, build_model, epoch_diagnostics
-from msi.runinfo import TensorBoardLog, write_env
-from msi.run import data_signature, dataset_for, open_run, resolve_device, seed_everything
-from msi.rundir import (BEST, LAST, METRICS, RESULTS, DamagedRunFile, append_log, append_metrics,
-                        clear_for_new_run, locked, read_results, remove_files, remove_leftovers, resume_config,
-                        truncate_metrics, unstarted_run, write_atomic, write_config, write_results)
+from msi.models.base import check_contract
+from msi.records import TensorBoardLog, check_tensorboard, environment
+from msi.runtime import dataset_for, open_run, resolve_device, seed_everything
+from msi.rundir import (BEST, CONFIG, LAST, METRICS, RESULTS, DamagedRunFile, append_log, append_metrics,
+                        check_new_run_dir, improves, locked, read_config, read_results, record_env, remove_files,
+                        remove_leftovers, truncate_metrics, unstarted_run, write_config, write_results)
 
 Log = Callable[..., None]
-
-
-class TrainingDiverged(MSIError):
-    """The loss or the weights became NaN or inf; the checkpoints written before stay as they were."""
 
 
 @dataclass
@@ -54,72 +56,96 @@ class _Run:
     optimizer: torch.optim.Optimizer | None  # None: the model has no trainable parameters (popularity)
     evaluator: Evaluator
     pairs: torch.Tensor  # (n, 2) train (user, item) rows on the device
-    signature: dict[str, Any]  # msi.run.data_signature, saved in every checkpoint
+    signature: dict[str, Any]  # msi.checkpoint.data_signature, saved in every checkpoint
     progress: dict[str, Any]  # epoch, best_metric, best_epoch, bad_evals, stopped, train_seconds (in last.pt)
     saved_epoch: int  # the epoch last.pt holds
 
 
 def train(
-    cfg: Config | None, out: str | Path | None = None, resume: str | Path | None = None, overwrite: bool = False,
-    quiet: bool = False, device: str | None = None, allow_other_data: bool = False,
-    model: Recommender | None = None, data: Dataset | None = None, overrides: list[str] | None = None,
+    cfg: Config, out: str | Path | None = None, overwrite: bool = False, quiet: bool = False,
+    device: str | None = None, model: Recommender | None = None, data: Dataset | None = None,
 ) -> dict[str, Any]:
-    """Train ``cfg``'s model, select on valid, score test once; returns the contents of ``results.json``.
+    """Train ``cfg``'s model in a new run, select on valid, score test once; returns the contents of results.json.
 
-    ``model`` and ``data``: train this very model object (built by ``build_model(cfg, data)``) on this data set
-    instead of building them from ``cfg`` (not with ``resume``).
-
-    ``out``: the run directory (default ``<train.out_dir>/<run name>``); it must be empty or missing unless
-    ``overwrite`` (its run files are removed first). ``resume``: a run directory to continue from its last.pt
-    with its saved config (``cfg`` is then None); a finished run returns its results.json as it is.
-    ``overrides``: with ``resume``, ``key=value`` changes of ``msi.rundir.RESUME_KEYS`` only (how long and how
-    often); a finished run given more epochs (or more patience, when it stopped early) trains on, and its
-    results.json is written again at the new end. ``allow_other_data``: resume on data of the same shape but
-    another fingerprint. Every console line also goes to the run's train.log, also when ``quiet``.
+    ``out``: the run directory (default ``<train.out_dir>/<train.run_name>``); it must be empty or missing unless
+    ``overwrite`` (its run files are removed first). ``model`` and ``data``: train this very model object (built by
+    ``build_model(cfg, data)``) on this data set instead of building them from ``cfg``. Everything is read and
+    checked (the directory, the device, the extras, the data, the model's contract) before the first file changes.
+    Every console line also goes to the run's train.log, also when ``quiet``.
     """
-    if resume is not None and (model is not None or data is not None):
-        raise MSIError("train(resume=...) continues the saved model on its saved data: pass no model= or data=")
-    if overrides and resume is None:
-        raise MSIError("train(overrides=...) changes a resumed run; for a new run put them in cfg")
-    run_dir = Path(os.path.abspath(resume if resume is not None else _run_dir(cfg, out)))
-    if resume is not None and not (run_dir / LAST).is_file():
+    run_dir = Path(os.path.abspath(_run_dir(cfg, out)))
+    log = _TrainLog(run_dir, quiet)
+    with locked(run_dir):
+        present = check_new_run_dir(run_dir, overwrite)
+        run = _new_run(cfg, run_dir, device, quiet, model, data)
+        if present:  # everything checked: the first change
+            remove_files(run_dir, present)
+            log(f"removed {', '.join(present)} from {run_dir}{' (--overwrite)' if overwrite else ''}")
+        write_config(run_dir, cfg)
+        write_text(run_dir / METRICS, "")
+        try:
+            return _run(run, False, quiet, log)
+        except BaseException:
+            if (names := unstarted_run(run_dir)) is not None:  # no epoch row yet: the run leaves nothing behind
+                remove_files(run_dir, names)  # (and locked() removes the folder when it made it)
+            raise
+
+
+def resume(
+    run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), quiet: bool = False, device: str | None = None,
+    allow_other_data: bool = False,
+) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its last.pt with its saved config; returns results.json's contents.
+
+    A finished run given no ``overrides`` returns its results.json as it is. ``overrides``: ``key=value`` changes
+    a resume may make (``msi.config.RESUME_KEYS``: how long and how often); a finished run given more epochs (or
+    more patience, when it stopped early) trains on, and its results.json is written again at the new end.
+    ``allow_other_data``: data of the same shape but another fingerprint. Everything is read and checked before
+    the first file changes: a refused resume leaves the run as it was.
+    """
+    run_dir = Path(os.path.abspath(run_dir))
+    if not (run_dir / LAST).is_file():
         raise CheckpointError(f"{run_dir / LAST}: checkpoint not found; nothing to resume")
-    log = _TrainLog(run_dir, quiet, hold=resume is None)
-    created = resume is None and not run_dir.exists()
+    log = _TrainLog(run_dir, quiet)
+    with locked(run_dir, advice="wait for it to end; a run is resumed by one process at a time"):
+        if not overrides and (done := _finished(run_dir, log)) is not None:
+            if not quiet:  # the console only: resuming a finished run changes nothing in it
+                tqdm.write(f"{run_dir} is finished (results.json); nothing to resume")
+            return done
+        run, state, changes = _resumed_run(run_dir, list(overrides), device, allow_other_data, log)
+        for p in remove_leftovers(run_dir):  # everything checked: the first change
+            log(f"removed {p}, left by an interrupted write")
+        if changes:
+            _record_changes(run, changes, log)
+        dropped = truncate_metrics(run_dir, run.progress["epoch"])
+        if dropped:
+            log(f"{run_dir / METRICS}: dropped {dropped} lines written after epoch {run.progress['epoch']} "
+                "(last.pt's) or left partial")
+        set_rng_state(state["rng"])
+        log(f"resumed {run_dir} after epoch {run.progress['epoch']}")
+        return _run(run, True, quiet, log)
+
+
+def _run(run: _Run, resumed: bool, quiet: bool, log: _TrainLog) -> dict[str, Any]:
+    """What a new run and a resume share once their files are in place: env.json, the epochs, the finish."""
+    log(run.evaluator.dataset.summary())
+    log.release()
+    record_env(run.dir, environment(run.evaluator.device), resumed)
     try:
-        with locked(run_dir):
-            if resume is not None and not overrides and (done := _finished(run_dir, log)) is not None:
-                if not quiet:  # the console only: resuming a finished run changes nothing in it
-                    tqdm.write(f"{run_dir} is finished (results.json); nothing to resume")
-                return done
-            released = False
-            try:
-                run = _setup(cfg, run_dir, resume is not None, overwrite, device, quiet, allow_other_data, log,
-                             model, data, overrides or [])
-                log.release()
-                released = True
-                _loop(run, quiet, log)
-                return _finish(run, log)
-            except BaseException as e:
-                if resume is None and (names := unstarted_run(run_dir)) is not None:
-                    remove_files(run_dir, names)  # a new run that never finished an epoch leaves nothing behind
-                elif released and isinstance(e, MSIError):  # the console's last line (the CLI prints it), kept
-                    append_log(run_dir, f"error: {e}")
-                raise
-    except BaseException:
-        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # nor the folder it made: the corrected command starts as if it had not run
+        _loop(run, quiet, log)
+        return _finish(run, log)
+    except MSIError as e:  # the console's last line (the CLI prints it), kept with the others
+        append_log(run.dir, f"error: {e}")
         raise
 
 
 class _TrainLog:
-    """A line to the console unless ``quiet``, and to ``train.log``. With ``hold`` (a new run) the lines wait until
-    ``release`` (after _setup wrote config.yaml): a run refused or failing before that leaves no train.log behind,
-    so its directory stays as empty as it was and the corrected command can start there."""
+    """A line to the console unless ``quiet``, and to ``train.log``, where the lines wait until ``release``: a run
+    refused before its first file changes leaves no train.log line behind."""
 
-    def __init__(self, run_dir: Path, quiet: bool, hold: bool) -> None:
+    def __init__(self, run_dir: Path, quiet: bool) -> None:
         self.run_dir, self.quiet = run_dir, quiet
-        self.held: list[str] | None = [] if hold else None
+        self.held: list[str] | None = []
 
     def __call__(self, *parts: Any) -> None:
         line = " ".join(str(x) for x in parts)
@@ -139,9 +165,9 @@ class _TrainLog:
 def _run_dir(cfg: Config, out: str | Path | None) -> Path:
     """``out``, or ``<train.out_dir>/<train.run_name>`` (empty name: ``<data>-<model>-<time>``)."""
     if out is not None:
-        return Path(out)
+        return check_file_name(out, "run directory")
     name = cfg.train.run_name or f"{cfg.data.name}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.train.out_dir) / name
+    return Path(cfg.train.out_dir) / name  # train.run_name is one folder name (msi.config.validate)
 
 
 def _finished(run_dir: Path, log: Log) -> dict[str, Any] | None:
@@ -153,25 +179,104 @@ def _finished(run_dir: Path, log: Log) -> dict[str, Any] | None:
         return None
 
 
-def _resume_with(run_dir: Path, cfg: Config, overrides: list[str], progress: dict[str, Any], log: Log) -> Config:
-    """The saved config with a resume's overrides (``msi.rundir.resume_config``), recorded in config.yaml and
-    train.log; ``progress`` (last.pt's) stops early or not by the new patience. A finished run so reopened is
-    unfinished until its new end: its results.json goes."""
-    new, changes = resume_config(cfg, overrides)
-    if not changes:
-        return cfg
-    if new.train.epochs < progress["epoch"]:
-        raise ConfigError(f"train.epochs={new.train.epochs}: {run_dir} has already trained {progress['epoch']} epochs")
-    progress["stopped"] = progress["bad_evals"] >= new.train.patience
-    write_config(run_dir, new)
+def _new_run(cfg: Config, run_dir: Path, device: str | None, quiet: bool, model: Recommender | None,
+             data: Dataset | None) -> _Run:
+    """A new run's device, data set, model (``model`` and ``data`` when given) and optimizer, all checked; nothing
+    is written in ``run_dir``."""
+    dev = resolve_device(device or cfg.train.device)
+    check_tensorboard(cfg.train.tensorboard)
+    seed_everything(cfg.train.seed)
+    dataset = data if data is not None else dataset_for(cfg, progress=not quiet)
+    _check_splits(dataset)
+    if model is not None:
+        _check_model_fits(model, cfg, dataset)
+    else:
+        model = build_model(cfg, dataset)
+    model = model.to(dev)  # a Module moves in place: a model passed in is the very object trained
+    pairs = torch.from_numpy(dataset.train).to(dev)
+    check_contract(model, pairs[: cfg.train.batch_size], dataset.n_users, dataset.n_items, cfg.model.name)
+    progress = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "bad_evals": 0, "stopped": False,
+                "train_seconds": 0.0}
+    return _Run(run_dir, cfg, model, _optimizer(model, cfg), Evaluator.from_config(dataset, dev, cfg),
+                pairs, data_signature(dataset), progress, 0)
+
+
+def _optimizer(model: Recommender, cfg: Config) -> torch.optim.Optimizer | None:
+    """Adam over the trainable parameters, or None for a model with none (popularity: it trains no epoch)."""
+    return make_optimizer(model, cfg.train.lr) if any(p.requires_grad for p in model.parameters()) else None
+
+
+def _resumed_run(run_dir: Path, overrides: list[str], device: str | None, allow_other_data: bool,
+                 log: Log) -> tuple[_Run, dict[str, Any], list[str]]:
+    """The run restored from last.pt with ``overrides`` applied, all checked; nothing is written in ``run_dir``.
+    Returns the run, last.pt's payload and the changes the overrides make."""
+    model, saved, dataset, state = open_run(run_dir / LAST, allow_other_data=allow_other_data)
+    missing = [k for k in ("optimizer", "rng", "progress") if k not in state]
+    if missing:
+        raise CheckpointError(f"{run_dir / LAST}: not a resumable checkpoint: it lacks {', '.join(missing)} "
+                              "(a best.pt copied over last.pt?); start over with --overwrite")
+    _warn_hand_edits(run_dir, saved)
+    cfg, changes = resume_config(saved, overrides)
+    progress = {**state["progress"]}
+    if cfg.train.epochs < progress["epoch"]:
+        raise ConfigError(f"train.epochs={cfg.train.epochs}: {run_dir} has already trained {progress['epoch']} "
+                          "epochs")
+    progress["stopped"] = progress["bad_evals"] >= cfg.train.patience
+    dev = resolve_device(device or cfg.train.device)
+    check_tensorboard(cfg.train.tensorboard)
+    _check_splits(dataset)
+    model = model.to(dev)
+    optimizer = _optimizer(model, cfg)
+    try:
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:  # a state of other parameters or shapes
+        raise CheckpointError(f"{run_dir / LAST}: not an msi checkpoint: its optimizer state does not fit "
+                              f"the model ({str(e).splitlines()[0]})") from None
+    model.train()
+    run = _Run(run_dir, cfg, model, optimizer, Evaluator.from_config(dataset, dev, cfg),
+               torch.from_numpy(dataset.train).to(dev), data_signature(dataset), progress, progress["epoch"])
+    return run, state, changes
+
+
+def _warn_hand_edits(run_dir: Path, saved: Config) -> None:
+    """Warn when config.yaml is missing or differs from last.pt's config (a hand edit): last.pt's is the one used,
+    and config.yaml is written from it again."""
+    path = run_dir / CONFIG
+    if not path.is_file():
+        warn(f"{path}: missing; the run goes on with last.pt's config and writes it there again")
+        return
+    try:
+        differ = changed_keys(read_config(run_dir), saved)
+    except ConfigError as e:
+        warn(f"{e}; the run goes on with last.pt's config and writes config.yaml again")
+        return
+    if differ:
+        verb = "differs" if len(differ) == 1 else "differ"
+        warn(f"{path}: {', '.join(differ)} {verb} from last.pt's config (edited by hand?); the run goes on with "
+             "last.pt's, and config.yaml is written from it again: change how long or how often with --resume "
+             "RUN key=value")
+
+
+def _record_changes(run: _Run, changes: list[str], log: Log) -> None:
+    """config.yaml and train.log record a resume's changes; a finished run so reopened is unfinished until its
+    new end: its results.json goes."""
+    write_config(run.dir, run.cfg)
     log(f"resume with {', '.join(changes)} (config.yaml updated)")
-    if (run_dir / RESULTS).is_file():
-        (run_dir / RESULTS).unlink()
-        log(f"{run_dir / RESULTS} removed: the run is written again at its new end")
-    if progress["stopped"]:
-        log(f"it stopped early at epoch {progress['epoch']} ({progress['bad_evals']} evaluations without a better "
-            f"valid {new.train.metric}); only a larger train.patience trains it further")
-    return new
+    if (run.dir / RESULTS).is_file():
+        (run.dir / RESULTS).unlink()
+        log(f"{run.dir / RESULTS} removed: the run is written again at its new end")
+    p = run.progress
+    if p["stopped"]:
+        log(f"it stopped early at epoch {p['epoch']} ({p['bad_evals']} evaluations without a better valid "
+            f"{run.cfg.train.metric}); only a larger train.patience trains it further")
+
+
+def _check_splits(dataset: Dataset) -> None:
+    for split in ("valid", "test"):  # before an epoch is spent
+        if len(dataset.split(split)) == 0:
+            raise DataError(f"{dataset.path / f'{dataset.name}.inter'}: the {split} split is empty (no rows of "
+                            "users with train rows): nothing to select on or score")
 
 
 def _check_model_fits(model: Recommender, cfg: Config, dataset: Dataset) -> None:
@@ -185,66 +290,6 @@ def _check_model_fits(model: Recommender, cfg: Config, dataset: Dataset) -> None
         raise MSIError(f"the model passed to train() is not the one the config describes for data set "
                        f"{dataset.name} (parameters differ: {diff}); build it with build_model(cfg, data)")
 
-
-def _setup(
-    cfg: Config | None, run_dir: Path, resume: bool, overwrite: bool, device: str | None, quiet: bool,
-    allow_other_data: bool, log: Log, model: Recommender | None = None, data: Dataset | None = None,
-    overrides: tuple[str, ...] | list[str] = (),
-) -> _Run:
-    """The run directory, data set, model, optimizer and progress: fresh (``model`` and ``data`` when given), or
-    restored from last.pt."""
-    progress = {"epoch": 0, "best_metric": -math.inf, "best_epoch": 0, "bad_evals": 0, "stopped": False,
-                "train_seconds": 0.0}
-    if resume:
-        for p in remove_leftovers(run_dir):
-            log(f"removed {p}, left by an interrupted write")
-        model, cfg, dataset, state = open_run(run_dir / LAST, allow_other_data=allow_other_data)
-        missing = [k for k in ("optimizer", "rng", "progress") if k not in state]
-        if missing:
-            raise CheckpointError(f"{run_dir / LAST}: not a resumable checkpoint: it lacks {', '.join(missing)} "
-                                  "(a best.pt copied over last.pt?); start over with --overwrite")
-        cfg = _resume_with(run_dir, cfg, list(overrides), state["progress"], log)
-    else:
-        removed = clear_for_new_run(run_dir, overwrite)
-        if removed:
-            log(f"removed {', '.join(removed)} from {run_dir}{' (--overwrite)' if overwrite else ''}")
-        seed_everything(cfg.train.seed)
-        dataset = data if data is not None else dataset_for(cfg, progress=not quiet)
-        if model is not None:
-            _check_model_fits(model, cfg, dataset)
-        else:
-            model = build_model(cfg, dataset)
-    dev = resolve_device(device or cfg.train.device)
-    model = model.to(dev)  # a Module moves in place: a model passed in is the very object trained
-    trainable = any(p.requires_grad for p in model.parameters())
-    optimizer = make_optimizer(model, cfg.train.lr) if trainable else None
-    if resume and optimizer is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:  # a state of other parameters or shapes
-            raise CheckpointError(f"{run_dir / LAST}: not an msi checkpoint: its optimizer state does not fit "
-                                  f"the model ({str(e).splitlines()[0]})") from None
-    if resume:
-        progress.update(state["progress"])
-        set_rng_state(state["rng"])
-        dropped = truncate_metrics(run_dir, progress["epoch"])
-        if dropped:
-            log(f"{run_dir / METRICS}: dropped {dropped} lines written after epoch {progress['epoch']} (last.pt's) "
-                "or left partial")
-        log(f"resumed {run_dir} after epoch {progress['epoch']}")
-    log(dataset.summary())
-    for split in ("valid", "test"):  # before an epoch is spent
-        if len(dataset.split(split)) == 0:
-            raise DataError(f"{dataset.path / f'{dataset.name}.inter'}: the {split} split is empty (no rows of "
-                            "users with train rows): nothing to select on or score")
-    if not resume:
-        write_config(run_dir, cfg)
-        write_atomic(run_dir / METRICS, "")
-    write_env(run_dir, dev, resumed=resume)
-    evaluator = Evaluator(dataset, dev, cfg.eval.ks, cfg.eval.batch_users, cfg.eval.mask_valid_at_test)
-    pairs = torch.from_numpy(dataset.train).to(dev)
-    return _Run(run_dir, cfg, model, optimizer, evaluator, pairs, data_signature(dataset), progress,
-                progress["epoch"])
 
 
 def _loop(run: _Run, quiet: bool, log: Log) -> None:
@@ -302,7 +347,7 @@ def _validate(run: _Run, row: dict[str, Any], log: Log) -> None:
     t0 = time.time()
     valid = run.evaluator(run.model, "valid")
     row.update(eval_seconds=time.time() - t0, valid=valid)
-    improved = valid[t.metric] > p["best_metric"]
+    improved = improves(valid[t.metric], p["best_metric"])
     if improved:
         p.update(best_metric=valid[t.metric], best_epoch=p["epoch"], bad_evals=0)
         _save(run, "best.pt")
@@ -335,49 +380,6 @@ def _save(run: _Run, name: str) -> None:
     if name == "last.pt":
         run.saved_epoch = run.progress["epoch"]
 
-
-def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """Adam, no weight decay; fused=True: one pass over each parameter, the per-tensor loop's numbers up to
-    rounding (tests/test_train.py's pinned trajectory), 5x faster on the CPU over the raw features."""
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-
-
-def run_epoch(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, pairs: torch.Tensor, batch_size: int,
-    epoch: int, quiet: bool = True, bf16: bool = False,
-) -> dict[str, Any]:
-    """One pass over the shuffled train pairs (n, 2); returns the mean of every loss term and the time.
-
-    Each batch: zero_grad, the loss (under bfloat16 autocast with ``bf16``: the forward pass and the loss only,
-    as nanoGPT does), backward, the Adam step. zero_grad comes first so the last step's gradients are still there
-    for ``epoch_diagnostics``.
-    """
-    model.train()
-    t0 = time.time()
-    perm = torch.randperm(len(pairs)).to(pairs.device)
-    sums: dict[str, torch.Tensor] = {}
-    n_batches = math.ceil(len(pairs) / batch_size)
-    losses = torch.empty(n_batches, device=pairs.device)  # checked once per epoch: no GPU sync per step
-    for b in progress_bar(range(n_batches), desc=f"epoch {epoch + 1}", leave=False, show=not quiet):
-        batch = pairs[perm[b * batch_size : (b + 1) * batch_size]]
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(pairs.device.type, dtype=torch.bfloat16, enabled=bf16):
-            terms = model.loss(batch[:, 0], batch[:, 1])
-        terms["loss"].backward()
-        optimizer.step()
-        losses[b] = terms["loss"].detach()
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.detach()
-    bad = torch.nonzero(~torch.isfinite(losses))
-    if len(bad):
-        b = int(bad[0])
-        raise TrainingDiverged(
-            f"loss is {losses[b].item()} at epoch {epoch + 1}, batch {b + 1}; the run stops here, and the "
-            "checkpoints written before this epoch are kept"
-        )
-    row = {k: float(v) / n_batches for k, v in sums.items()}
-    row.update(epoch=epoch + 1, epoch_seconds=time.time() - t0)
-    return row
 
 
 def _fmt(metrics: dict[str, float], keys: tuple[str, ...] = ("recall", "ndcg")) -> str:

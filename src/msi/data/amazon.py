@@ -24,7 +24,7 @@ from typing import IO, Any, TypeVar
 import numpy as np
 
 from msi.console import progress_bar
-from msi.errors import DataError
+from msi.errors import DataError, shown
 
 IMAGE_DIM = 4096
 IMAGE_RECORD = np.dtype([("asin", "S10"), ("feat", "<f4", (IMAGE_DIM,))])
@@ -126,7 +126,7 @@ def iter_records(
 def _raw_id(record: dict[str, Any], key: str) -> str:
     value = record.get(key)
     if not isinstance(value, str) or not value or not value.isprintable():
-        raise _Malformed(f"field {key!r} must be a non-empty id without control characters, got {value!r}")
+        raise _Malformed(f"field {shown(key)} must be a non-empty id without control characters, got {shown(value)}")
     return value
 
 
@@ -134,9 +134,9 @@ def _review(record: dict[str, Any]) -> tuple[str, str, float, int]:
     """(reviewerID, asin, overall, unixReviewTime) of one review record; both releases use these names."""
     rating, stamp = record.get("overall"), record.get("unixReviewTime")
     if not isinstance(rating, (int, float)) or isinstance(rating, bool):
-        raise _Malformed(f"field 'overall' must be a number, got {rating!r}")
+        raise _Malformed(f"field 'overall' must be a number, got {shown(rating)}")
     if not isinstance(stamp, int) or isinstance(stamp, bool):
-        raise _Malformed(f"field 'unixReviewTime' must be an integer, got {stamp!r}")
+        raise _Malformed(f"field 'unixReviewTime' must be an integer, got {shown(stamp)}")
     return _raw_id(record, "reviewerID"), _raw_id(record, "asin"), float(rating), stamp
 
 
@@ -173,7 +173,7 @@ def _text(record: dict[str, Any], key: str) -> str:
         return value or ""
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return " ".join(value)
-    raise _Malformed(f"field {key!r} must be text or a list of text, got {type(value).__name__}")
+    raise _Malformed(f"field {shown(key)} must be text or a list of text, got {type(value).__name__}")
 
 
 def first_category_path(record: dict[str, Any]) -> list[str]:

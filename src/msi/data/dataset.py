@@ -9,13 +9,15 @@ does, and counted. Every problem is a :class:`DataError` that names the file (an
 from __future__ import annotations
 
 import io
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from msi.errors import ConfigError, DataError, read_utf8, warn
+from msi.errors import ConfigError, DataError, read_utf8, shown, warn
+from msi.files import check_name
 
 REQUIRED_COLUMNS = ("userID", "itemID", "x_label")
 MIN_ID_LIMIT = 1024  # ids up to max(2 x the distinct count, this) are read; larger ones are taken for a mistake
@@ -41,7 +43,7 @@ class Dataset:
 
     def split(self, name: str) -> np.ndarray:
         if name not in SPLIT_LABELS:
-            raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLIT_LABELS)}")
+            raise ValueError(f"unknown split {shown(name)}; expected one of {', '.join(SPLIT_LABELS)}")
         return getattr(self, name)
 
     def summary(self) -> str:
@@ -65,19 +67,29 @@ def _scan_for_error(path: Path, lines: list[str], cols: list[int]) -> DataError:
             return DataError(f"{path}:{lineno}: expected at least {max(cols) + 1} tab-separated fields, got {len(parts)}")
         for name, c in zip(names, cols):
             raw = parts[c].strip()
-            if not _NUMBER.fullmatch(raw):  # what numpy reads: not Python's '1_0', 'infinity' or other digits
-                return DataError(f"{path}:{lineno}: {name} {raw!r} is not an integer")
-            value = float(raw)
-            if not value.is_integer():
-                return DataError(f"{path}:{lineno}: {name} {raw!r} is not an integer")
-            if value < 0:
-                return DataError(f"{path}:{lineno}: {name} {raw!r} is negative")
-            if value >= MAX_EXACT_ID:
-                return DataError(f"{path}:{lineno}: {name} {raw!r} is far out of range: MMRec's layout numbers ids "
-                                 "from 0 without large gaps (msi-data prepare writes such ids)")
+            try:
+                value = parse_id(raw, name, f"{path}:{lineno}")
+            except DataError as e:
+                return e
             if name == "x_label" and value not in (0, 1, 2):
-                return DataError(f"{path}:{lineno}: x_label {raw!r} is not 0 (train), 1 (valid) or 2 (test)")
+                return DataError(f"{path}:{lineno}: x_label {shown(raw)} is not 0 (train), 1 (valid) or 2 (test)")
     return DataError(f"{path}: could not be parsed as a tab-separated .inter file")
+
+
+def parse_id(raw: str, name: str, where: str) -> int:
+    """One id (or other count) read from a text file, by the ``.inter`` reader's rules: a decimal number as numpy
+    reads it (not Python's ``1_0``, ``infinity`` or other scripts' digits), whole, not negative, below
+    ``MAX_EXACT_ID``; else a DataError that starts with ``where`` (``file:line``)."""
+    text = raw.strip()
+    value = float(text) if _NUMBER.fullmatch(text) else math.nan
+    if not value.is_integer():
+        raise DataError(f"{where}: {name} {shown(raw)} is not an integer")
+    if value < 0:
+        raise DataError(f"{where}: {name} {shown(raw)} is negative")
+    if value >= MAX_EXACT_ID:
+        raise DataError(f"{where}: {name} {shown(raw)} is far out of range: MMRec's layout numbers ids from 0 "
+                        "without large gaps (msi-data prepare writes such ids)")
+    return int(value)
 
 
 def read_inter(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -155,8 +167,7 @@ def load_features(path: str | Path, n_items: int) -> np.ndarray:
 
 def check_data_set_name(name: str) -> None:
     """A data set's name is the folder ``<root>/<name>/`` and its ``<name>.inter``: a plain folder name, no path."""
-    if name in ("", ".", "..") or any(c in name for c in "/\\"):
-        raise ConfigError(f"data set name {name!r} must be a plain folder name")
+    check_name(name, "data set name", ConfigError)
 
 
 def load_dataset(root: str | Path, name: str, modalities: dict[str, str] | None = None) -> Dataset:

@@ -34,6 +34,26 @@ def normalized_adjacency(train: np.ndarray, n_users: int, n_items: int, self_loo
     return _to_torch_csr(csr)
 
 
+def mean_adjacency(train: np.ndarray, n_users: int, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D^-1 A, (D^-1 A)^T) of the bipartite graph of ``train`` rows, each an (N, N) sparse CSR float32 tensor.
+
+    Row v of D^-1 A averages v's neighbours (mean aggregation: 1 / deg(v) on each of v's edges); isolated nodes
+    (items seen only in valid or test) get all-zero rows. Node ids and duplicates as in ``normalized_adjacency``;
+    the transpose is what the gradient of a product with D^-1 A needs (``msi.models.base.sparse_product``).
+    """
+    n = n_users + n_items
+    pairs = np.unique(np.asarray(train, dtype=np.int64).reshape(-1, 2), axis=0)
+    rows = np.concatenate([pairs[:, 0], pairs[:, 1] + n_users])
+    cols = np.concatenate([pairs[:, 1] + n_users, pairs[:, 0]])
+    deg = np.bincount(rows, minlength=n).astype(np.float64)
+    vals = (1.0 / deg[rows]).astype(np.float32)
+    csr = sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
+    csr.sort_indices()
+    csr_t = csr.T.tocsr()
+    csr_t.sort_indices()
+    return _to_torch_csr(csr), _to_torch_csr(csr_t)
+
+
 def interaction_csr(pairs: np.ndarray, n_users: int, n_items: int) -> torch.Tensor:
     """(user, item) rows of shape (n, 2) -> a (U, I) sparse CSR 0/1 matrix, used to mask seen items."""
     pairs = np.unique(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), axis=0)

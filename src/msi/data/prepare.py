@@ -8,7 +8,6 @@ and the counts after each step. docs/prepare.md gives the exact rules.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ from msi import __version__
 from msi.console import progress_bar
 from msi.data.amazon import read_image_features, read_item_texts, read_reviews
 from msi.data.dataset import INTER_HEADER, SPLIT_LABELS, check_data_set_name
-from msi.errors import ConfigError, DataError, MSIError
+from msi.errors import ConfigError, DataError, MSIError, shown
+from msi.files import temporary_path
 
 Encoder = Callable[[list[str]], np.ndarray]
 
@@ -263,7 +263,7 @@ def _output_folder(out: Path, name: str, overwrite: bool) -> Path:
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{option} must be one of {', '.join(choices)}, got {shown(value)}")
 
 
 def prepare(
@@ -297,8 +297,7 @@ def prepare(
         Path(meta), image_path, data.item_ids, encode, skip_bad_lines, progress
     )
     counts |= feature_counts
-    staging = folder.with_name(f".{name}.tmp-{os.getpid()}")  # beside the target: the swap is a rename
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = temporary_path(folder)  # beside the target: the swap is a rename
     staging.mkdir(parents=True)
     try:
         written = write_dataset(staging, name, data, text_feat, image_feat)
@@ -324,16 +323,32 @@ def prepare(
     return summary
 
 
+def summary_text(summary: dict[str, Any]) -> str:
+    """What `msi-data prepare` prints of a summary: sizes and the split, what was missing or skipped, what was
+    written."""
+    counts, core = summary["counts"], summary["counts"]["after_k_core"]
+    split = counts["split"]
+    lines = [f"{summary['name']}: {core['users']:,} users, {core['items']:,} items, {core['rows']:,} interactions "
+             f"(train {split['train']:,} / valid {split['valid']:,} / test {split['test']:,})",
+             f"items without text: {counts['items_without_text']:,}; without an image: "
+             f"{counts.get('items_without_image', 'no image file')}; bad lines skipped: "
+             f"{counts['review_lines_skipped'] + counts['meta_lines_skipped']:,}"]
+    lines += [f"first skipped: {first}" for first in (counts["first_skipped_review_line"],
+                                                      counts["first_skipped_meta_line"]) if first]
+    return "\n".join([*lines, f"wrote {summary['folder']}: {', '.join(summary['files'])}"])
+
+
 def _swap_in(staging: Path, folder: Path, outputs: list[str]) -> None:
     """Replace ``folder`` by the complete ``staging`` folder; files of ``folder`` that prepare does not write
-    (an extra modality, notes) move over. A crash between the two renames leaves ``.<name>.old-<pid>`` whole."""
+    (an extra modality, notes) move over. A crash between the two renames leaves the old folder whole under a
+    ``msi.files.temporary_path`` name."""
     if not folder.exists():
         staging.rename(folder)
         return
     for extra in folder.iterdir():
         if extra.name not in outputs:
             extra.rename(staging / extra.name)
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    old = temporary_path(folder)
     folder.rename(old)
     staging.rename(folder)
     shutil.rmtree(old)

@@ -21,8 +21,6 @@ thread counts, BLAS builds or how much memory there is.
 """
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +31,8 @@ import numpy as np
 
 from msi.console import progress_bar
 from msi.data.dataset import INTER_HEADER, check_data_set_name
-from msi.errors import ConfigError, DataError
+from msi.errors import ConfigError, DataError, shown
+from msi.files import temporary_path
 
 # Stream ids: each kind of draw has its own generator, so changing one step leaves the others' bytes alone.
 _LATENTS, _DEGREES, _INTERACTIONS, _COVER, _SPLIT, _MAPS, _NOISE, _OWN_NUISANCE = range(8)
@@ -70,7 +69,7 @@ class SynthPreset:
 
     def __post_init__(self) -> None:
         if self.signal not in SIGNALS:
-            raise ConfigError(f"SynthPreset.signal must be one of {', '.join(SIGNALS)}, got {self.signal!r}")
+            raise ConfigError(f"SynthPreset.signal must be one of {', '.join(SIGNALS)}, got {shown(self.signal)}")
         for key in ("n_users", "n_items", "n_interactions", "image_dim", "text_dim", "n_factors",
                     "n_topics", "nuisance_dim", "min_degree"):
             if getattr(self, key) < 1:
@@ -114,7 +113,7 @@ def resolve_preset(preset: str | SynthPreset) -> SynthPreset:
     if isinstance(preset, SynthPreset):
         return preset
     if preset not in PRESETS:
-        raise DataError(f"unknown synthetic preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+        raise DataError(f"unknown synthetic preset {shown(preset)}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[preset]
 
 
@@ -122,7 +121,7 @@ def latents(preset: str | SynthPreset, seed: int = 0) -> Latents:
     """Draw the latent factors, nuisance and popularity that `generate` uses for this seed."""
     p = resolve_preset(preset)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+        raise ConfigError(f"seed must be a non-negative integer, got {shown(seed)}")
     rng = _rng(seed, _LATENTS)
     centres = _unit(rng.standard_normal((p.n_topics, p.n_factors)))  # (T, k)
     item_topic = rng.integers(p.n_topics, size=p.n_items)
@@ -162,7 +161,7 @@ def generate(preset: str | SynthPreset, out_dir: str | Path, seed: int = 0, name
     _earlier_data_set(out, overwrite)
     users, items = _interactions(p, lat, seed, progress)
     users, items, stamps, labels = _split(users, items, p.n_users, seed)
-    staging = out.resolve().parent / f".{out.resolve().name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    staging = temporary_path(out.resolve())
     inter_name = f"{name}.inter"
     try:
         with _naming(out / inter_name, out):

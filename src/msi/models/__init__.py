@@ -1,4 +1,5 @@
-"""Models: MSI (and its ablations, BM3 among them) and the LightGCN baseline, behind one small interface.
+"""Models: MSI (and its ablations, BM3 among them) and the baselines (LightGCN, BPR, VBPR, DualGNN, BUIR, popularity),
+behind one small interface.
 
 Each model registers its builder under its name (``@register("msi")`` beside the class, msi.registry); importing
 this package registers the built-in ones. ``build_model`` asks the registry for ``cfg.model.name`` and knows no
@@ -11,15 +12,20 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from msi.data.dataset import Dataset
 from msi.data.graph import interaction_csr
-from msi.errors import MSIError
+from msi.errors import MSIError, raised
 from msi.models.base import Recommender, grad_norms, lightgcn_readout, mask_rows
 from msi.models.bpr import BPR
+from msi.models.buir import BUIR
+from msi.models.dualgnn import DualGNN
 from msi.models.freedom import FREEDOM
+from msi.models.grcn import GRCN
 from msi.models.lattice import LATTICE
 from msi.models.lightgcn import LightGCN
+from msi.models.mmgcn import MMGCN
 from msi.models.msi import MSI
 from msi.models.popularity import Popularity
 from msi.models.vbpr import VBPR
@@ -40,7 +46,12 @@ def build_model(cfg: Config, dataset: Dataset, with_features: bool = True) -> Re
         zeros = {m: np.zeros(f.shape, np.float32) for m, f in dataset.features.items()}
         dataset = dataclasses.replace(dataset, features=zeros)
     entry = get(cfg.model.name)
-    model = entry.build(cfg, dataset)
+    try:
+        model = entry.build(cfg, dataset)
+    except (MSIError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # a plugin's builder: one line naming it, not its traceback
+        raise MSIError(f"the builder of model {entry.name!r} ({entry.build.__module__}) raised {raised(e)}") from None
     if not isinstance(model, Recommender):
         raise MSIError(f"the builder of model {entry.name!r} returned a {type(model).__name__}, not a "
                        "msi.models.Recommender")
@@ -54,5 +65,6 @@ def epoch_diagnostics(model: Recommender) -> dict[str, float]:
     return {**grad_norms(model), **model.code_stats()}
 
 
-__all__ = ["BPR", "FREEDOM", "LATTICE", "MSI", "LightGCN", "Popularity", "Recommender", "VBPR", "build_model",
-           "epoch_diagnostics", "grad_norms", "lightgcn_readout", "key", "mask_rows", "register"]
+__all__ = ["BPR", "BUIR", "DualGNN", "FREEDOM", "GRCN", "LATTICE", "MMGCN", "MSI", "LightGCN", "Popularity",
+           "Recommender", "VBPR", "build_model", "epoch_diagnostics", "grad_norms", "lightgcn_readout", "key",
+           "mask_rows", "register"]

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from msi.errors import MSIError, raised, shown
+
 
 class _BlockSpMM(torch.autograd.Function):
     """A @ X for a sparse A given also A's transpose: the gradient with respect to X is A^T @ G, with no transpose
@@ -207,3 +209,51 @@ def grad_norms(model: Recommender) -> dict[str, float]:
             group = model.param_groups.get(name.split(".")[0], "other")
             sq[group] = sq.get(group, 0.0) + p.grad.float().pow(2).sum()
     return {f"grad_{g}": float(v) ** 0.5 for g, v in sq.items()}
+
+
+def check_contract(model: Recommender, pairs: torch.Tensor, n_users: int, n_items: int, name: str) -> None:
+    """Before a run starts: one ``loss`` on a batch of train ``pairs`` (B, 2) and one ``embeddings()``, in train mode
+    as the trainer calls them (no backward), checked against the interface (a dict of scalar terms holding ``loss``;
+    ``user`` (U, d) and each of ``item_views`` (I, d)). Whatever fails, or raises, is one MSIError naming the model
+    and its class. The random state is left as it was: the run draws the same numbers as without the check."""
+    where = f"model {name!r} ({type(model).__module__}.{type(model).__qualname__})"
+    devices = [pairs.device] if pairs.device.type == "cuda" else []
+    trainable = any(p.requires_grad for p in model.parameters())  # none (popularity): the trainer never calls loss
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.train()
+            # as the trainer calls it; no backward, so no gradient
+            terms = model.loss(pairs[:, 0], pairs[:, 1]) if trainable else {"loss": torch.zeros(())}
+            emb = model.embeddings()
+    except (MSIError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # a plugin's own bug: one line, not its traceback
+        raise MSIError(f"{where}: a forward pass on one batch raised {raised(e)}") from None
+    problem = _terms_problem(terms) or _embeddings_problem(emb, model.item_views, n_users, n_items)
+    if problem:
+        raise MSIError(f"{where}: {problem} (docs/adding_a_model.md gives the interface)")
+
+
+def _terms_problem(terms: object) -> str | None:
+    if not isinstance(terms, dict) or "loss" not in terms:
+        got = sorted(map(str, terms)) if isinstance(terms, dict) else type(terms).__name__
+        return f"loss() must return a dict holding 'loss', got {shown(got)}"
+    for key, value in terms.items():
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            return f"loss() term {shown(key)} must be a scalar tensor, got {shape}"
+    return None
+
+
+def _embeddings_problem(emb: object, views: tuple[str, ...], n_users: int, n_items: int) -> str | None:
+    if not isinstance(emb, dict) or "user" not in emb:
+        return "embeddings() must return a dict holding 'user' and the item_views"
+    want = {"user": n_users, **{v: n_items for v in views}}
+    width = emb["user"].shape[-1] if isinstance(emb["user"], torch.Tensor) else None
+    for key, rows in want.items():
+        got = emb.get(key)
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != (rows, width):
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            return f"embeddings()[{key!r}] must be ({rows}, d) with one d for all, got {shape}"
+    return None
+

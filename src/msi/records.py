@@ -1,4 +1,5 @@
-"""Records of a run beside its metrics: ``env.json`` (where and with what it ran), optional TensorBoard events."""
+"""Records of a run beside its metrics: ``environment`` (where and with what it ran: the record msi.rundir keeps in
+env.json) and the optional TensorBoard events."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from msi.errors import MSIError
-from msi.rundir import ENV, loss_terms, record_env
+from msi.rundir import loss_terms
 
 
 def git_commit(folder: Path) -> str | None:
@@ -48,13 +49,14 @@ def environment(device: torch.device | None = None, argv: list[str] | None = Non
     }
 
 
-def write_env(
-    run_dir: str | Path, device: torch.device | None = None, argv: list[str] | None = None, resumed: bool = False,
-) -> Path:
-    """Record ``environment`` in ``<run_dir>/env.json``: a new run's as ``first``, a resume's appended to
-    ``resumes`` (``msi.rundir.record_env``); returns its path."""
-    record_env(Path(run_dir), environment(device, argv), resumed)
-    return Path(run_dir) / ENV
+def check_tensorboard(enabled: bool) -> None:
+    """With ``enabled`` (train.tensorboard), a one-line MSIError naming the extra when TensorBoard is missing."""
+    if not enabled:
+        return
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise MSIError("train.tensorboard: true needs TensorBoard: pip install -e '.[tensorboard]'") from None
 
 
 class TensorBoardLog:
@@ -69,10 +71,9 @@ class TensorBoardLog:
         self.writer = None
         if not enabled:
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise MSIError("train.tensorboard: true needs TensorBoard: pip install -e '.[tensorboard]'") from None
+        check_tensorboard(True)
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def log(self, row: dict[str, Any]) -> None:

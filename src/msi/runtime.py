@@ -3,7 +3,6 @@ one way to open a checkpoint against a data set (resume, the trainer's finish, m
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -12,10 +11,10 @@ import numpy as np
 import torch
 
 from msi import registry
-from msi.checkpoint import check_matches_data, check_weights, first_non_finite, load_checkpoint
+from msi.checkpoint import check_matches_data, check_weights, data_signature, first_non_finite, load_checkpoint
 from msi.config import Config, config_from_dict
 from msi.data.dataset import Dataset, load_dataset
-from msi.errors import CheckpointError, ConfigError
+from msi.errors import CheckpointError, ConfigError, shown
 from msi.models import Recommender, build_model
 
 
@@ -33,13 +32,14 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"unknown device {shown(name)}; use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):  # torch knows mps, meta, xpu, ...: msi runs on neither
-        raise ConfigError(f"device {name!r}: msi runs on auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"device {shown(name)}: msi runs on auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for, but this torch build sees no CUDA GPU")
+        raise ConfigError(f"device {shown(name)} was asked for, but this torch build sees no CUDA GPU")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+        raise ConfigError(f"device {shown(name)}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered "
+                          "from 0")
     return device
 
 
@@ -58,26 +58,6 @@ def dataset_for(cfg: Config, progress: bool = True) -> Dataset:
         generate(d.synth_preset, folder, seed=d.synth_seed, name=d.name, progress=progress)
     modalities = d.modalities if registry.get(cfg.model.name).item_features else {}
     return load_dataset(d.root, d.name, modalities)
-
-
-def data_signature(dataset: Dataset) -> dict[str, Any]:
-    """Sizes, feature widths and a fingerprint of a data set, stored in every checkpoint.
-
-    The fingerprint is a SHA-256 over the train/valid/test rows and the feature shapes (not the feature values:
-    hashing Elec's 1 GB of image features would cost seconds at every open).
-    """
-    h = hashlib.sha256()
-    for split in (dataset.train, dataset.valid, dataset.test):
-        h.update(np.ascontiguousarray(split, dtype=np.int64).tobytes())
-        h.update(b"|")
-    h.update(repr(sorted((m, f.shape) for m, f in dataset.features.items())).encode())
-    return {
-        "name": dataset.name,
-        "n_users": dataset.n_users,
-        "n_items": dataset.n_items,
-        "features": {m: int(f.shape[1]) for m, f in dataset.features.items()},
-        "fingerprint": h.hexdigest(),
-    }
 
 
 class OpenRun(NamedTuple):

@@ -1,4 +1,5 @@
-"""msi/runinfo.py: env.json and the TensorBoard log (a no-op when off, an error naming the extra when missing)."""
+"""msi/records.py: the environment record kept in env.json and the TensorBoard log (a no-op when off, an error naming
+the extra when missing)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from msi.errors import MSIError
-from msi.runinfo import TensorBoardLog, git_commit, write_env
+from msi.records import TensorBoardLog, environment, git_commit
+from msi.rundir import record_env
 
 REPO = Path(__file__).resolve().parent.parent
 ROW = {"rec": 0.7, "loss": 1.5, "epoch": 3, "epoch_seconds": 0.2, "valid": {"recall@20": 0.25, "ndcg@20": 0.1},
@@ -20,9 +22,9 @@ ROW = {"rec": 0.7, "loss": 1.5, "epoch": 3, "epoch_seconds": 0.2, "valid": {"rec
 
 
 def test_env_json_names_versions_device_host_command_and_commit(tmp_path):
-    path = write_env(tmp_path, torch.device("cpu"), argv=["msi-train", "--config", "x.yaml"])
-    record = json.loads(path.read_text())
-    assert path == tmp_path / "env.json" and record["resumes"] == []
+    record_env(tmp_path, environment(torch.device("cpu"), argv=["msi-train", "--config", "x.yaml"]), resumed=False)
+    record = json.loads((tmp_path / "env.json").read_text())
+    assert record["resumes"] == []
     env = record["first"]
     assert set(env) == {"python", "torch", "cuda", "cudnn", "device", "device_name", "host", "command", "git_commit"}
     assert env["torch"] == torch.__version__ and env["cuda"] == torch.version.cuda
@@ -31,13 +33,13 @@ def test_env_json_names_versions_device_host_command_and_commit(tmp_path):
 
 
 def test_env_json_keeps_the_first_record_and_appends_each_resume(tmp_path):
-    write_env(tmp_path, argv=["msi-train", "--config", "x.yaml"])
-    write_env(tmp_path, argv=["msi-train", "--resume", "r"], resumed=True)
-    write_env(tmp_path, argv=["msi-train", "--resume", "r", "train.epochs=9"], resumed=True)
+    record_env(tmp_path, environment(argv=["msi-train", "--config", "x.yaml"]), resumed=False)
+    record_env(tmp_path, environment(argv=["msi-train", "--resume", "r"]), resumed=True)
+    record_env(tmp_path, environment(argv=["msi-train", "--resume", "r", "train.epochs=9"]), resumed=True)
     record = json.loads((tmp_path / "env.json").read_text())
     assert record["first"]["command"] == ["msi-train", "--config", "x.yaml"]
     assert [r["command"][-1] for r in record["resumes"]] == ["r", "train.epochs=9"]
-    write_env(tmp_path, argv=["msi-train", "--config", "y.yaml"])  # a new run (--overwrite) starts again
+    record_env(tmp_path, environment(argv=["msi-train", "--config", "y.yaml"]), resumed=False)  # --overwrite: anew
     assert json.loads((tmp_path / "env.json").read_text())["resumes"] == []
 
 
