@@ -118,9 +118,8 @@ def _eval(argv: list[str] | None) -> int:
 
 def _items_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--items", choices=("all", "warm", "cold"), default="all",
-                   help="score the split's rows of every item, only of warm items (with a train row) or only of "
-                        "cold ones (none: only a model that reads item features can rank them); every item stays "
-                        "a candidate")
+                   help="score the split's rows of every item, of warm items (with a train row) only, or of cold "
+                        "ones (none) only; every item stays a candidate")
 
 
 def _parse_ks(text: str) -> list[int]:
