@@ -80,6 +80,13 @@ def pinned_rows(model, tiny: Dataset, lr: float, epochs: int = 3) -> list[dict]:
     return rows
 
 
+def assert_trajectory(rows: list[dict], reference: list[dict]) -> None:
+    """Each epoch's row holds the reference's terms to rel 1e-5, for as many epochs as the reference records."""
+    assert len(rows) == len(reference)
+    for row, want in zip(rows, reference):
+        assert {k: row[k] for k in want} == pytest.approx(want, rel=1e-5)
+
+
 def load_script(name: str):
     """``scripts/<name>.py`` imported as a module (scripts are not part of the package)."""
     import importlib.util

@@ -11,7 +11,7 @@ import torch
 from msi.config import load_config
 from msi.models import build_model
 from msi.models.bpr import BPR
-from tests.conftest import pinned_rows
+from tests.conftest import assert_trajectory, pinned_rows
 
 
 def _hand_model() -> BPR:
@@ -75,11 +75,7 @@ REFERENCE_LOSSES = [
 
 
 def test_pinned_trajectory(tiny):
-    rows = pinned_rows(_tiny_bpr(tiny), tiny, 1e-2)
-    got = [{k: r[k] for k in ("bpr", "reg", "loss")} for r in rows]
-    assert len(got) == len(REFERENCE_LOSSES)
-    for row, want in zip(got, REFERENCE_LOSSES):
-        assert row == pytest.approx(want, rel=1e-5)
+    assert_trajectory(pinned_rows(_tiny_bpr(tiny), tiny, 1e-2), REFERENCE_LOSSES)
 
 
 def test_the_builder_reads_its_keys(tiny):

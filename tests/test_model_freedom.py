@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -15,7 +14,7 @@ from msi.data.graph import normalized_adjacency
 from msi.models import build_model
 from msi.models.freedom import FREEDOM, frozen_item_graph, pruning_weights
 from msi.models.knn import to_csr
-from tests.conftest import pinned_rows
+from tests.conftest import assert_trajectory, pinned_rows
 
 # 4 users, 3 items: degrees users (2, 1, 1, 2), items (2, 2, 2)
 TRAIN = np.array([[0, 0], [0, 1], [1, 1], [2, 2], [3, 0], [3, 2]])
@@ -142,9 +141,7 @@ def test_pinned_trajectory(tiny) -> None:
     torch.manual_seed(0)
     feats = {m: torch.from_numpy(f) for m, f in tiny.features.items()}
     model = FREEDOM(tiny.n_users, tiny.n_items, tiny.train, feats, embedding_dim=8, knn_k=3, modality_weight=0.1)
-    rows = pinned_rows(model, tiny, 1e-3)
-    for row, want in zip(rows, REFERENCE_LOSSES):
-        assert {k: row[k] for k in want} == pytest.approx(want, rel=1e-5)
+    assert_trajectory(pinned_rows(model, tiny, 1e-3), REFERENCE_LOSSES)
 
 
 def test_builder_reads_its_keys(tiny) -> None:

@@ -15,7 +15,7 @@ from msi.data.graph import normalized_adjacency
 from msi.models import build_model
 from msi.models.knn import to_csr
 from msi.models.lattice import LATTICE
-from tests.conftest import pinned_rows
+from tests.conftest import assert_trajectory, pinned_rows
 
 TRAIN = np.array([[0, 0], [0, 1], [1, 1], [2, 2], [3, 0], [3, 2], [1, 3]])  # 4 users, 4 items
 X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [3.0, -1.0]])  # tests/test_knn.py's four items
@@ -155,9 +155,7 @@ def test_pinned_trajectory(tiny) -> None:
     feats = {m: torch.from_numpy(f) for m, f in tiny.features.items()}
     model = LATTICE(tiny.n_users, tiny.n_items, tiny.train, feats, embedding_dim=8, feature_dim=8, knn_k=3,
                     gamma=0.1)
-    rows = pinned_rows(model, tiny, 1e-3)
-    for row, want in zip(rows, REFERENCE_LOSSES):
-        assert {k: row[k] for k in want} == pytest.approx(want, rel=1e-5)
+    assert_trajectory(pinned_rows(model, tiny, 1e-3), REFERENCE_LOSSES)
 
 
 def test_builder_reads_its_keys(tiny) -> None:

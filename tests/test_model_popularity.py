@@ -16,7 +16,7 @@ from msi.cli import compare_main, eval_main, recommend_main, train_main
 from msi.models import Popularity
 from msi.rundir import read_metrics
 from msi.runtime import open_run
-from msi.train import resume, train
+from msi.train import resume
 
 SEEDS = (1, 2)
 

@@ -109,9 +109,6 @@ class Config:
 
 
 SECTIONS = ("data", "model", "loss", "train", "eval")
-# keys that say where or how a run ran, not what it trained: runs that differ only here are seeds of one setting
-NOT_A_SETTING = frozenset({"train.seed", "train.run_name", "train.out_dir", "data.root", "train.device",
-                           "train.checkpoint_every", "train.tensorboard"})
 _PATH_KEYS = (("data", "root"), ("train", "out_dir"))
 
 

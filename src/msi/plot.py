@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from msi.config import NOT_A_SETTING, Config, settings
+from msi.config import Config, settings
 from msi.errors import MSIError, shown, warn
 from msi.files import check_replace, writing
 from msi.rundir import CONFIG, METRICS, finite, improves, loss_terms, read_config, read_metrics
