@@ -75,8 +75,9 @@ case $PART in
       "e_head_identity tiktok.yaml model.head_init=identity" > "$S/logs/queue_e2.log" 2>&1 &
     wait
     for reading in e_sigma0.01 e_head_identity; do
-      msi-compare --a "$S/e_base" --b "$S/$reading" --split valid --out "$S/encoder_${reading}_vs_base.md"
-      msi-compare --a "$S/e_wos" --b "$S/$reading" --split valid --out "$S/encoder_${reading}_vs_wos.md"
+      msi-compare --a "$S/e_base:tiktok" --b "$S/$reading:tiktok" --split valid --out "$S/encoder_${reading}_vs_base.md"
+      msi-compare --a "$S/e_wos:tiktok_wo_s" --b "$S/$reading:tiktok" --split valid \
+        --out "$S/encoder_${reading}_vs_wos.md"
     done
     ;;
   report)
