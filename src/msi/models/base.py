@@ -161,6 +161,11 @@ class Recommender(nn.Module):
     def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def sample_negatives(self, users: torch.Tensor) -> torch.Tensor:
+        """One uniformly drawn item per user (B,), redrawn while it is one of the user's train items: for a model
+        that keeps its train pairs as the buffer ``train_keys`` (``pair_keys``) and its size as ``n_items``."""
+        return sample_negatives(self.train_keys, users, self.n_items)
+
     @torch.no_grad()
     def score(
         self, users: torch.Tensor, item_view: str = "id", emb: dict[str, torch.Tensor] | None = None

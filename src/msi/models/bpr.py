@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from msi.losses import bpr_loss, frobenius_reg
-from msi.models.base import Recommender, pair_keys, sample_negatives
+from msi.models.base import Recommender, pair_keys
 from msi.registry import key, register
 
 if TYPE_CHECKING:
@@ -44,10 +44,6 @@ class BPR(Recommender):
     @torch.no_grad()
     def embeddings(self) -> dict[str, torch.Tensor]:
         return {"user": self.user.detach().clone(), "id": self.item.detach().clone()}
-
-    def sample_negatives(self, users: torch.Tensor) -> torch.Tensor:
-        """One uniformly drawn item per user (B,), redrawn while it is one of the user's train items."""
-        return sample_negatives(self.train_keys, users, self.n_items)
 
     def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
         neg = self.sample_negatives(users)

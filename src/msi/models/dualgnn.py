@@ -27,7 +27,7 @@ from torch import nn
 from msi.data.dataset import Dataset
 from msi.data.graph import normalized_adjacency
 from msi.losses import bpr_loss
-from msi.models.base import Recommender, lightgcn_readout, pair_keys, sample_negatives, sparse_product
+from msi.models.base import Recommender, lightgcn_readout, pair_keys, sparse_product
 from msi.registry import key, register
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ class DualGNN(Recommender):
         return {"user": user, "id": item}
 
     def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
-        neg = sample_negatives(self.train_keys, users, self.n_items)
+        neg = self.sample_negatives(users)
         user, item = self._representations("train")
         u = user[users]
         bpr = bpr_loss((u * item[items]).sum(-1), (u * item[neg]).sum(-1))

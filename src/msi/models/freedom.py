@@ -21,7 +21,7 @@ from torch import nn
 
 from msi.data.graph import normalized_adjacency
 from msi.losses import bpr_loss
-from msi.models.base import Recommender, lightgcn_readout, pair_keys, sample_negatives, sparse_product
+from msi.models.base import Recommender, lightgcn_readout, pair_keys, sparse_product
 from msi.models.knn import cosine_knn, knn_edges, sym_normalize, to_csr
 from msi.registry import key, register
 
@@ -109,10 +109,6 @@ class FREEDOM(Recommender):
     def embeddings(self) -> dict[str, torch.Tensor]:
         user, item = self._propagate(self.adj)
         return {"user": user, "id": item}
-
-    def sample_negatives(self, users: torch.Tensor) -> torch.Tensor:
-        """One uniformly drawn item per user (B,), never one of the user's train items."""
-        return sample_negatives(self.train_keys, users, self.n_items)
 
     def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
         neg = self.sample_negatives(users)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msi.losses import bpr_loss
-from msi.models.base import Recommender, pair_keys, sample_negatives
+from msi.models.base import Recommender, pair_keys
 from msi.registry import key, register
 
 if TYPE_CHECKING:
@@ -123,10 +123,6 @@ class GRCN(Recommender):
     def embeddings(self) -> dict[str, torch.Tensor]:
         r = self._represent()
         return {"user": r[: self.n_users], "id": r[self.n_users :]}
-
-    def sample_negatives(self, users: torch.Tensor) -> torch.Tensor:
-        """One uniformly drawn item per user (B,), redrawn while it is one of the user's train items."""
-        return sample_negatives(self.train_keys, users, self.n_items)
 
     def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
         neg = self.sample_negatives(users)

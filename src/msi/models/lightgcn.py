@@ -16,7 +16,7 @@ from torch import nn
 from msi.data.dataset import Dataset
 from msi.data.graph import normalized_adjacency
 from msi.losses import bpr_loss
-from msi.models.base import Recommender, lightgcn_readout, pair_keys, sample_negatives
+from msi.models.base import Recommender, lightgcn_readout, pair_keys
 from msi.registry import key, register
 
 if TYPE_CHECKING:
@@ -52,10 +52,6 @@ class LightGCN(Recommender):
     def embeddings(self) -> dict[str, torch.Tensor]:
         user, item = self._propagate()
         return {"user": user, "id": item}
-
-    def sample_negatives(self, users: torch.Tensor) -> torch.Tensor:
-        """One uniformly drawn item per user (B,), redrawn while it is one of the user's train items."""
-        return sample_negatives(self.train_keys, users, self.n_items)
 
     def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
         neg = self.sample_negatives(users)

@@ -25,7 +25,7 @@ from torch import nn
 
 from msi.data.graph import mean_adjacency
 from msi.losses import bpr_loss
-from msi.models.base import Recommender, pair_keys, sample_negatives, sparse_product
+from msi.models.base import Recommender, pair_keys, sparse_product
 from msi.registry import key, register
 
 if TYPE_CHECKING:
@@ -119,10 +119,6 @@ class MMGCN(Recommender):
     def embeddings(self) -> dict[str, torch.Tensor]:
         r = self._represent()
         return {"user": r[: self.n_users], "id": r[self.n_users :]}
-
-    def sample_negatives(self, users: torch.Tensor) -> torch.Tensor:
-        """One uniformly drawn item per user (B,), redrawn while it is one of the user's train items."""
-        return sample_negatives(self.train_keys, users, self.n_items)
 
     def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
         neg = self.sample_negatives(users)

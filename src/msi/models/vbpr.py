@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from msi.losses import bpr_loss, frobenius_reg
-from msi.models.base import Recommender, pair_keys, sample_negatives
+from msi.models.base import Recommender, pair_keys
 from msi.registry import key, register
 
 if TYPE_CHECKING:
@@ -61,10 +61,6 @@ class VBPR(Recommender):
     @torch.no_grad()
     def embeddings(self) -> dict[str, torch.Tensor]:
         return {"user": self.user.detach().clone(), "id": self.item_rows()}
-
-    def sample_negatives(self, users: torch.Tensor) -> torch.Tensor:
-        """One uniformly drawn item per user (B,), redrawn while it is one of the user's train items."""
-        return sample_negatives(self.train_keys, users, self.n_items)
 
     def loss(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
         neg = self.sample_negatives(users)
