@@ -13,7 +13,6 @@ import torch
 from msi.config import load_config
 from msi.data.graph import normalized_adjacency
 from msi.models import build_model, grad_norms
-from msi.models import dualgnn as dg
 from msi.models.dualgnn import DualGNN, cooccurrence_neighbours, padding_multiplicities
 from msi.train import make_optimizer, run_epoch
 
