@@ -15,6 +15,7 @@
 #   MODEL        bpr vbpr lightgcn mmgcn grcn dualgnn lattice freedom buir (popularity has nothing to search: the
 #                report's floor row is it)
 #   STUDY_DIR    where the folders go (default runs/table2); SHARED_DATA holds tiktok/ (default ../shared/data)
+# EPOCHS=N (environment) caps every run of that call at N epochs (train.epochs; patience still applies).
 # Threads: one per trial (OMP_NUM_THREADS=1), CONCURRENT trials at a time (default 2). CPU cost of a screen, from
 # the epoch times in docs/models.md (busy 2-core CPU): minutes for bpr, vbpr, freedom; hours for mmgcn, grcn,
 # dualgnn, lattice (25 to 30 points of tens of seconds an epoch).
@@ -25,7 +26,8 @@ if [ "$PART" = report ]; then MODEL=""; S=$(realpath -m "${2:-runs/table2}"); SH
 else MODEL=${2:?name a model}; S=$(realpath -m "${3:-runs/table2}"); SHARED=$(realpath "${4:-$HERE/../shared/data}"); fi
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
 mkdir -p "$S"
-SET=(--set data.root="$SHARED" train.checkpoint_every=10)
+# EPOCHS caps train.epochs (a budget for the slow screens: docs/results.md says which model ran under which cap)
+SET=(--set data.root="$SHARED" train.checkpoint_every=10 ${EPOCHS:+train.epochs=$EPOCHS})
 
 grid() {  # MMRec's hyper_parameters grid of MODEL in our keys (docs/models.md names each key's MMRec name)
   case $1 in
