@@ -73,7 +73,7 @@ def bench_dataset(dataset: Dataset, args: argparse.Namespace, device: torch.devi
         result["models"][model_name] = row
         note = f" (from {row['epoch_steps_timed']} steps)" if row["epoch_extrapolated"] else ""
         print(f"  {model_name:9s} step {row['step_ms']:8.1f} ms | epoch {row['epoch_s']:8.2f} s{note} | "
-              f"eval {row['eval_s']:7.2f} s | peak {row['peak_mem_mb']:8.0f} MB | {row['gflops']:6.1f} GFLOP/s",
+              f"eval {row['eval_s']:7.2f} s | peak {row['peak_mem_mb']:8.0f} MB | {_f(row['gflops']):>6} GFLOP/s",
               flush=True)
     if {"msi", "bm3"} <= set(result["models"]):
         result["msi_bm3_epoch_ratio"] = result["models"]["msi"]["epoch_s"] / result["models"]["bm3"]["epoch_s"]
@@ -169,7 +169,7 @@ def _table_row(ds: str, name: str, row: dict[str, Any]) -> str:
     star = "*" if row["epoch_extrapolated"] else ""
     return (f"| {ds} | {name} | {_f(row['step_ms'])} | {phases} | {_f(row['epoch_s'], 2)}{star} | "
             f"{_f(row['eval_s'], 2)} | {_f(row['train_peak_mem_mb'], 0)} / {_f(row['eval_peak_mem_mb'], 0)} | "
-            f"{_f(row['gflop_per_epoch'], 0)} | {_f(row['gflops'])} | {_f(100 * row['matmul_fraction'])} |")
+            f"{_f(row['gflop_per_epoch'], 0)} | {_f(row['gflops'])} | {_f(None if row['matmul_fraction'] is None else 100 * row['matmul_fraction'])} |")
 
 
 def _mmrec_row(ds: str, mm: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ from msi.data.dataset import Dataset, load_dataset
 from msi.data.graph import normalized_adjacency
 from msi.data.synth import generate
 from msi.evaluate import Evaluator
-from msi.models import MSI, VBPR, Recommender, build_model
+from msi.models import MSI, VBPR, LightGCN, Recommender, build_model
 from msi.models.base import lightgcn_readout
 from msi.train import make_optimizer, run_epoch
 
@@ -39,6 +39,12 @@ MODELS = {  # bench name -> overrides of the Config defaults
     "lightgcn": ["model.name=lightgcn"],
     "bpr": ["model.name=bpr"],
     "vbpr": ["model.name=vbpr"],
+    "mmgcn": ["model.name=mmgcn"],
+    "grcn": ["model.name=grcn"],
+    "dualgnn": ["model.name=dualgnn"],
+    "lattice": ["model.name=lattice"],
+    "freedom": ["model.name=freedom"],
+    "buir": ["model.name=buir"],
 }  # bm3 is SPEC §2's "w/o S & I" with BM3's loss weights
 REAL_FEATURES = {"baby": (7050, {"image": 4096, "text": 384}), "sports": (18357, {"image": 4096, "text": 384})}
 TIKTOK_MODALITIES = {"image": "image_feat.npy", "audio": "audio_feat.npy"}
@@ -148,11 +154,11 @@ def step_flops(model: Recommender, batch: int, n_unique: int) -> dict[str, float
     """
     if isinstance(model, VBPR):  # E over the 2B positive and negative rows; the features need no gradient
         return {"projection": 2 * 2.0 * 2 * batch * model.proj.in_features * model.proj.out_features}
-    if not hasattr(model, "adj"):  # BPR-MF: row look-ups and row products, no product of matrices
+    if isinstance(model, LightGCN):  # one graph of d columns
+        return {"sparse": 4.0 * model.adj._nnz() * model.emb.shape[1] * model.n_layers}
+    if not isinstance(model, MSI):  # BPR-MF: row look-ups and row products; the other baselines are not counted
         return {}
     nnz, L = model.adj._nnz(), model.n_layers
-    if not isinstance(model, MSI):  # LightGCN: one graph of d columns
-        return {"sparse": 4.0 * nnz * model.emb.shape[1] * L}
     d, n_items, n_mod = model.item_emb.shape[1], model.n_items, len(model.modalities)
     graphs = 1 + (n_mod if model.use_ip else 0)
     out = {"sparse": 4.0 * nnz * graphs * d * L, "projection": 0.0}
@@ -209,8 +215,11 @@ def time_epoch(
     timed = n_batches if steps is None else min(steps, n_batches)
     subset = pairs if timed == n_batches else pairs[torch.randperm(len(pairs), device=pairs.device)[: timed * batch]]
     sync(pairs.device)
+    t0 = time.perf_counter()
+    model.start_epoch(0)  # the per-epoch work the trainer does first (FREEDOM's edge dropping, LATTICE's graph, ...)
+    hook = time.perf_counter() - t0
     seconds = run_epoch(model, optimizer, subset, batch, 0)["epoch_seconds"]
-    return seconds * n_batches / timed, timed
+    return hook + seconds * n_batches / timed, timed
 
 
 def time_eval(
@@ -248,14 +257,15 @@ def bench_model(
     eval_s, eval_peak = time_eval(model, evaluator, args, device)
     flops = step_flops(model, batch_size, len(torch.unique(batches[0][:, 1])))
     n_batches = math.ceil(len(pairs) / batch_size)
-    gflops = sum(flops.values()) * n_batches / epoch_s / 1e9
+    gflops = sum(flops.values()) * n_batches / epoch_s / 1e9 if flops else None  # None: work not counted
     row = {
         "step_ms": step_ms, "phases_ms": phases, "epoch_s": epoch_s, "epoch_steps_timed": timed,
         "steps_per_epoch": n_batches, "epoch_extrapolated": timed < n_batches, "eval_s": eval_s,
         "peak_mem_mb": max(train_peak, eval_peak), "train_peak_mem_mb": train_peak, "eval_peak_mem_mb": eval_peak,
         "mem_before_mb": base, "mem_kind": "cuda_allocated" if device.type == "cuda" else "rss",
         "mem_peak_per_phase": per_phase, "gflop_per_step": {k: v / 1e9 for k, v in flops.items()},
-        "gflop_per_epoch": sum(flops.values()) * n_batches / 1e9, "gflops": gflops, "matmul_fraction": gflops / matmul,
+        "gflop_per_epoch": sum(flops.values()) * n_batches / 1e9, "gflops": gflops,
+        "matmul_fraction": None if gflops is None else gflops / matmul,
         "freeze_features": getattr(cfg.model, "freeze_features", False),
     }
     if name == "msi":

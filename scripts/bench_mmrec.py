@@ -21,12 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from msi.data.dataset import Dataset
 
 
-MMREC_NAMES = {"bpr": "BPR", "vbpr": "VBPR", "lightgcn": "LightGCN", "bm3": "BM3"}  # our bench name -> MMRec class
+MMREC_NAMES = {  # our bench name -> MMRec class
+    "bpr": "BPR", "vbpr": "VBPR", "lightgcn": "LightGCN", "bm3": "BM3", "mmgcn": "MMGCN", "grcn": "GRCN",
+    "dualgnn": "DualGNN", "lattice": "LATTICE", "freedom": "FREEDOM",
+}
+USER_GRAPH_FILE = "user_graph_dict.npy"  # DualGNN's user-user graph, which MMRec reads from the data folder
 MMREC_FEATURES = ("image_feat.npy", "text_feat.npy")  # MMRec's v_feat and t_feat: our first and second modality
 TIME_MMREC = Path(__file__).resolve().parent / "time_mmrec.py"
 
@@ -57,10 +62,31 @@ def mmrec_model(
         (folder / f"{dataset.name}.inter").symlink_to((dataset.path / f"{dataset.name}.inter").resolve())
         for file, feats in zip(MMREC_FEATURES, dataset.features.values()):
             np.save(folder / file, feats)
+        if name == "dualgnn":
+            np.save(folder / USER_GRAPH_FILE, user_graph_dict(dataset.train, dataset.n_users), allow_pickle=True)
         cmd = [str(args.mmrec_python), str(TIME_MMREC), str(args.mmrec), MMREC_NAMES[name], root, dataset.name,
                str(device), str(max(args.repeats, 3)), f"train_batch_size={args.batch_size}", f"seed={args.seed}",
                f"topk=[{','.join(map(str, ks))}]"]
         return _subprocess_json(cmd, args.mmrec_timeout, f"time_mmrec.py {MMREC_NAMES[name]}")
+
+
+def user_graph_dict(train: np.ndarray, n_users: int, limit: int = 200) -> dict[int, list[list]]:
+    """The user-user graph MMRec's DualGNN reads (its preprocessing writes it before training; its cost is not
+    timed): for each user, the users sharing a train item with it, most shared items first, at most ``limit``, as
+    {user: [[neighbours], [shared-item counts]]}."""
+    pairs = np.unique(train, axis=0)
+    r = sp.csr_matrix((np.ones(len(pairs), dtype=np.float32), (pairs[:, 0], pairs[:, 1])),
+                      shape=(n_users, int(pairs[:, 1].max()) + 1))
+    co = (r @ r.T).tocsr()
+    co.setdiag(0)
+    co.eliminate_zeros()
+    co.sort_indices()
+    graph = {}
+    for u in range(n_users):
+        cols, counts = co.indices[co.indptr[u]:co.indptr[u + 1]], co.data[co.indptr[u]:co.indptr[u + 1]]
+        order = np.argsort(-counts, kind="stable")[:limit]
+        graph[u] = [cols[order].tolist(), counts[order].tolist()]
+    return graph
 
 
 def mmrec_model_ratios(ours: dict[str, Any], mmrec: dict[str, Any]) -> dict[str, float]:

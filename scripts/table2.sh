@@ -64,8 +64,9 @@ case $PART in
     i=0
     while read -r point; do
       i=$((i + 1))
+      # the point as a one-value grid, so that its runs are named by it and the union report tells the points apart
       # shellcheck disable=SC2086  # the point's key=value words
-      fallback --config "$HERE/configs/tiktok_$MODEL.yaml" --seeds 999 42 2026 "${SET[@]}" $point \
+      fallback --config "$HERE/configs/tiktok_$MODEL.yaml" --grid $point --seeds 999 42 2026 "${SET[@]}" \
         --out "$S/confirm_${MODEL}_$i"
     done < <(python3 "$HERE/scripts/table2_top.py" "$S/screen_$MODEL" 2)
     ;;
