@@ -41,6 +41,7 @@ MODELS = {  # bench name -> overrides of the Config defaults
     "vbpr": ["model.name=vbpr"],
     "mmgcn": ["model.name=mmgcn"],
     "grcn": ["model.name=grcn"],
+    "grcn-r0": ["model.name=grcn", "model.n_routing=0"],  # MMRec's arithmetic: its routing changes nothing
     "dualgnn": ["model.name=dualgnn"],
     "lattice": ["model.name=lattice"],
     "freedom": ["model.name=freedom"],

@@ -29,8 +29,11 @@ from msi.data.dataset import Dataset
 
 MMREC_NAMES = {  # our bench name -> MMRec class
     "bpr": "BPR", "vbpr": "VBPR", "lightgcn": "LightGCN", "bm3": "BM3", "mmgcn": "MMGCN", "grcn": "GRCN",
-    "dualgnn": "DualGNN", "lattice": "LATTICE", "freedom": "FREEDOM",
+    "dualgnn": "DualGNN", "lattice": "LATTICE", "freedom": "FREEDOM", "grcn-r0": "GRCN",
 }
+# MMRec's point where its default is not one that trains: DualGNN's first learning rate, 0.1, gives a NaN loss in its
+# first epoch, and MMRec's trainer then ends the epoch at that batch (docs/models.md, dualgnn)
+MMREC_POINT = {"dualgnn": ["learning_rate=0.001"]}
 USER_GRAPH_FILE = "user_graph_dict.npy"  # DualGNN's user-user graph, which MMRec reads from the data folder
 MMREC_FEATURES = ("image_feat.npy", "text_feat.npy")  # MMRec's v_feat and t_feat: our first and second modality
 TIME_MMREC = Path(__file__).resolve().parent / "time_mmrec.py"
@@ -66,7 +69,7 @@ def mmrec_model(
             np.save(folder / USER_GRAPH_FILE, user_graph_dict(dataset.train, dataset.n_users), allow_pickle=True)
         cmd = [str(args.mmrec_python), str(TIME_MMREC), str(args.mmrec), MMREC_NAMES[name], root, dataset.name,
                str(device), str(max(args.repeats, 3)), f"train_batch_size={args.batch_size}", f"seed={args.seed}",
-               f"topk=[{','.join(map(str, ks))}]"]
+               f"topk=[{','.join(map(str, ks))}]", *MMREC_POINT.get(name, [])]
         return _subprocess_json(cmd, args.mmrec_timeout, f"time_mmrec.py {MMREC_NAMES[name]}")
 
 
