@@ -7,11 +7,14 @@
 #            (scripts/ssd_study.sh part e: e_base and e_wos of SSD_STUDY, default STUDY_DIR/../ssd_study) into
 #            STUDY_DIR/table2 (msi-sweep --report), and
 #            each model's screen folder with --mmrec-rule: what MMRec's rule (the point best on test, one seed)
-#            would report, beside ours.
+#            would report, beside ours;
+#   compare  msi-compare of the selected MSI against every other selected row on test (all, warm and cold items) into
+#            STUDY_DIR/compare, and the table split by warm and cold test items (scripts/table2_split.py) into
+#            STUDY_DIR/table2/split.md.
 # Every part is resumable: run the same command again after a crash or a kill (finished trials are kept).
 #
 # Usage: bash scripts/table2.sh screen|confirm MODEL [STUDY_DIR] [SHARED_DATA]
-#        bash scripts/table2.sh report [STUDY_DIR] [SHARED_DATA]
+#        bash scripts/table2.sh report|compare [STUDY_DIR] [SHARED_DATA]
 #   MODEL        bpr vbpr lightgcn mmgcn grcn dualgnn lattice freedom buir (popularity has nothing to search: the
 #                report's floor row is it)
 #   STUDY_DIR    where the folders go (default runs/table2); SHARED_DATA holds tiktok/ (default ../shared/data)
@@ -22,7 +25,7 @@
 set -u
 PART=${1:?usage: bash scripts/table2.sh screen|confirm MODEL [STUDY_DIR] [SHARED_DATA] | report [STUDY_DIR]}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-if [ "$PART" = report ]; then MODEL=""; S=$(realpath -m "${2:-runs/table2}"); SHARED=$(realpath "${3:-$HERE/../shared/data}")
+if [ "$PART" = report ] || [ "$PART" = compare ]; then MODEL=""; S=$(realpath -m "${2:-runs/table2}"); SHARED=$(realpath "${3:-$HERE/../shared/data}")
 else MODEL=${2:?name a model}; S=$(realpath -m "${3:-runs/table2}"); SHARED=$(realpath "${4:-$HERE/../shared/data}"); fi
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1
 mkdir -p "$S"
@@ -77,8 +80,29 @@ case $PART in
     msi-sweep --report "${FOLDERS[@]}" --out "$S/table2"
     for screen in "$S"/screen_*; do msi-sweep --report "$screen" --mmrec-rule > /dev/null; done
     ;;
+  compare)
+    # MSI (the SSD study's selected point, config tiktok) against every other row of the union report, on test (each
+    # side already selected on valid), on all, warm and cold items; then the Table split by warm and cold items
+    mkdir -p "$S/compare"
+    runs() { python3 -c 'import json, sys
+row = json.load(open(sys.argv[1]))["configs"].get(sys.argv[2], {}).get("selected")
+print(" ".join(row["run_dirs"]) if row else "")' "$S/table2/summary.json" "$1"; }
+    read -ra MSI <<< "$(runs tiktok)"
+    [ ${#MSI[@]} -gt 0 ] || { echo "no selected MSI (config tiktok) in $S/table2/summary.json" >&2; exit 2; }
+    for config in $(python3 -c 'import json, sys; print(" ".join(json.load(open(sys.argv[1]))["configs"]))' \
+        "$S/table2/summary.json"); do
+      [ "$config" = tiktok ] && continue
+      read -ra B <<< "$(runs "$config")"
+      [ ${#B[@]} -gt 0 ] || continue
+      for items in all warm cold; do
+        msi-compare --a "${MSI[@]}" --b "${B[@]}" --split test --items $items --quiet \
+          --out "$S/compare/msi_vs_${config}_$items.md" --json "$S/compare/msi_vs_${config}_$items.json" > /dev/null
+      done
+    done
+    python3 "$HERE/scripts/table2_split.py" "$S/table2" --out "$S/table2/split.md" > /dev/null
+    ;;
   *)
-    echo "unknown part $PART: screen, confirm or report" >&2
+    echo "unknown part $PART: screen, confirm, report or compare" >&2
     exit 2
     ;;
 esac

@@ -114,3 +114,35 @@ def test_table2_top_prints_the_eligible_points_best_on_valid(fabricate_sweep, tm
     assert top.top_points(out, 9, "recall") == [list(b), list(a), list(d)]
     assert top.main([str(out), "1"]) == 0 and capsys.readouterr().out == "loss.alpha=0.1 eval.ks=[10,20,50]\n"
     assert top.main([str(out), "1", "other"]) == 2 and "no config 'other'" in capsys.readouterr().err
+
+
+def test_table2_split_scores_the_selected_runs_on_warm_and_cold_items(sweep, tmp_path, capsys):
+    split = load("table2_split")
+    assert split.main([str(tmp_path)]) == 2 and "no summary.json" in capsys.readouterr().err
+    summary = report(sweep)
+    selected = summary["configs"]["tiny"]["selected"]
+    out = tmp_path / "split.md"
+    assert split.main([str(sweep), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.strip() == capsys.readouterr().out.strip()
+    # the tiny set's test items all have train rows: its warm rows are all its rows, so the warm figures are the
+    # selected runs' own test figures (results.json, scored by the trainer), and there is nothing cold to score
+    test = selected["test"]
+    row = next(line for line in text.splitlines() if line.startswith("| tiny |"))
+    cells = row.split(" | ")
+    assert cells[1] == "2"
+    for cell, metric in zip(cells[2:6], split.METRICS):
+        assert cell.rstrip(" |") == f"{test[metric]['mean']:.4f} ± {test[metric]['std']:.4f}"
+    assert "Test rows of cold items (without a train row): 0: nothing to score." in text
+    out.write_text("my notes\n")
+    assert split.main([str(sweep), "--out", str(out)]) == 2 and "--overwrite" in capsys.readouterr().err
+    assert out.read_text() == "my notes\n"
+
+
+def test_table2_split_counts_test_rows_of_warm_and_cold_items():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    data = SimpleNamespace(train=np.array([[0, 0], [1, 1], [1, 0]]), test=np.array([[0, 1], [0, 2], [1, 3], [2, 0]]))
+    assert load("table2_split").test_rows(data) == {"warm": 2, "cold": 2}  # items 2 and 3 have no train row
