@@ -2,7 +2,8 @@
 # The paper's Table 2 on TikTok, honestly (issue 25, part 5): every baseline selected on valid over its own search,
 # MMRec's published grid (configs/model/<NAME>.yaml of MMRec) in our keys, with a documented budget:
 #   screen   every grid point once, seed 999 (MMRec's own seed), early stopping as the config says (patience 20);
-#   confirm  the two points best on valid (scripts/table2_top.py; test is not read) with seeds 999, 42, 2026;
+#   confirm  the two points best on valid (TOP=N: N points; scripts/table2_top.py; test is not read) with seeds 999,
+#            42, 2026;
 #   report   one valid-only selection over every model's confirm folders and the SSD study's selected MSI and w/o S
 #            (scripts/ssd_study.sh part e: e_base and e_wos of SSD_STUDY, default STUDY_DIR/../ssd_study) into
 #            STUDY_DIR/table2 (msi-sweep --report), and
@@ -18,7 +19,8 @@
 #   MODEL        bpr vbpr lightgcn mmgcn grcn dualgnn lattice freedom buir (popularity has nothing to search: the
 #                report's floor row is it)
 #   STUDY_DIR    where the folders go (default runs/table2); SHARED_DATA holds tiktok/ (default ../shared/data)
-# EPOCHS=N (environment) caps every run of that call at N epochs (train.epochs; patience still applies).
+# EPOCHS=N (environment) caps every run of that call at N epochs (train.epochs; patience still applies); TOP=N
+# confirms the N points best on valid instead of 2.
 # Threads: one per trial (OMP_NUM_THREADS=1), CONCURRENT trials at a time (default 2). CPU cost of a screen, from
 # the epoch times in docs/models.md (busy 2-core CPU): minutes for bpr, vbpr, freedom; hours for mmgcn, grcn,
 # dualgnn, lattice (25 to 30 points of tens of seconds an epoch).
@@ -71,7 +73,7 @@ case $PART in
       # shellcheck disable=SC2086  # the point's key=value words
       fallback --config "$HERE/configs/tiktok_$MODEL.yaml" --grid $point --seeds 999 42 2026 "${SET[@]}" \
         --out "$S/confirm_${MODEL}_$i"
-    done < <(python3 "$HERE/scripts/table2_top.py" "$S/screen_$MODEL" 2)
+    done < <(python3 "$HERE/scripts/table2_top.py" "$S/screen_$MODEL" "${TOP:-2}")
     ;;
   report)
     mapfile -t FOLDERS < <(find "$S" -mindepth 1 -maxdepth 1 -name 'confirm_*' -type d | sort)
