@@ -80,7 +80,7 @@ case $PART in
     SSD=$(realpath -m "${SSD_STUDY:-$S/../ssd_study}")
     for f in e_base e_wos; do [ -d "$SSD/$f" ] && FOLDERS+=("$SSD/$f"); done
     msi-sweep --report "${FOLDERS[@]}" --out "$S/table2"
-    for screen in "$S"/screen_*; do msi-sweep --report "$screen" --mmrec-rule > /dev/null; done
+    for screen in "$S"/screen_*/; do msi-sweep --report "${screen%/}" --mmrec-rule > /dev/null; done
     ;;
   compare)
     # MSI (the SSD study's selected point, config tiktok) against every other row of the union report, on test (each
