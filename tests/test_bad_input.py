@@ -964,6 +964,9 @@ def test_i19_x_compare_never_writes_over_a_file_it_did_not_write(workdir, tmp_pa
             tmp_path / "c.json"]
     assert run(compare_main, argv, capsys)[0] == 0 and run(compare_main, argv, capsys)[0] == 0  # its own: rewritten
     assert json.loads((tmp_path / "c.json").read_text())["delta"] == 0.0
+    for items in ("warm", "all"):  # its own --items warm output is its own too (it was refused once)
+        assert run(compare_main, [*argv, "--items", items], capsys)[0] == 0
+        assert json.loads((tmp_path / "c.json").read_text())["items"] == items
 
 
 # ---------------------------------------------------------------- issue 26: check everything before changing anything

@@ -256,7 +256,7 @@ def setting_differences(a: list[Config], b: list[Config]) -> tuple[str, ...]:
 
 def ours_markdown(path: Path) -> bool:
     """Whether ``path`` holds msi-compare's markdown summary (``render_markdown``'s first line)."""
-    return re.match(r"\w+@\d+ on (valid|test): \d+ users", _text(path)) is not None
+    return re.match(r"\w+@\d+ on (valid|test)( \((warm|cold) items only\))?: \d+ users", _text(path)) is not None
 
 
 def ours_json(path: Path) -> bool:
