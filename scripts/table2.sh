@@ -12,11 +12,12 @@
 #   compare  msi-compare of the selected MSI against every other selected row on test (all, warm and cold items) into
 #            STUDY_DIR/compare, and the table split by warm and cold test items (scripts/table2_split.py) into
 #            STUDY_DIR/table2/split.md.
-# Every part is resumable: run the same command again after a crash or a kill (finished trials are kept).
+# Every part is resumable: run the same command again after a crash or a kill (finished trials are kept). A part
+# stops at its first failing step, with that step's exit status.
 #
 # Usage: bash scripts/table2.sh screen|confirm MODEL [STUDY_DIR] [SHARED_DATA]
 #        bash scripts/table2.sh report|compare [STUDY_DIR] [SHARED_DATA]
-#   MODEL        bpr vbpr lightgcn mmgcn grcn dualgnn lattice freedom buir (popularity has nothing to search: the
+#   MODEL        bpr vbpr lightgcn mmgcn grcn dualgnn lattice freedom buir bm3 (popularity has nothing to search: the
 #                report's floor row is it)
 #   STUDY_DIR    where the folders go (default runs/table2); SHARED_DATA holds tiktok/ (default ../shared/data)
 # EPOCHS=N (environment) caps every run of that call at N epochs (train.epochs; patience still applies); TOP=N
@@ -49,7 +50,9 @@ grid() {  # MMRec's hyper_parameters grid of MODEL in our keys (docs/models.md n
     freedom) echo "model.dropout=0.8,0.9 loss.modality_weight=0.0,0.00001,0.0001,0.001" ;;
     # BUIR is not in MMRec: its paper's momentum values and two learning rates
     buir) echo "model.momentum=0.9,0.99,0.995 train.lr=0.001,0.0001" ;;
-    *) echo "unknown model $1: bpr vbpr lightgcn mmgcn grcn dualgnn lattice freedom buir" >&2; exit 2 ;;
+    # BM3 is MSI w/o S & I (configs/tiktok_bm3.yaml); MMRec's reg_weight is our gamma (docs/results.md, SSD study)
+    bm3) echo "model.n_layers=1,2 loss.gamma=0.1,0.01 model.dropout=0.3,0.5" ;;
+    *) echo "unknown model $1: bpr vbpr lightgcn mmgcn grcn dualgnn lattice freedom buir bm3" >&2; exit 2 ;;
   esac
 }
 
@@ -61,7 +64,7 @@ case $PART in
   screen)
     # shellcheck disable=SC2046  # the grid's words are separate --grid items
     fallback --config "$HERE/configs/tiktok_$MODEL.yaml" --grid $(grid "$MODEL") --seeds 999 "${SET[@]}" \
-      --out "$S/screen_$MODEL"
+      --out "$S/screen_$MODEL" || exit
     msi-sweep --report "$S/screen_$MODEL" --mmrec-rule > /dev/null
     ;;
   confirm)
@@ -72,15 +75,15 @@ case $PART in
       # the point as a one-value grid, so that its runs are named by it and the union report tells the points apart
       # shellcheck disable=SC2086  # the point's key=value words
       fallback --config "$HERE/configs/tiktok_$MODEL.yaml" --grid $point --seeds 999 42 2026 "${SET[@]}" \
-        --out "$S/confirm_${MODEL}_$i"
+        --out "$S/confirm_${MODEL}_$i" || exit
     done < <(python3 "$HERE/scripts/table2_top.py" "$S/screen_$MODEL" "${TOP:-2}")
     ;;
   report)
     mapfile -t FOLDERS < <(find "$S" -mindepth 1 -maxdepth 1 -name 'confirm_*' -type d | sort)
     SSD=$(realpath -m "${SSD_STUDY:-$S/../ssd_study}")
     for f in e_base e_wos; do [ -d "$SSD/$f" ] && FOLDERS+=("$SSD/$f"); done
-    msi-sweep --report "${FOLDERS[@]}" --out "$S/table2"
-    for screen in "$S"/screen_*/; do msi-sweep --report "${screen%/}" --mmrec-rule > /dev/null; done
+    msi-sweep --report "${FOLDERS[@]}" --out "$S/table2" || exit
+    for screen in "$S"/screen_*/; do msi-sweep --report "${screen%/}" --mmrec-rule > /dev/null || exit; done
     ;;
   compare)
     # MSI (the SSD study's selected point, config tiktok) against every other row of the union report, on test (each
@@ -98,7 +101,8 @@ print(" ".join(row["run_dirs"]) if row else "")' "$S/table2/summary.json" "$1"; 
       [ ${#B[@]} -gt 0 ] || continue
       for items in all warm cold; do
         msi-compare --a "${MSI[@]}" --b "${B[@]}" --split test --items $items --quiet \
-          --out "$S/compare/msi_vs_${config}_$items.md" --json "$S/compare/msi_vs_${config}_$items.json" > /dev/null
+          --out "$S/compare/msi_vs_${config}_$items.md" --json "$S/compare/msi_vs_${config}_$items.json" > /dev/null \
+          || exit
       done
     done
     python3 "$HERE/scripts/table2_split.py" "$S/table2" --out "$S/table2/split.md" > /dev/null
