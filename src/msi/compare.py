@@ -29,7 +29,7 @@ from msi.config import MAX_INT, METRICS, Config, config_from_dict, settings
 from msi.console import progress_bar
 from msi.data.dataset import Dataset
 from msi.errors import MSIError, shown
-from msi.evaluate import Evaluator
+from msi.evaluate import ITEM_SETS, Evaluator
 from msi.runtime import dataset_for, open_run
 from msi.rundir import BEST, lock_holder, read_results
 from msi.select import load_sweep, summarize
@@ -256,7 +256,13 @@ def setting_differences(a: list[Config], b: list[Config]) -> tuple[str, ...]:
 
 def ours_markdown(path: Path) -> bool:
     """Whether ``path`` holds msi-compare's markdown summary (``render_markdown``'s first line)."""
-    return re.match(r"\w+@\d+ on (valid|test)( \((warm|cold) items only\))?: \d+ users", _text(path)) is not None
+    notes = "|".join(re.escape(_items_note(items)) for items in ITEM_SETS)
+    return re.match(rf"\w+@\d+ on (valid|test)({notes}): \d+ users", _text(path)) is not None
+
+
+def _items_note(items: str) -> str:
+    """What the first line of ``render_markdown`` says of ``items`` (nothing for all items)."""
+    return "" if items == "all" else f" ({items} items only)"
 
 
 def ours_json(path: Path) -> bool:
@@ -287,8 +293,8 @@ def _differ_lines(differ: tuple[str, ...]) -> list[str]:
 
 def render_markdown(c: Comparison, a_label: str = "A", b_label: str = "B") -> str:
     """A per-seed table and the statistics, for a terminal or a .md file."""
-    which = "" if c.items == "all" else f" ({c.items} items only)"
-    lines = [f"{c.metric} on {c.split}{which}: {c.n_users} users, {len(c.seeds)} seeds (paired by seed)", "",
+    first = f"{c.metric} on {c.split}{_items_note(c.items)}: {c.n_users} users, {len(c.seeds)} seeds (paired by seed)"
+    lines = [first, "",
              f"A: {a_label}", f"B: {b_label}", *_differ_lines(c.differ), "", "| seed | A | B | B - A |",
              "|---:|---:|---:|---:|"]
     lines += [f"| {s} | {x:.4f} | {y:.4f} | {y - x:+.4f} |" for s, x, y in zip(c.seeds, c.a_seeds, c.b_seeds)]
