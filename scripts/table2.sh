@@ -25,7 +25,7 @@
 # Threads: one per trial (OMP_NUM_THREADS=1), CONCURRENT trials at a time (default 2). CPU cost of a screen, from
 # the epoch times in docs/models.md (busy 2-core CPU): minutes for bpr, vbpr, freedom; hours for mmgcn, grcn,
 # dualgnn, lattice (25 to 30 points of tens of seconds an epoch).
-set -u
+set -euo pipefail  # a part stops at its first failing step
 PART=${1:?usage: bash scripts/table2.sh screen|confirm MODEL [STUDY_DIR] [SHARED_DATA] | report [STUDY_DIR]}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 if [ "$PART" = report ] || [ "$PART" = compare ]; then MODEL=""; S=$(realpath -m "${2:-runs/table2}"); SHARED=$(realpath "${3:-$HERE/../shared/data}")
@@ -64,7 +64,7 @@ case $PART in
   screen)
     # shellcheck disable=SC2046  # the grid's words are separate --grid items
     fallback --config "$HERE/configs/tiktok_$MODEL.yaml" --grid $(grid "$MODEL") --seeds 999 "${SET[@]}" \
-      --out "$S/screen_$MODEL" || exit
+      --out "$S/screen_$MODEL"
     msi-sweep --report "$S/screen_$MODEL" --mmrec-rule > /dev/null
     ;;
   confirm)
@@ -75,15 +75,16 @@ case $PART in
       # the point as a one-value grid, so that its runs are named by it and the union report tells the points apart
       # shellcheck disable=SC2086  # the point's key=value words
       fallback --config "$HERE/configs/tiktok_$MODEL.yaml" --grid $point --seeds 999 42 2026 "${SET[@]}" \
-        --out "$S/confirm_${MODEL}_$i" || exit
+        --out "$S/confirm_${MODEL}_$i"
     done < <(python3 "$HERE/scripts/table2_top.py" "$S/screen_$MODEL" "${TOP:-2}")
     ;;
   report)
     mapfile -t FOLDERS < <(find "$S" -mindepth 1 -maxdepth 1 -name 'confirm_*' -type d | sort)
     SSD=$(realpath -m "${SSD_STUDY:-$S/../ssd_study}")
     for f in e_base e_wos; do [ -d "$SSD/$f" ] && FOLDERS+=("$SSD/$f"); done
-    msi-sweep --report "${FOLDERS[@]}" --out "$S/table2" || exit
-    for screen in "$S"/screen_*/; do msi-sweep --report "${screen%/}" --mmrec-rule > /dev/null || exit; done
+    msi-sweep --report "${FOLDERS[@]}" --out "$S/table2"
+    shopt -s nullglob  # no screen folder: no --mmrec-rule report
+    for screen in "$S"/screen_*/; do msi-sweep --report "${screen%/}" --mmrec-rule > /dev/null; done
     ;;
   compare)
     # MSI (the SSD study's selected point, config tiktok) against every other row of the union report, on test (each
@@ -102,7 +103,7 @@ print(" ".join(row["run_dirs"]) if row else "")' "$S/table2/summary.json" "$1"; 
       for items in all warm cold; do
         msi-compare --a "${MSI[@]}" --b "${B[@]}" --split test --items $items --quiet \
           --out "$S/compare/msi_vs_${config}_$items.md" --json "$S/compare/msi_vs_${config}_$items.json" > /dev/null \
-          || exit
+         
       done
     done
     python3 "$HERE/scripts/table2_split.py" "$S/table2" --out "$S/table2/split.md" > /dev/null
