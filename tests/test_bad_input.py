@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -590,16 +592,22 @@ def test_i19_10_a_half_size_checkpoint_says_truncated(workdir, tmp_path, capsys)
 
 @pytest.fixture
 def small_file_limit():
-    """Writes past 8 KiB fail with EFBIG ("File too large"), as on a full disk, while the test runs."""
+    """A context: inside it, writes past 8 KiB fail with EFBIG ("File too large"), as on a full disk. The limit
+    binds the whole process, pytest's own report included (a dot written to a log file past 8 KiB fails the
+    session), so it holds only inside the ``with`` block, never while pytest reports."""
     resource = pytest.importorskip("resource")
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
-    def limit() -> None:
+    @contextmanager
+    def limit() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (8192, limits[1]))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
 
     yield limit
-    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
     signal.signal(signal.SIGXFSZ, old_handler)
 
 
@@ -607,9 +615,9 @@ def test_i19_12_a_full_disk_while_synth_writes_names_the_file_and_keeps_the_data
                                                                                     small_file_limit):
     folder = copy_data(workdir, tmp_path) / "tiny"
     before = snapshot(folder)
-    small_file_limit()
-    code, _, err = run(data_main, ["synth", "--preset", "tiny", "--out", folder, "--seed", "1", "--overwrite",
-                                   "--quiet"], capsys)
+    with small_file_limit():
+        code, _, err = run(data_main, ["synth", "--preset", "tiny", "--out", folder, "--seed", "1", "--overwrite",
+                                       "--quiet"], capsys)
     assert code == 2 and error_line(err) == (f"error: {folder / 'tiny.inter'}: could not write (File too large); "
                                              f"{folder} is left as it was")
     assert snapshot(folder) == before
@@ -621,8 +629,8 @@ def test_i19_12_a_full_disk_while_recommend_writes_keeps_the_earlier_file(workdi
     best, recs = workdir / "runs" / "done" / "best.pt", tmp_path / "recs.tsv"
     assert run(recommend_main, recommend_args(best, recs, "--k", 1), capsys)[0] == 0
     before = recs.read_bytes()
-    small_file_limit()
-    code, _, err = run(recommend_main, recommend_args(best, recs, "--k", 40), capsys)
+    with small_file_limit():
+        code, _, err = run(recommend_main, recommend_args(best, recs, "--k", 40), capsys)
     assert code == 2 and error_line(err) == (f"error: {recs}: could not write the recommendations (File too large); "
                                              "the earlier file, if any, is kept")
     assert recs.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["recs.tsv"]
